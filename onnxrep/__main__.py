@@ -1,0 +1,3 @@
+from onnxrep.cli import main
+
+raise SystemExit(main())

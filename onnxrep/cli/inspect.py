@@ -1,0 +1,66 @@
+"""Show per-layer weight statistics, outliers, and which layer pairs CLE can equalize.
+
+Flags layers with max |w| > 100 or spread > 10. Lists every equalizable pair and, for each
+other Conv/Gemm, why CLE leaves it alone. Given two models (e.g. before and after optimize),
+the table shows them side by side. --plot writes per-channel weight ranges as a PNG.
+
+example: onnxrep inspect models/mobileone_fmnist.onnx mobileone.opt.onnx --plot ranges.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from onnxrep.cli.common import add_reporting, emit_json
+from onnxrep.cli.optimize import layer_table
+from onnxrep.model import GraphIndex, load
+from onnxrep.passes.equalize import find_pairs
+from onnxrep.report import fmt, plot_ranges, table, weight_stats
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("other", nargs="?", help="a second model to compare (e.g. the optimized one)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="write per-channel weight ranges of the widest-spread layers")
+    add_reporting(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    models = [(args.model, load(args.model))]
+    if args.other:
+        models.append((args.other, load(args.other)))
+    model = models[0][1]
+    stats = weight_stats(model)
+    pairs, skips = find_pairs(model)
+    labels = GraphIndex(model.graph).labels
+    pair_rows = [[labels[p.first], labels[p.second],
+                  " -> ".join(model.graph.node[i].op_type for i in p.path) or "-"] for p in pairs]
+    other_stats = weight_stats(models[1][1]) if args.other else None
+    if args.plot:
+        plot_ranges([(Path(name).name, m) for name, m in models], str(args.plot))
+    if args.json:
+        emit_json("inspect", {
+            "model": args.model, "layers": [s.as_dict() for s in stats],
+            "other": {"model": args.other, "layers": [s.as_dict() for s in other_stats]}
+            if other_stats else None,
+            "pairs": [dict(zip(("first", "second", "through"), r)) for r in pair_rows],
+            "skipped": [vars(s) for s in skips], "plot": str(args.plot) if args.plot else None})
+        return 0
+    if other_stats:
+        print(layer_table(stats, other_stats))
+    else:
+        print(table(["layer", "op", "shape", "group", "max|w|", "spread", "int8 SQNR dB", ""],
+                    [[s.node, s.op, "x".join(map(str, s.shape)), s.groups, fmt(s.max_abs),
+                      fmt(s.spread), f"{s.sqnr_db:.1f}", "OUTLIER" if s.outlier else ""]
+                     for s in stats], "llllrrrl"))
+    print(f"\nCLE pairs ({len(pairs)}):")
+    print(table(["first", "second", "through"], pair_rows, "lll") if pairs else "  none")
+    if skips:
+        print(f"\nnot equalized ({len(skips)}):")
+        print(table(["layer", "reason"], [[s.node, s.reason] for s in skips], "ll"))
+    outliers = sum(s.outlier for s in stats)
+    print(f"\n{len(stats)} weight layers, {outliers} flagged (max|w| > 100 or spread > 10), "
+          f"{len(pairs)} CLE pairs" + (f"; plot: {args.plot}" if args.plot else ""))
+    return 0

@@ -1,0 +1,220 @@
+"""Loading, saving and indexing ONNX models.
+
+``load`` validates what it reads and raises :class:`InputError` with one clear sentence for a
+missing, empty, truncated or non-ONNX file. ``save`` writes atomically (temp file + rename in
+the destination directory) and switches to external data past protobuf's 2 GB limit.
+:class:`GraphIndex` answers "who produces / who reads this tensor" and reads or writes constant
+weights, whether they live in initializers or in ``Constant`` nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxrep.errors import InputError, UnsupportedModelError
+
+MIN_OPSET = 11
+MAX_OPSET = onnx.defs.onnx_opset_version()
+_EXTERNAL_THRESHOLD = 1_800_000_000
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and validate an ONNX file (external data included)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        reason = "not an ONNX model or truncated" if "pars" in str(exc).lower() else str(exc)
+        raise InputError(f"{path}: cannot read ONNX: {reason}") from None
+    if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
+        raise InputError(f"{path}: not an ONNX model (no graph) or truncated")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+    check_opset(model)
+    return model
+
+
+def check_opset(model: onnx.ModelProto) -> int:
+    """Return the default-domain opset, or raise if onnxrep does not support it."""
+    version = opset_version(model)
+    if not MIN_OPSET <= version <= MAX_OPSET:
+        raise UnsupportedModelError(
+            f"opset {version} is not supported (supported: {MIN_OPSET}..{MAX_OPSET}); "
+            "convert it with onnx.version_converter.convert_version(model, 17)"
+        )
+    return version
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise UnsupportedModelError("model declares no default-domain opset")
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically; never leaves a half-written file behind.
+
+    Models too large for one protobuf get their tensors in ``<name>.data`` beside the file.
+    Does not mutate ``model`` (external-data conversion is done on a copy).
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"{path}: output exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp_model = tmpdir / path.name
+        write_to(model, tmp_model)
+        data = tmpdir / f"{path.name}.data"
+        if data.exists():
+            os.replace(data, path.parent / data.name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def write_to(model: onnx.ModelProto, path: Path) -> None:
+    """Serialize ``model`` to ``path`` (non-atomic; ``save`` wraps it)."""
+    if model.ByteSize() < _EXTERNAL_THRESHOLD:
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        return
+    big = onnx.ModelProto()
+    big.CopyFrom(model)
+    onnx.save_model(big, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+
+
+def default_output(input_path: str | os.PathLike, suffix: str) -> Path:
+    """``model.onnx`` -> ``model.<suffix>.onnx`` beside the input."""
+    p = Path(input_path)
+    return p.with_name(f"{p.stem}.{suffix}.onnx")
+
+
+def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike,
+                      force: bool) -> Path:
+    """Refuse to write over the input, or over an existing output without ``force``."""
+    src, dst = Path(input_path), Path(output_path)
+    if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and dst.samefile(src)):
+        raise InputError(f"{dst}: output path is the input file; choose another -o")
+    if dst.exists() and not force:
+        raise InputError(f"{dst}: output exists (use --force to overwrite)")
+    if dst.is_dir():
+        raise InputError(f"{dst}: is a directory")
+    return dst
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """Attribute value with ONNX's default when absent (e.g. ``group`` -> 1)."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """A stable human name: the node's name, or ``<op>#<index>`` when it has none."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+class GraphIndex:
+    """Producers, consumers and constants of a graph's top level.
+
+    Built once per pass; after a pass rewires nodes, build a new one. Constant tensors are
+    initializers and outputs of ``Constant`` nodes; ``set_const`` writes back in place.
+    """
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(graph.node):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(i)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.graph_outputs = {v.name for v in graph.output}
+        self.labels = [node_label(n, i) for i, n in enumerate(graph.node)]
+
+    def node(self, index: int) -> onnx.NodeProto:
+        return self.graph.node[index]
+
+    def readers(self, tensor: str) -> list[int]:
+        return self.consumers.get(tensor, [])
+
+    def is_const(self, tensor: str) -> bool:
+        if tensor in self.initializers:
+            return tensor not in self.graph_inputs
+        i = self.producer.get(tensor)
+        return i is not None and self.graph.node[i].op_type == "Constant" and _constant_tensor(
+            self.graph.node[i]) is not None
+
+    def const(self, tensor: str) -> np.ndarray | None:
+        """The constant value of ``tensor``, or None when it is computed or overridable."""
+        if not tensor or not self.is_const(tensor):
+            return None
+        if tensor in self.initializers:
+            return numpy_helper.to_array(self.initializers[tensor])
+        return numpy_helper.to_array(_constant_tensor(self.graph.node[self.producer[tensor]]))
+
+    def set_const(self, tensor: str, value: np.ndarray) -> None:
+        """Replace a constant's value in place, keeping its dtype."""
+        if tensor in self.initializers:
+            old = self.initializers[tensor]
+            new = numpy_helper.from_array(value.astype(_np_dtype(old.data_type)), tensor)
+            old.CopyFrom(new)
+            return
+        node = self.graph.node[self.producer[tensor]]
+        old = _constant_tensor(node)
+        new = numpy_helper.from_array(value.astype(_np_dtype(old.data_type)), old.name)
+        old.CopyFrom(new)
+
+    def shared(self, tensor: str) -> bool:
+        """True when a constant is read by more than one node (scaling it would leak)."""
+        return len(self.readers(tensor)) > 1
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return a.t
+    return None
+
+
+def _np_dtype(data_type: int) -> np.dtype:
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type)

@@ -1,0 +1,376 @@
+"""Cross-layer equalization (Nagel et al. 2019, arXiv 1906.04721, section 4.1).
+
+For two layers joined by ops that commute with a positive per-channel scale,
+``y = W2 f(W1 x + b1)`` with ``f(s * z) = s * f(z)`` for ``s > 0`` (ReLU, LeakyReLU, PReLU,
+max/average pooling, zero padding, identity), scaling output channel ``i`` of ``W1`` and ``b1``
+by ``1/s_i`` and input channel ``i`` of ``W2`` by ``s_i`` leaves ``y`` unchanged. With
+``r1_i`` = max |W1| over output channel ``i`` and ``r2_i`` = max |W2| over everything that
+reads channel ``i``, ``s_i = sqrt(r1_i / r2_i)`` makes both ranges ``sqrt(r1_i * r2_i)``.
+
+Pairs chain (conv -> depthwise -> conv is the paper's triplet), so rounds repeat until no
+channel moves by more than ``tolerance``. Ranges are tracked in float64 on the reduced
+matrices ``R[o, i] = max |W[o, i, ...]|`` (scaling commutes with the max), and each weight is
+rewritten once at the end. Grouped and depthwise convolutions (any depth multiplier) map input
+channel ``c`` to the rows of its group; a Flatten/Reshape into Gemm/MatMul maps channel ``c``
+to its ``H*W`` features. Dead or near-dead channels (a range of zero) are left unscaled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxrep.model import GraphIndex, attr
+from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
+from onnxrep.shapes import infer_shapes
+
+# Ops through which a positive per-channel scale passes unchanged (f(s*x) = s*f(x)).
+CHANNEL_OPS = {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
+               "GlobalMaxPool", "Pad", "Identity"}
+# Elementwise ops allowed after a Flatten/Reshape, where channels have become features.
+FEATURE_OPS = {"Relu", "LeakyRelu", "Identity"}
+_WHY_NOT = {
+    "Clip": "Clip (ReLU6) clamps at a fixed bound, which a scale would move",
+    "Add": "Add (a residual) mixes two branches that would need the same scale",
+    "Sum": "Sum mixes branches that would need the same scale",
+    "Concat": "Concat mixes branches",
+    "Mul": "Mul (e.g. an SE gate or HardSwish) is not positively homogeneous in its input",
+    "HardSwish": "HardSwish is not positively homogeneous",
+    "HardSigmoid": "HardSigmoid is not positively homogeneous",
+    "Sigmoid": "Sigmoid is not positively homogeneous",
+    "Swish": "SiLU is not positively homogeneous",
+    "Tanh": "Tanh is not positively homogeneous",
+    "BatchNormalization": "BatchNormalization follows; fold it first",
+}
+_DEAD = 1e-7  # relative range under which a channel counts as dead
+
+
+@dataclass(frozen=True)
+class EqualizeConfig:
+    """``iterations``: maximum rounds; ``tolerance``: stop (and leave a channel alone) when
+    |log s| is below it; ``threshold``: leave a channel unscaled when r1 + r2 is below it
+    (TinyNeuralNetwork's knob against blowing small activations up); ``max_scale``: clamp
+    on each round's scale, s in [1/max_scale, max_scale]."""
+
+    iterations: int = 20
+    tolerance: float = 1e-3
+    threshold: float = 0.0
+    max_scale: float = 1e4
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.tolerance < 0 or self.threshold < 0 or self.max_scale < 1:
+            raise ValueError("iterations, tolerance and threshold must be >= 0, max_scale >= 1")
+
+
+@dataclass
+class _Layer:
+    """A weight layer reduced to ``R[o, j] = max |W[o, j, ...]|`` plus accumulated scales."""
+
+    node: int
+    weight: str
+    bias: str | None
+    op: str
+    groups: int
+    R: np.ndarray  # float64 (out, in_per_group), features already grouped per channel
+    features: int = 1  # features per input channel (H*W after a Flatten), Gemm/MatMul only
+    out_factor: np.ndarray = field(init=False)
+    in_factor: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.out_factor = np.ones(self.R.shape[0])
+        self.in_factor = np.ones(self.R.shape[1] * self.groups)
+
+    def _effective(self) -> np.ndarray:
+        g, (cout, cin_g) = self.groups, self.R.shape
+        inf = self.in_factor.reshape(g, 1, cin_g)
+        r = self.R.reshape(g, cout // g, cin_g) * inf * self.out_factor.reshape(g, cout // g, 1)
+        return r
+
+    def out_ranges(self) -> np.ndarray:
+        return self._effective().max(axis=2).reshape(-1)
+
+    def in_ranges(self) -> np.ndarray:
+        return self._effective().max(axis=1).reshape(-1)
+
+
+@dataclass(frozen=True)
+class ChainPair:
+    """``first`` feeds ``second`` through ``path`` (node indices)."""
+
+    first: int
+    second: int
+    path: tuple[int, ...]
+    features: int = 1
+
+
+class EqualizeCrossLayer(Pass):
+    name = "equalize"
+    contract = Contract.EQUIVALENT
+
+    def __init__(self, config: EqualizeConfig | None = None):
+        self.config = config or EqualizeConfig()
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        index = GraphIndex(model.graph)
+        pairs, skips = find_pairs(model, index)
+        layers = _load_layers(index, pairs)
+        totals, rounds, converged = _equalize(layers, pairs, self.config)
+        changes = []
+        for pair, total in zip(pairs, totals):
+            moved = np.abs(np.log(total)) > 0
+            if moved.any():
+                changes.append(Change(
+                    "equalized", (index.labels[pair.first], index.labels[pair.second]),
+                    f"{int(moved.sum())}/{total.size} channels, s in "
+                    f"[{total.min():.3g}, {total.max():.3g}]"))
+        for layer in layers.values():
+            _write_back(index, layer)
+        info = {"pairs": len(pairs), "rounds": rounds, "converged": converged}
+        return PassResult(model, changes, skips, info)
+
+
+def find_pairs(model: onnx.ModelProto, index: GraphIndex | None = None
+               ) -> tuple[list[ChainPair], list[Skip]]:
+    """Every equalizable (layer, layer) pair, and for each other layer the reason it is not."""
+    index = index or GraphIndex(model.graph)
+    finder = _ChainFinder(model, index)
+    pairs, skips = [], []
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm"):
+            continue
+        reason = _first_layer_problem(index, i)
+        if reason is None:
+            found = finder.follow(i)
+            if isinstance(found, ChainPair):
+                pairs.append(found)
+                continue
+            reason = found
+        skips.append(Skip(index.labels[i], reason))
+    return pairs, skips
+
+
+def _first_layer_problem(index: GraphIndex, i: int) -> str | None:
+    node = index.node(i)
+    problem = _weight_problem(index, node, 1)
+    if problem:
+        return problem
+    if len(node.input) > 2 and node.input[2]:
+        bias = index.const(node.input[2])
+        if bias is None:
+            return f"bias '{node.input[2]}' is not a constant"
+        if index.shared(node.input[2]):
+            return f"bias '{node.input[2]}' is shared by {len(index.readers(node.input[2]))} nodes"
+        if node.op_type == "Gemm" and bias.size != index.const(node.input[1]).shape[
+                0 if attr(node, "transB", 0) else 1]:
+            return "Gemm bias is not one value per output feature"
+    if node.op_type == "Gemm" and attr(node, "alpha", 1.0) <= 0:
+        return "Gemm alpha is not positive"
+    return None
+
+
+def _weight_problem(index: GraphIndex, node: onnx.NodeProto, slot: int) -> str | None:
+    if len(node.input) <= slot or not node.input[slot]:
+        return "has no weight input"
+    name = node.input[slot]
+    if not index.is_const(name):
+        return f"weight '{name}' is not a constant"
+    if index.shared(name):
+        return f"weight '{name}' is shared by {len(index.readers(name))} nodes"
+    dtype = index.const(name).dtype
+    if dtype not in (np.float32, np.float64, np.float16):
+        return f"weight '{name}' has dtype {dtype}, not float"
+    return None
+
+
+class _ChainFinder:
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex):
+        self.model = model
+        self.index = index
+        self._shapes: dict | None = None
+
+    def shapes(self) -> dict:
+        if self._shapes is None:
+            self._shapes = infer_shapes(self.model)
+        return self._shapes
+
+    def follow(self, first: int) -> ChainPair | str:
+        """Walk from ``first``'s output to the next layer; a reason string when it cannot."""
+        index = self.index
+        tensor = index.node(first).output[0]
+        path: list[int] = []
+        features = None  # set once channels become features (after Flatten/Reshape)
+        while True:
+            if tensor in index.graph_outputs:
+                return f"'{tensor}' is a graph output"
+            readers = index.readers(tensor)
+            if not readers:
+                return f"'{tensor}' is not used"
+            if len(readers) > 1:
+                return f"'{tensor}' is read by {len(readers)} nodes (fan-out ends the chain)"
+            nxt = readers[0]
+            node = index.node(nxt)
+            label = f"{node.op_type} '{index.labels[nxt]}'"
+            if node.domain not in ("", "ai.onnx"):
+                return f"{label} is a custom-domain op"
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                problem = self._second_layer_problem(first, nxt, tensor, features)
+                return problem or ChainPair(first, nxt, tuple(path), features or 1)
+            if features is None and node.op_type in CHANNEL_OPS:
+                problem = self._channel_op_problem(node)
+            elif features is not None and node.op_type in FEATURE_OPS:
+                problem = None
+            elif features is None and node.op_type in ("Flatten", "Reshape"):
+                features, problem = self._flatten(first, node, tensor)
+            else:
+                problem = _WHY_NOT.get(node.op_type, "does not commute with a per-channel scale")
+            if problem:
+                return f"{label}: {problem}"
+            if any(out and index.readers(out) for out in node.output[1:]):
+                return f"{label}: its second output is used"
+            path.append(nxt)
+            tensor = node.output[0]
+
+    def _channel_op_problem(self, node: onnx.NodeProto) -> str | None:
+        if node.op_type != "Pad":
+            return None
+        if attr(node, "mode", b"constant") not in (b"constant", b"reflect", b"edge", b"wrap"):
+            return "unknown padding mode"
+        if len(node.input) > 3 and node.input[3]:
+            return "Pad with an axes input"
+        pads = self.index.const(node.input[1]) if len(node.input) > 1 else None
+        if pads is None:
+            return "pads are not constant"
+        rank = len(pads) // 2
+        if rank < 2 or pads[1] != 0 or pads[rank + 1] != 0 or pads[0] != 0 or pads[rank] != 0:
+            return "pads the batch or channel axis"
+        if attr(node, "mode", b"constant") == b"constant" and len(node.input) > 2 and node.input[2]:
+            value = self.index.const(node.input[2])
+            if value is None or np.any(value != 0):
+                return "pads with a non-zero constant"
+        return None
+
+    def _flatten(self, first: int, node: onnx.NodeProto, tensor: str) -> tuple[int | None, str | None]:
+        if self.index.node(first).op_type != "Conv":
+            return None, "reshapes a 2-D feature tensor"
+        shapes = self.shapes()
+        src, dst = shapes.get(tensor), shapes.get(node.output[0])
+        if src is None or len(src) < 3 or any(d is None for d in src[1:]):
+            return None, "input shape is not statically known"
+        hw = int(np.prod(src[2:]))
+        if node.op_type == "Flatten" and attr(node, "axis", 1) != 1:
+            return None, "Flatten axis is not 1"
+        if dst is None or len(dst) != 2 or dst[1] != src[1] * hw:
+            return None, "output is not [batch, channels * spatial]"
+        return hw, None
+
+    def _second_layer_problem(self, first: int, second: int, tensor: str,
+                              features: int | None) -> str | None:
+        index = self.index
+        node = index.node(second)
+        label = f"{node.op_type} '{index.labels[second]}'"
+        if node.input[0] != tensor:
+            return f"{label} reads the chain as its weight, not its data input"
+        problem = _weight_problem(index, node, 1)
+        if problem:
+            return f"{label}: {problem}"
+        w = index.const(node.input[1])
+        first_node = index.node(first)
+        if node.op_type == "Conv":
+            if features is not None:
+                return f"{label} after a Flatten"
+            return None
+        if node.op_type == "Gemm" and attr(node, "transA", 0):
+            return f"{label} has transA=1"
+        if node.op_type == "MatMul" and (w.ndim != 2 or (first_node.op_type == "Conv"
+                                                         and features is None)):
+            return f"{label} does not contract the channel axis"
+        if first_node.op_type == "Conv" and features is None:
+            return f"{label} reads a conv output without a Flatten"
+        return None
+
+
+def _load_layers(index: GraphIndex, pairs: list[ChainPair]) -> dict[int, _Layer]:
+    layers: dict[int, _Layer] = {}
+    for pair in pairs:
+        for i, features in ((pair.first, 1), (pair.second, pair.features)):
+            if i not in layers:
+                layers[i] = _reduce(index, i, features)
+    return layers
+
+
+def _reduce(index: GraphIndex, i: int, features: int) -> _Layer:
+    node = index.node(i)
+    w = np.abs(index.const(node.input[1]))
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "Conv":
+        r = w.reshape(w.shape[0], w.shape[1], -1).max(axis=2)
+        return _Layer(i, node.input[1], bias, "Conv", int(attr(node, "group", 1)),
+                      r.astype(np.float64))
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        w = w.T  # to [K, N]
+    r = w.reshape(-1, features, w.shape[1]).max(axis=1).T  # [N, channels]
+    return _Layer(i, node.input[1], bias, node.op_type, 1, r.astype(np.float64), features)
+
+
+def _equalize(layers: dict[int, _Layer], pairs: list[ChainPair], config: EqualizeConfig
+              ) -> tuple[list[np.ndarray], int, bool]:
+    totals = [np.ones(layers[p.first].R.shape[0]) for p in pairs]
+    log_tol = math.log1p(config.tolerance)
+    rounds, converged = 0, not pairs
+    while rounds < config.iterations and not converged:
+        rounds += 1
+        worst = 0.0
+        for k, pair in enumerate(pairs):
+            first, second = layers[pair.first], layers[pair.second]
+            s = channel_scales(first.out_ranges(), second.in_ranges(), config)
+            moved = np.abs(np.log(s)) > log_tol
+            s = np.where(moved, s, 1.0)
+            worst = max(worst, float(np.abs(np.log(s)).max(initial=0.0)))
+            first.out_factor /= s
+            second.in_factor *= s
+            totals[k] *= s
+        converged = worst <= log_tol
+    return totals, rounds, converged
+
+
+def channel_scales(r1: np.ndarray, r2: np.ndarray, config: EqualizeConfig) -> np.ndarray:
+    """``s = sqrt(r1 / r2)`` per channel in float64; 1 where a channel is dead, below the
+    threshold or not finite; clamped to ``[1/max_scale, max_scale]``."""
+    r1 = np.asarray(r1, np.float64)
+    r2 = np.asarray(r2, np.float64)
+    dead1 = r1 <= _DEAD * max(float(r1.max(initial=0.0)), 1e-30)
+    dead2 = r2 <= _DEAD * max(float(r2.max(initial=0.0)), 1e-30)
+    ok = ~dead1 & ~dead2 & np.isfinite(r1) & np.isfinite(r2) & (r1 + r2 >= config.threshold)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(ok, np.sqrt(r1 / np.where(ok, r2, 1.0)), 1.0)
+    return np.clip(s, 1.0 / config.max_scale, config.max_scale)
+
+
+def _write_back(index: GraphIndex, layer: _Layer) -> None:
+    """Apply the accumulated factors to the real weight (and bias) once, in float64."""
+    if np.all(layer.out_factor == 1) and np.all(layer.in_factor == 1):
+        return
+    node = index.node(layer.node)
+    w = index.const(layer.weight)
+    w64 = w.astype(np.float64)
+    if layer.op == "Conv":
+        cout, cin_g = w.shape[0], w.shape[1]
+        g = layer.groups
+        inf = np.broadcast_to(layer.in_factor.reshape(g, 1, cin_g),
+                              (g, cout // g, cin_g)).reshape(cout, cin_g)
+        factor = layer.out_factor[:, None] * inf
+        w64 *= factor.reshape(factor.shape + (1,) * (w.ndim - 2))
+    else:
+        per_feature = np.repeat(layer.in_factor, layer.features)  # [K]
+        transposed = node.op_type == "Gemm" and attr(node, "transB", 0)
+        if transposed:  # [N, K]
+            w64 *= layer.out_factor[:, None] * per_feature[None, :]
+        else:  # [K, N]
+            w64 *= per_feature[:, None] * layer.out_factor[None, :]
+    index.set_const(layer.weight, w64)
+    if layer.bias is not None and np.any(layer.out_factor != 1):
+        b = index.const(layer.bias).astype(np.float64)
+        index.set_const(layer.bias, (b.reshape(-1) * layer.out_factor).reshape(b.shape))

@@ -1,0 +1,208 @@
+"""Compare two models on the same inputs through onnxruntime.
+
+Both run with graph optimizations off, so what is compared is the graph as written. For each
+output: max absolute error, relative error (max |a - b| / max |reference|), SQNR in dB and
+cosine similarity; for classifier-shaped outputs ([N, K]) also top-1 agreement. The relative
+error is also "the tolerance that would have been needed", which a failed check reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxrep.errors import InputError, UnsupportedModelError, VerificationError
+from onnxrep.model import write_to
+
+DEFAULT_BATCH = 2
+DEFAULT_DIM = 64
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def session(model: ModelLike, *, optimized: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session; graph optimizations off unless ``optimized``."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() < 1_800_000_000:
+                return ort.InferenceSession(model.SerializeToString(), opts,
+                                            providers=["CPUExecutionProvider"])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                write_to(model, path)
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def run(model: ModelLike | ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict:
+    """Run a model once; returns ``{output name: array}``."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model)
+    names = [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(names, dict(feeds))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UnsupportedModelError(f"onnxruntime failed to run the model: {first}") from None
+    return dict(zip(names, values))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple  # ints, or str / None for symbolic dims
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        tt = v.type.tensor_type
+        if not v.type.HasField("tensor_type"):
+            raise UnsupportedModelError(f"input '{v.name}' is not a tensor")
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tt.shape.dim)
+        specs.append(InputSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), dims))
+    return specs
+
+
+def resolve_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple] | None = None,
+                   batch: int = DEFAULT_BATCH, default_dim: int = DEFAULT_DIM) -> dict:
+    """Concrete shapes for every input: overrides first, then symbolic axis 0 -> ``batch``,
+    other symbolic axes -> ``default_dim`` (a multiple of 32, which strided nets accept)."""
+    overrides = dict(overrides or {})
+    shapes = {}
+    for spec in input_specs(model):
+        if spec.name in overrides:
+            shape = tuple(overrides.pop(spec.name))
+            if len(shape) != len(spec.shape) or any(
+                    isinstance(d, int) and d > 0 and d != s for d, s in zip(spec.shape, shape)):
+                raise InputError(f"--input-shape {spec.name}: {_fmt(shape)} does not fit the "
+                                 f"model's {_fmt(spec.shape)}")
+        else:
+            shape = tuple(d if isinstance(d, int) and d > 0 else (batch if i == 0 else default_dim)
+                          for i, d in enumerate(spec.shape))
+        shapes[spec.name] = shape
+    if overrides:
+        raise InputError(f"--input-shape names unknown input(s): {', '.join(overrides)}; "
+                         f"inputs are: {', '.join(shapes)}")
+    return shapes
+
+
+def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple] | None = None,
+                  seed: int = 0) -> dict:
+    """Seeded inputs of the model's own shapes: standard normal floats, small ints, bools."""
+    rng = np.random.default_rng(seed)
+    resolved = resolve_shapes(model, shapes)
+    feeds = {}
+    for spec in input_specs(model):
+        shape = resolved[spec.name]
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[spec.name] = rng.integers(0, 4, shape).astype(spec.dtype)
+    return feeds
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    max_abs: float
+    rel: float  # max |a - b| / max |reference|
+    sqnr_db: float
+    cosine: float
+    top1_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    outputs: dict  # name -> OutputMetrics
+
+    @property
+    def rel(self) -> float:
+        """Worst relative error over outputs: the tolerance that would have been needed."""
+        return max((m.rel for m in self.outputs.values()), default=0.0)
+
+    @property
+    def sqnr_db(self) -> float:
+        return min((m.sqnr_db for m in self.outputs.values()), default=math.inf)
+
+    def as_dict(self) -> dict:
+        return {name: asdict(m) for name, m in self.outputs.items()}
+
+    def summary(self) -> str:
+        top1 = [m.top1_agreement for m in self.outputs.values() if m.top1_agreement is not None]
+        text = f"max rel err {self.rel:.2e}, SQNR {self.sqnr_db:.1f} dB"
+        return text + (f", top-1 agreement {min(top1):.4f}" if top1 else "")
+
+
+def metrics(reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
+    ref = np.asarray(reference, np.float64)
+    cand = np.asarray(candidate, np.float64)
+    if ref.shape != cand.shape:
+        raise VerificationError(f"output shapes differ: {ref.shape} vs {cand.shape}")
+    diff = np.abs(ref - cand)
+    max_abs = float(diff.max(initial=0.0))
+    scale = float(np.abs(ref).max(initial=0.0))
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    noise = float(np.sum(diff**2))
+    signal = float(np.sum(ref**2))
+    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+    cosine = float(np.sum(ref * cand) / norms) if norms > 0 else float(max_abs == 0)
+    top1 = None
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        top1 = float(np.mean(ref.argmax(1) == cand.argmax(1)))
+    return OutputMetrics(max_abs, rel, sqnr, cosine, top1)
+
+
+def compare_outputs(reference: Mapping[str, np.ndarray],
+                    candidate: Mapping[str, np.ndarray]) -> Comparison:
+    missing = set(reference) - set(candidate)
+    if missing:
+        raise VerificationError(f"outputs missing from the candidate: {', '.join(sorted(missing))}")
+    return Comparison({name: metrics(reference[name], candidate[name]) for name in reference})
+
+
+def compare(reference: ModelLike, candidate: ModelLike,
+            feeds: Mapping[str, np.ndarray]) -> Comparison:
+    """Run both models on ``feeds`` (optimizations off) and compare every output."""
+    return compare_outputs(run(reference, feeds), run(candidate, feeds))
+
+
+def check(comparison: Comparison, rtol: float, what: str) -> None:
+    """Raise :class:`VerificationError` when the worst relative error exceeds ``rtol``."""
+    if not comparison.rel <= rtol:
+        raise VerificationError(
+            f"{what} changed the model's outputs: relative error {comparison.rel:.3e} > "
+            f"tolerance {rtol:.1e} (would have needed --rtol {_needed(comparison.rel)}); "
+            "nothing written", comparison)
+
+
+def _needed(rel: float) -> str:
+    if not math.isfinite(rel):
+        return "inf"
+    return f"{10 ** math.ceil(math.log10(max(rel, 1e-30))):.0e}"
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(d) if d not in (None, "") else "?" for d in shape)
