@@ -55,7 +55,7 @@ class EqualizeConfig:
     (TinyNeuralNetwork's knob against blowing small activations up); ``max_scale``: clamp
     on each round's scale, s in [1/max_scale, max_scale]."""
 
-    iterations: int = 20
+    iterations: int = 100
     tolerance: float = 1e-3
     threshold: float = 0.0
     max_scale: float = 1e4
@@ -341,12 +341,16 @@ def channel_scales(r1: np.ndarray, r2: np.ndarray, config: EqualizeConfig) -> np
     threshold or not finite; clamped to ``[1/max_scale, max_scale]``."""
     r1 = np.asarray(r1, np.float64)
     r2 = np.asarray(r2, np.float64)
-    dead1 = r1 <= _DEAD * max(float(r1.max(initial=0.0)), 1e-30)
-    dead2 = r2 <= _DEAD * max(float(r2.max(initial=0.0)), 1e-30)
-    ok = ~dead1 & ~dead2 & np.isfinite(r1) & np.isfinite(r2) & (r1 + r2 >= config.threshold)
+    finite = np.isfinite(r1) & np.isfinite(r2)
+    ok = finite & ~_dead(r1, finite) & ~_dead(r2, finite) & (r1 + r2 >= config.threshold)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.where(ok, np.sqrt(r1 / np.where(ok, r2, 1.0)), 1.0)
     return np.clip(s, 1.0 / config.max_scale, config.max_scale)
+
+
+def _dead(r: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    top = float(r[finite].max(initial=0.0))
+    return r <= _DEAD * max(top, 1e-30)
 
 
 def _write_back(index: GraphIndex, layer: _Layer) -> None:
