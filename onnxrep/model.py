@@ -23,7 +23,6 @@ from onnxrep.errors import InputError, UnsupportedModelError
 
 MIN_OPSET = 11
 MAX_OPSET = onnx.defs.onnx_opset_version()
-_EXTERNAL_THRESHOLD = 1_800_000_000
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -93,14 +92,23 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False
 
 def write_to(model: onnx.ModelProto, path: Path) -> None:
     """Serialize ``model`` to ``path`` (non-atomic; ``save`` wraps it)."""
-    if model.ByteSize() < _EXTERNAL_THRESHOLD:
-        with open(path, "wb") as f:
-            f.write(model.SerializeToString())
+    data = serialize(model)
+    if data is None:
+        big = onnx.ModelProto()
+        big.CopyFrom(model)
+        onnx.save_model(big, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
         return
-    big = onnx.ModelProto()
-    big.CopyFrom(model)
-    onnx.save_model(big, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None past protobuf's 2 GB limit (use external data then)."""
+    try:
+        return model.SerializeToString()
+    except ValueError:
+        return None
 
 
 def default_output(input_path: str | os.PathLike, suffix: str) -> Path:

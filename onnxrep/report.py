@@ -68,15 +68,17 @@ def spread(ranges: np.ndarray) -> float:
 
 def int8_sqnr(w: np.ndarray) -> float:
     """SQNR (dB) of symmetric per-tensor int8 quantization of ``w``."""
-    w = np.asarray(w, np.float32)
+    w = np.asarray(w, np.float32).ravel()
     top = float(np.abs(w).max(initial=0.0))
     if top == 0:
         return math.inf
-    step = top / 127.0
-    err = w - np.clip(np.round(w / step), -127, 127) * step
-    noise = float(np.dot(err.ravel(), err.ravel()))
-    signal = float(np.dot(w.ravel(), w.ravel()))
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    step = np.float32(top / 127.0)
+    err = w / step
+    np.round(err, out=err)  # |w| <= top, so no clipping is needed
+    err *= step
+    np.subtract(w, err, out=err)
+    noise = float(np.dot(err, err))
+    return math.inf if noise == 0 else 10 * math.log10(float(np.dot(w, w)) / noise)
 
 
 def weight_layers(model: onnx.ModelProto, index: GraphIndex | None = None):

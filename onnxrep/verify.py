@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxrep.errors import InputError, UnsupportedModelError, VerificationError
-from onnxrep.model import write_to
+from onnxrep.model import serialize, write_to
 
 DEFAULT_BATCH = 2
 DEFAULT_DIM = 64
@@ -36,13 +36,14 @@ def session(model: ModelLike, *, optimized: bool = False) -> ort.InferenceSessio
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() < 1_800_000_000:
-                return ort.InferenceSession(model.SerializeToString(), opts,
-                                            providers=["CPUExecutionProvider"])
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                write_to(model, path)
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            data = serialize(model)
+            if data is None:  # past 2 GB: go through a file with external data
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "model.onnx"
+                    write_to(model, path)
+                    return ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -46,7 +46,7 @@ def test_save_is_atomic_and_refuses_overwrite(tmp_path):
 
 
 def test_save_uses_external_data_past_the_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_io, "_EXTERNAL_THRESHOLD", 1000)
+    monkeypatch.setattr(model_io, "serialize", lambda model: None)  # as past 2 GB
     model = conv_relu_conv()
     before = model.SerializeToString()
     out = save(model, tmp_path / "big.onnx")
@@ -57,6 +57,10 @@ def test_save_uses_external_data_past_the_threshold(tmp_path, monkeypatch):
     w = model.graph.node[0].input[1]
     np.testing.assert_array_equal(index.const(w), GraphIndex(model.graph).const(w))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    from onnxrep import verify
+    monkeypatch.setattr(verify, "serialize", lambda model: None)
+    feeds = verify.random_inputs(model)
+    assert verify.compare(model, again, feeds).rel == 0
 
 
 def test_graph_index_reads_and_writes_constant_node_weights():

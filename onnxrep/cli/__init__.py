@@ -13,7 +13,7 @@ import sys
 from onnxrep.errors import OnnxrepError
 from onnxrep.progress import set_quiet
 
-SUBCOMMANDS = ["optimize", "inspect"]
+SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -51,14 +51,18 @@ _DEAD = 1e-7  # relative range under which a channel counts as dead
 @dataclass(frozen=True)
 class EqualizeConfig:
     """``iterations``: maximum rounds; ``tolerance``: stop (and leave a channel alone) when
-    |log s| is below it; ``threshold``: leave a channel unscaled when r1 + r2 is below it
-    (TinyNeuralNetwork's knob against blowing small activations up); ``max_scale``: clamp
-    on each round's scale, s in [1/max_scale, max_scale]."""
+    every scale is within a factor 1 + tolerance of 1; ``threshold``: leave a channel
+    unscaled when r1 + r2 is below it (TinyNeuralNetwork's knob against blowing small
+    activations up); ``max_scale``: clamp on each round's scale, s in [1/max_scale,
+    max_scale]; ``relaxation``: apply s ** relaxation (successive over-relaxation: a chain
+    of L layers converges in O(L) rounds at 1.5 instead of O(L^2) at 1.0; 1.0 makes a
+    single pair exact in one round)."""
 
     iterations: int = 100
-    tolerance: float = 1e-3
+    tolerance: float = 1e-2
     threshold: float = 0.0
     max_scale: float = 1e4
+    relaxation: float = 1.5
 
     def __post_init__(self):
         if self.iterations < 0 or self.tolerance < 0 or self.threshold < 0 or self.max_scale < 1:
@@ -74,7 +78,7 @@ class _Layer:
     bias: str | None
     op: str
     groups: int
-    R: np.ndarray  # float64 (out, in_per_group), features already grouped per channel
+    R: np.ndarray  # (out, in_per_group) in the weight's dtype; exact, as max commutes with scaling
     features: int = 1  # features per input channel (H*W after a Flatten), Gemm/MatMul only
     out_factor: np.ndarray = field(init=False)
     in_factor: np.ndarray = field(init=False)
@@ -83,17 +87,19 @@ class _Layer:
         self.out_factor = np.ones(self.R.shape[0])
         self.in_factor = np.ones(self.R.shape[1] * self.groups)
 
-    def _effective(self) -> np.ndarray:
+    def _grouped(self) -> tuple[np.ndarray, int, int]:
         g, (cout, cin_g) = self.groups, self.R.shape
-        inf = self.in_factor.reshape(g, 1, cin_g)
-        r = self.R.reshape(g, cout // g, cin_g) * inf * self.out_factor.reshape(g, cout // g, 1)
-        return r
+        return self.R.reshape(g, cout // g, cin_g), cout // g, cin_g
 
     def out_ranges(self) -> np.ndarray:
-        return self._effective().max(axis=2).reshape(-1)
+        r, _, cin_g = self._grouped()
+        scaled = r * self.in_factor.astype(r.dtype).reshape(self.groups, 1, cin_g)
+        return scaled.max(axis=2).reshape(-1) * self.out_factor
 
     def in_ranges(self) -> np.ndarray:
-        return self._effective().max(axis=1).reshape(-1)
+        r, cout_g, _ = self._grouped()
+        scaled = r * self.out_factor.astype(r.dtype).reshape(self.groups, cout_g, 1)
+        return scaled.max(axis=1).reshape(-1) * self.in_factor
 
 
 @dataclass(frozen=True)
@@ -307,12 +313,11 @@ def _reduce(index: GraphIndex, i: int, features: int) -> _Layer:
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if node.op_type == "Conv":
         r = w.reshape(w.shape[0], w.shape[1], -1).max(axis=2)
-        return _Layer(i, node.input[1], bias, "Conv", int(attr(node, "group", 1)),
-                      r.astype(np.float64))
+        return _Layer(i, node.input[1], bias, "Conv", int(attr(node, "group", 1)), r)
     if node.op_type == "Gemm" and attr(node, "transB", 0):
         w = w.T  # to [K, N]
     r = w.reshape(-1, features, w.shape[1]).max(axis=1).T  # [N, channels]
-    return _Layer(i, node.input[1], bias, node.op_type, 1, r.astype(np.float64), features)
+    return _Layer(i, node.input[1], bias, node.op_type, 1, np.ascontiguousarray(r), features)
 
 
 def _equalize(layers: dict[int, _Layer], pairs: list[ChainPair], config: EqualizeConfig
@@ -327,8 +332,8 @@ def _equalize(layers: dict[int, _Layer], pairs: list[ChainPair], config: Equaliz
             first, second = layers[pair.first], layers[pair.second]
             s = channel_scales(first.out_ranges(), second.in_ranges(), config)
             moved = np.abs(np.log(s)) > log_tol
-            s = np.where(moved, s, 1.0)
-            worst = max(worst, float(np.abs(np.log(s)).max(initial=0.0)))
+            worst = max(worst, float(np.abs(np.log(s[moved])).max(initial=0.0)))
+            s = np.where(moved, s ** config.relaxation, 1.0)
             first.out_factor /= s
             second.in_factor *= s
             totals[k] *= s

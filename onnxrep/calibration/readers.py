@@ -1,0 +1,586 @@
+"""Calibration and evaluation data: one streaming, validated view over many kinds of source.
+
+``load_data(source, model)`` returns a :class:`Dataset`; ``Dataset.batches()`` yields feed dicts
+{input name: array} of ``batch_size`` samples (the last batch may be smaller), converted to the
+model's input dtypes and checked against its inputs. Sources:
+
+- ``.npz``: one array per model input keyed by input name, first axis = samples; optional
+  ``labels`` (integers, one per sample). A uint8 input with ``preprocess_scale``,
+  ``preprocess_mean`` and/or ``preprocess_std`` keys becomes x = (u8 * scale - mean) / std in
+  float32 (defaults 1, 0, 1; each a scalar or an array broadcastable against one sample, e.g.
+  [C, 1, 1] for NCHW); a uint8 input without them is only cast, and float inputs are taken as
+  already preprocessed. Other keys (metadata) are ignored and listed in ``Dataset.ignored``.
+  Members stored uncompressed (``np.savez``) are memory-mapped, compressed ones
+  (``np.savez_compressed``) are read one array at a time, on first use.
+- ``.npy`` or an ``np.ndarray``: the samples of a single-input model (.npy is memory-mapped).
+- a ``dict`` {input name: array}: an .npz held in memory, same keys and rules.
+- a folder of images (needs pillow): see :class:`ImageOptions`. Images directly in the folder
+  are unlabeled; class subfolders give labels 0, 1, ... in sorted folder-name order.
+- any iterable of feed dicts, or of arrays for a single-input model (list, generator, ...); an
+  item may be one sample without the batch axis. Streamed, never held whole.
+- an onnxruntime ``CalibrationDataReader`` (anything with ``get_next()``), streamed; before a
+  second pass its ``rewind()`` is called when it has one.
+
+Checks, each a :class:`DataError` of one sentence: missing input names (and unexpected ones in
+streamed feeds, which onnxruntime would refuse), sample shapes against the model's fixed dims,
+dtypes (any float or integer data for a float input is converted silently; strings and objects
+are refused), NaN/inf (naming the input and the sample index), no samples at all. Arrays are
+checked when ``load_data`` is called, streamed items as they arrive. A model whose batch dim is
+fixed at B gets batches of exactly B; a smaller tail is dropped and counted in
+``Dataset.dropped``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx
+
+from onnxrep.errors import DataError, InputError
+from onnxrep.verify import InputSpec, input_specs
+
+Feeds = dict[str, np.ndarray]
+LABELS = "labels"
+PREPROCESS = ("preprocess_scale", "preprocess_mean", "preprocess_std")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image files become one input: x = (pixel * scale - mean) / std, per channel.
+
+    ``resize`` (H, W): default the model's fixed spatial size (bilinear when it differs).
+    ``layout`` "NCHW" or "NHWC": default from the model (the axis of size 1 or 3).
+    ``grayscale``: default from the model's channel count (1 -> grayscale, else RGB).
+    ``mean`` / ``std``: one value, or one per channel.
+    """
+
+    resize: tuple[int, int] | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    scale: float = 1 / 255
+    layout: str | None = None
+    grayscale: bool | None = None
+
+    def __post_init__(self):
+        if self.layout not in (None, "NCHW", "NHWC"):
+            raise ValueError(f"layout must be NCHW or NHWC, not {self.layout!r}")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise ValueError(f"resize must be two positive sizes (H, W), not {self.resize}")
+        if not self.mean or not self.std:
+            raise ValueError("mean and std need at least one value each")
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"std must not be zero, got {self.std}")
+
+
+class Dataset:
+    """Validated batches of feeds over a source (see the module docstring).
+
+    ``num_samples`` and ``labels`` are known for arrays, .npz/.npy and image folders, None for
+    streamed sources. ``batch_size`` is the model's fixed batch dim when it has one;
+    ``dropped`` counts the tail samples the last pass left out for it.
+    """
+
+    def __init__(self, chunks: Callable[[], Iterable[Feeds]], specs: list[InputSpec], *,
+                 name: str, batch_size: int, fixed_batch: bool, limit: int | None,
+                 num_samples: int | None = None, labels: np.ndarray | None = None,
+                 ignored: tuple[str, ...] = (), replayable: bool = True):
+        self.name, self.batch_size, self.num_samples, self.labels = (name, batch_size,
+                                                                     num_samples, labels)
+        self.ignored = ignored  # keys of an .npz/dict that are neither inputs nor used extras
+        self.dropped = 0
+        self._chunks, self._specs, self._fixed, self._limit = chunks, specs, fixed_batch, limit
+        self._replayable = replayable
+        self._head: tuple[Feeds, Iterator[Feeds]] | None = None  # peeked from a one-shot source
+
+    def batches(self) -> Iterator[Feeds]:
+        """A fresh pass over the data; a one-shot source raises DataError on a second pass."""
+        if self._head is not None:
+            first, rest = self._head
+            self._head = None
+            return itertools.chain([first], rest)
+        return self._stream()
+
+    def first_batch(self) -> Feeds:
+        """The first batch; for a one-shot source it is kept and replayed by ``batches()``."""
+        if self._head is not None:
+            return self._head[0]
+        stream = self._stream()
+        first = next(stream)
+        if self._replayable:
+            stream.close()
+        else:
+            self._head = (first, stream)
+        return first
+
+    def _stream(self) -> Iterator[Feeds]:
+        self.dropped = 0
+        checked = _take(self._checked(self._chunks()), self._limit)
+        yielded = 0
+        for batch in _rebatch(checked, self.batch_size):
+            n = _rows(batch)
+            if self._fixed and n < self.batch_size:
+                self.dropped = n
+                break
+            yielded += n
+            yield batch
+        if yielded == 0:
+            if self.dropped:
+                raise DataError(f"{self.name} holds {self.dropped} samples, fewer than the "
+                                f"model's fixed batch size {self.batch_size}")
+            raise DataError(f"{self.name} holds no samples")
+
+    def _checked(self, chunks: Iterable[Feeds]) -> Iterator[Feeds]:
+        offset = 0
+        for feeds in chunks:
+            feeds = check_feeds(feeds, self._specs, self.name, offset)
+            offset += _rows(feeds)
+            yield feeds
+
+
+def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
+              limit: int | None = None, image_options: ImageOptions | None = None) -> Dataset:
+    """A :class:`Dataset` over ``source`` for ``model``'s inputs; array sources are checked now."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, not {batch_size}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, not {limit}")
+    specs = input_specs(model)
+    fixed = next((s.shape[0] for s in specs if _fixed_dim(s.shape[:1])), None)
+    common = dict(specs=specs, batch_size=fixed or batch_size, fixed_batch=fixed is not None,
+                  limit=limit)
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None and not path.exists():
+        raise DataError(f"data not found: {path}")
+    if image_options is not None and not (path and path.is_dir()):
+        raise InputError("image options apply only to a folder of images")
+    if path is not None:
+        if path.is_dir():
+            return _image_dataset(path, image_options or ImageOptions(), common)
+        if path.suffix.lower() == ".npz":
+            return _array_dataset(_npz_members(path), str(path), common)
+        if path.suffix.lower() == ".npy":
+            return _array_dataset({_single(specs, path.name): _open_npy(path)}, str(path), common)
+        raise DataError(f"unsupported data file {path}: expected .npz, .npy or a folder of images")
+    if isinstance(source, np.ndarray):
+        return _array_dataset({_single(specs, "an array"): source}, "the array", common)
+    if isinstance(source, Mapping):
+        return _array_dataset({k: np.asarray(v) for k, v in source.items()}, "the dict", common)
+    if callable(getattr(source, "get_next", None)):
+        return _reader_dataset(source, common)
+    if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
+        return _iterable_dataset(source, common)
+    raise DataError(f"unsupported data source of type {type(source).__name__}: expected a path, "
+                    "an array, a dict of arrays, an iterable of feeds or a CalibrationDataReader")
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+def check_feeds(feeds: Mapping[str, Any], specs: list[InputSpec], where: str,
+                offset: int = 0) -> Feeds:
+    """Names, shapes, dtypes and finiteness of one chunk; returns contiguous arrays of the
+    model's dtypes. ``offset`` is the chunk's first sample index, for messages."""
+    feeds = {k: np.asarray(v) for k, v in feeds.items()}
+    check_arrays(feeds, specs, where)
+    out = {}
+    for spec in specs:
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range: inf, refused below
+            a = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+        if a.dtype.kind == "f" and a.size:
+            finite = np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            if not finite.all():
+                i = int(np.argmin(finite))
+                what = "NaN" if np.isnan(a[i]).any() else "inf"
+                raise DataError(f"input '{spec.name}' sample {offset + i} of {where} "
+                                f"contains {what}")
+        out[spec.name] = a
+    return out
+
+
+def check_arrays(arrays: Mapping[str, Any], specs: list[InputSpec], where: str, *,
+                 others_ok: bool = False) -> int:
+    """Names, sample shapes, dtypes (from .shape/.dtype only) and equal sample counts;
+    returns the sample count. Keys that are not inputs are an error unless ``others_ok``."""
+    expected = [s.name for s in specs]
+    missing = [n for n in expected if n not in arrays]
+    extra = sorted(set(arrays) - set(expected))
+    if missing or (extra and not others_ok):
+        found = ([f"missing {_names(missing)}"] if missing else []) + (
+            [f"{'has' if others_ok else 'unexpected'} {_names(extra)}"] if extra else [])
+        raise DataError(f"{where}: {' and '.join(found)}; the model's inputs are "
+                        f"{_names(expected)}")
+    counts = {}
+    for spec in specs:
+        shape, dtype = tuple(arrays[spec.name].shape), np.dtype(arrays[spec.name].dtype)
+        if len(shape) != len(spec.shape) or not _fits(spec.shape[1:], shape[1:]):
+            got = (f"{shape[0]} samples of shape {_fmt(shape[1:])}" if len(shape) > 1 else
+                   f"data of shape {_fmt(shape) or '()'}")
+            raise DataError(f"input '{spec.name}' expects samples of shape "
+                            f"{_fmt(spec.shape[1:])}, got {got} in {where}")
+        if not _convertible(dtype, spec.dtype):
+            raise DataError(f"input '{spec.name}' needs {spec.dtype} data, got {dtype} in {where}")
+        counts[spec.name] = shape[0]
+    if len(set(counts.values())) > 1:
+        raise DataError(f"inputs of {where} have different sample counts: "
+                        + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return next(iter(counts.values()), 0)
+
+
+def _convertible(data: np.dtype, target: np.dtype) -> bool:
+    if data.kind not in "biuf":
+        return False
+    if target.kind in "fc":
+        return True
+    return target.kind in "iu" and data.kind in "biu" or target.kind == data.kind == "b"
+
+
+def _fits(expected: tuple, got: tuple) -> bool:
+    return all(not _fixed_dim((d,)) or d == g for d, g in zip(expected, got))
+
+
+def _fixed_dim(dims: tuple) -> bool:
+    return bool(dims) and isinstance(dims[0], int) and dims[0] > 0
+
+
+def _fmt(shape: tuple) -> str:
+    return "x".join(str(d) if d not in (None, "") else "?" for d in shape)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _single(specs: list[InputSpec], what: str) -> str:
+    if len(specs) != 1:
+        raise DataError(f"{what} can feed only a single-input model; this one has "
+                        f"{len(specs)} inputs ({_names([s.name for s in specs])}): use an .npz "
+                        "or a dict with one array per input")
+    return specs[0].name
+
+
+# ---- batching ---------------------------------------------------------------------------------
+
+def _rows(feeds: Feeds) -> int:
+    return len(next(iter(feeds.values())))
+
+
+def _take(chunks: Iterable[Feeds], limit: int | None) -> Iterator[Feeds]:
+    """At most ``limit`` samples; never pulls a chunk past the limit from the source."""
+    if limit is None:
+        yield from chunks
+        return
+    left = limit
+    for feeds in chunks:
+        n = _rows(feeds)
+        yield feeds if n <= left else {k: v[:left] for k, v in feeds.items()}
+        left -= n
+        if left <= 0:
+            return
+
+
+def _rebatch(chunks: Iterable[Feeds], size: int) -> Iterator[Feeds]:
+    """Chunks of any size -> batches of ``size`` rows (the last may be smaller); a chunk that
+    already is one batch passes through without a copy."""
+    parts, have = [], 0
+    for feeds in chunks:
+        n, start = _rows(feeds), 0
+        while start < n:
+            take = min(size - have, n - start)
+            parts.append(feeds if take == n else {k: v[start:start + take]
+                                                  for k, v in feeds.items()})
+            have, start = have + take, start + take
+            if have == size:
+                yield _concat(parts)
+                parts, have = [], 0
+    if parts:
+        yield _concat(parts)
+
+
+def _concat(parts: list[Feeds]) -> Feeds:
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name in parts[0]:
+        shapes = sorted({p[name].shape[1:] for p in parts})
+        if len(shapes) > 1:
+            raise DataError(f"input '{name}' has samples of different shapes ({_fmt(shapes[0])} "
+                            f"and {_fmt(shapes[1])}) that cannot share a batch; use batch size 1")
+        out[name] = np.concatenate([p[name] for p in parts])
+    return out
+
+
+# ---- arrays: .npz, .npy, ndarray, dict --------------------------------------------------------
+
+class _NpzMember:
+    """One array of an .npz: shape and dtype from its header; the data is memory-mapped when
+    stored uncompressed, else read whole on first use. Pickled objects are never loaded."""
+
+    def __init__(self, path: Path, info: zipfile.ZipInfo, zf: zipfile.ZipFile):
+        self.path, self.info, self.key = path, info, info.filename[:-4]
+        with zf.open(info) as f:
+            self.shape, self.fortran, self.dtype = _npy_header(f)
+
+    def load(self) -> np.ndarray:
+        if (self.info.compress_type != zipfile.ZIP_STORED or self.dtype.hasobject
+                or 0 in self.shape):
+            with np.load(self.path, allow_pickle=False) as z:
+                return z[self.key]
+        with open(self.path, "rb") as f:  # skip the zip local header, then the .npy header
+            f.seek(self.info.header_offset)
+            head = f.read(30)
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            f.seek(self.info.header_offset + 30 + name_len + extra_len)
+            _npy_header(f)
+            offset = f.tell()
+        return np.memmap(self.path, self.dtype, "r", offset, self.shape,
+                         "F" if self.fortran else "C")
+
+
+def _npy_header(f) -> tuple:
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    return read(f)
+
+
+def _npz_members(path: Path) -> dict[str, _NpzMember]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {m.key: m for m in (_NpzMember(path, info, zf) for info in zf.infolist()
+                                       if info.filename.endswith(".npy"))}
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise DataError(f"cannot read {path} as .npz: {_first_line(exc)}") from None
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"cannot read {path} as .npy: {_first_line(exc)}") from None
+
+
+def _load(a) -> np.ndarray:
+    return a.load() if isinstance(a, _NpzMember) else a
+
+
+def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
+    """Arrays keyed by input name plus optional ``labels`` and ``preprocess_*`` (applied to
+    uint8 inputs; float inputs are taken as preprocessed); other keys (metadata) are listed in
+    ``Dataset.ignored``."""
+    specs = common["specs"]
+    n = check_arrays(arrays, specs, name, others_ok=True)
+    if n == 0:
+        raise DataError(f"{name} holds no samples")
+    inputs = {s.name: arrays[s.name] for s in specs}
+    uint8 = any(np.dtype(a.dtype) == np.uint8 for a in inputs.values())
+    pre = [np.asarray(_load(arrays[k]), np.float32) if uint8 and k in arrays and k not in inputs
+           else None for k in PREPROCESS]
+    for key, value in zip(PREPROCESS, pre):
+        for spec in specs:
+            sample = inputs[spec.name].shape[1:]
+            if value is not None and not _broadcasts(value.shape, sample):
+                raise DataError(f"{key} of shape {_fmt(value.shape) or '()'} in {name} does not "
+                                f"broadcast against samples of shape {_fmt(sample)}")
+    has_labels = LABELS in arrays and LABELS not in inputs
+    labels = _labels(_load(arrays[LABELS]), n, name) if has_labels else None
+    used = {*inputs, *([LABELS] if has_labels else []),
+            *(k for k, v in zip(PREPROCESS, pre) if v is not None)}
+    size, limit = common["batch_size"], common["limit"]
+    count = min(n, limit or n)
+    if common["fixed_batch"]:
+        count -= count % size
+
+    def chunks() -> Iterator[Feeds]:
+        data = {k: _load(v) for k, v in inputs.items()}
+        for start in range(0, min(n, limit or n), size):
+            batch = {k: v[start:start + size] for k, v in data.items()}
+            yield {k: _preprocess(v, *pre) if v.dtype == np.uint8 else v
+                   for k, v in batch.items()}
+
+    return Dataset(chunks, name=name, num_samples=count,
+                   labels=None if labels is None else labels[:count],
+                   ignored=tuple(sorted(set(arrays) - used)), **common)
+
+
+def _broadcasts(shape: tuple, sample: tuple) -> bool:
+    try:
+        return np.broadcast_shapes(shape, sample) == tuple(sample)
+    except ValueError:
+        return False
+
+
+def _preprocess(u8: np.ndarray, scale, mean, std) -> np.ndarray:
+    x = u8.astype(np.float32)
+    if scale is not None:
+        x *= scale
+    if mean is not None:
+        x -= mean
+    if std is not None:
+        x /= std
+    return x
+
+
+def _labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dtype.kind not in "iu" or labels.shape != (n,):
+        raise DataError(f"labels in {name} must be integers, one per sample ({n}); got "
+                        f"{labels.dtype} of shape {_fmt(labels.shape) or '()'}")
+    return labels.astype(np.int64)
+
+
+# ---- streamed: iterables and CalibrationDataReader ---------------------------------------------
+
+def _item_feeds(item: Any, specs: list[InputSpec], name: str, index: int) -> Feeds:
+    """One item -> feeds with a batch axis (added when the item is a single sample)."""
+    if isinstance(item, Mapping):
+        feeds = {k: np.asarray(v) for k, v in item.items()}
+    elif len(specs) == 1:
+        feeds = {specs[0].name: np.asarray(item)}
+    else:
+        raise DataError(f"item {index} of {name} is a {type(item).__name__}; a model with "
+                        f"{len(specs)} inputs needs dicts {{input name: array}} with "
+                        f"{_names([s.name for s in specs])}")
+    for spec in specs:
+        a = feeds.get(spec.name)
+        if a is not None and a.ndim == len(spec.shape) - 1:
+            feeds[spec.name] = a[None]
+    return feeds
+
+
+def _iterable_dataset(source: Iterable, common: dict) -> Dataset:
+    name = f"the {type(source).__name__}"
+    one_shot = iter(source) is source
+    passes = itertools.count()
+
+    def chunks() -> Iterator[Feeds]:
+        if one_shot and next(passes):
+            raise DataError(f"{name} can be read only once; pass a list or another re-iterable "
+                            "collection to read it again")
+        for i, item in enumerate(source):
+            yield _item_feeds(item, common["specs"], name, i)
+
+    return Dataset(chunks, name=name, replayable=not one_shot, **common)
+
+
+def _reader_dataset(reader: Any, common: dict) -> Dataset:
+    name = f"the {type(reader).__name__} reader"
+    rewind = getattr(reader, "rewind", None)
+    passes = itertools.count()
+
+    def chunks() -> Iterator[Feeds]:
+        if next(passes):
+            if not callable(rewind):
+                raise DataError(f"{name} can be read only once (it has no rewind())")
+            rewind()
+        for i in itertools.count():
+            item = reader.get_next()
+            if item is None:
+                return
+            yield _item_feeds(item, common["specs"], name, i)
+
+    return Dataset(chunks, name=name, replayable=callable(rewind), **common)
+
+
+# ---- image folders ----------------------------------------------------------------------------
+
+def _image_dataset(root: Path, options: ImageOptions, common: dict) -> Dataset:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading a folder of images needs pillow: "
+                        "pip install 'onnxrep[images]'") from None
+    spec = _image_spec(common["specs"], root)
+    layout, gray, (h, w), mean, std = _image_geometry(spec, options)
+    files, labels = _image_files(root)
+    limit, size = common["limit"], common["batch_size"]
+    count = min(len(files), limit or len(files))
+    if common["fixed_batch"]:
+        count -= count % size
+
+    def read(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if gray else "RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.Resampling.BILINEAR)
+                return np.asarray(im, np.float32)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {_first_line(exc)}") from None
+
+    def chunks() -> Iterator[Feeds]:
+        for start in range(0, min(len(files), limit or len(files)), size):
+            x = np.stack([read(p) for p in files[start:start + size]])
+            x = (x.reshape(*x.shape[:3], -1) * np.float32(options.scale) - mean) / std
+            yield {spec.name: x.transpose(0, 3, 1, 2) if layout == "NCHW" else x}
+
+    return Dataset(chunks, name=str(root), num_samples=count,
+                   labels=None if labels is None else labels[:count], **common)
+
+
+def _image_spec(specs: list[InputSpec], root: Path) -> InputSpec:
+    name = _single(specs, f"a folder of images ({root})")
+    return next(s for s in specs if s.name == name)
+
+
+def _image_geometry(spec: InputSpec, options: ImageOptions) -> tuple:
+    """(layout, grayscale, (H, W), mean, std) from the options, defaults from the model."""
+    if len(spec.shape) != 4:
+        raise DataError(f"a folder of images feeds a 4-D image input; input '{spec.name}' has "
+                        f"shape {_fmt(spec.shape)}")
+    small = lambda d: d in (1, 3)  # noqa: E731 - a channel axis
+    layout = options.layout or ("NHWC" if small(spec.shape[3]) and not small(spec.shape[1])
+                                else "NCHW")
+    c, h, w = spec.shape[1:] if layout == "NCHW" else (spec.shape[3], *spec.shape[1:3])
+    gray = options.grayscale if options.grayscale is not None else c == 1
+    channels = 1 if gray else 3
+    if _fixed_dim((c,)) and c != channels:
+        raise DataError(f"input '{spec.name}' has {c} channels ({layout}) but images are read as "
+                        f"{'grayscale' if gray else 'RGB'}")
+    size = options.resize or ((h, w) if _fixed_dim((h,)) and _fixed_dim((w,)) else None)
+    if size is None:
+        raise DataError(f"input '{spec.name}' has no fixed height and width "
+                        f"({_fmt(spec.shape)}): give a resize (--resize HxW)")
+    stats = []
+    for what, values in (("mean", options.mean), ("std", options.std)):
+        if len(values) not in (1, channels):
+            raise InputError(f"image {what} needs 1 or {channels} values, got {len(values)}")
+        stats.append(np.asarray(values, np.float32))
+    return layout, gray, tuple(size), *stats
+
+
+def _image_files(root: Path) -> tuple[list[Path], np.ndarray | None]:
+    """Images directly in ``root`` (no labels), or in class subfolders (labels by sorted name)."""
+    files = _images_in(root)
+    classes = [d for d in sorted(root.iterdir())
+               if d.is_dir() and not d.name.startswith(".") and _images_in(d)]
+    if files and classes:
+        raise DataError(f"{root} holds both images and class folders ('{classes[0].name}'); "
+                        "use one layout")
+    if classes:
+        per_class = [_images_in(d) for d in classes]
+        labels = np.concatenate([np.full(len(f), i, np.int64) for i, f in enumerate(per_class)])
+        return [p for f in per_class for p in f], labels
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+    return files, None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

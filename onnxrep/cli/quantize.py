@@ -1,0 +1,174 @@
+"""Quantize a model to INT8 (QDQ) with onnxruntime, after onnxrep's equivalence-preserving passes.
+
+Runs the optimize passes (unless --no-optimize), calibrates on --calib data (streamed, a few
+batches at a time), optionally corrects biases and keeps the most sensitive nodes in FP32, then
+writes a QDQ model that onnxruntime runs with integer kernels (uint8 activations, int8 weights
+by default: onnxruntime's choice for x86 with VNNI). --eval prints FP32 and INT8 accuracy side by
+side; --report prints the per-layer SQNR, worst first, split into weight and activation error.
+Data that does not match the model's inputs exits 2 and writes nothing.
+
+examples:
+  onnxrep quantize models/repvgg_fmnist.onnx --calib models/fmnist_calib.npz \\
+      --eval models/fmnist_eval.npz
+  onnxrep quantize model.onnx --calib calib.npz --per-channel --exclude auto:2 --report
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from onnxrep.calibration.readers import load_data
+from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json,
+                                output_path, parse_input_shapes)
+from onnxrep.errors import InputError
+from onnxrep.evaluate import evaluate
+from onnxrep.model import load, save
+from onnxrep.optimize import OptimizeConfig
+from onnxrep.progress import log
+from onnxrep.quantize.ptq import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig,
+                                  Quantized, quantize_with_details, quantized_nodes)
+from onnxrep.report import table
+
+_D = QuantizeConfig()
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="input ONNX model (never modified)")
+    add_output(p, "int8")
+    p.add_argument("--calib", required=True, metavar="DATA",
+                   help="calibration data: .npz/.npy, or a folder of images")
+    p.add_argument("--calib-limit", type=int, metavar="N", help="use at most N samples")
+    p.add_argument("--batch-size", type=int, default=32, help="calibration batch (default 32)")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
+                   help="per-output-channel weight scales (default: per-tensor)")
+    p.add_argument("--method", choices=METHODS, default=_D.method,
+                   help="calibration method (default %(default)s)")
+    p.add_argument("--percentile", type=float, default=_D.percentile,
+                   help="for --method percentile: share of |x| kept (default %(default)s)")
+    p.add_argument("--activation-type", choices=ACTIVATION_TYPES, default=_D.activation_type,
+                   help="default %(default)s")
+    p.add_argument("--weight-type", choices=WEIGHT_TYPES, default=_D.weight_type,
+                   help="default %(default)s")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
+                   help="run onnxrep's equivalence-preserving passes first (default on)")
+    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="NODE",
+                   help="keep these nodes in FP32; 'auto' or 'auto:K' keeps the K (default 1) "
+                        "most sensitive nodes of the per-layer report")
+    p.add_argument("--max-drop", type=float, metavar="PP",
+                   help="with --eval: keep nodes in FP32, most sensitive first, until top-1 is "
+                        "within PP points of FP32")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction,
+                   default=_D.bias_correction,
+                   help="empirical per-channel bias correction (default %(default)s)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
+                   help="print the per-layer SQNR report, worst first")
+    p.add_argument("--eval", metavar="DATA", help="labelled data: print FP32 vs INT8 accuracy")
+    p.add_argument("--calibration-chunk", type=int, default=_D.calibration_chunk, metavar="N",
+                   help="batches per calibrator call; bounds entropy/percentile memory "
+                        "(default %(default)s)")
+    add_input_shape(p)
+    add_reporting(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_path(args)
+    config = _config(args)
+    model = load(args.model)
+    calib = load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
+    evaluation = load_data(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    if args.max_drop is not None and evaluation is None:
+        raise InputError("--max-drop needs --eval DATA")
+    log(f"quantizing {args.model}")
+    result = quantize_with_details(model, calib, config, evaluation=evaluation)
+    scores = None
+    if evaluation is not None:
+        scores = (evaluate(model, evaluation), evaluate(result.model, evaluation, reference=model))
+    save(result.model, out, force=args.force)
+    if args.json:
+        emit_json("quantize", as_json(result, args.model, out, scores))
+        return 0
+    print(summary(result, args.model, out))
+    if scores:
+        print()
+        print(accuracy_table(*scores))
+    if result.bias is not None:
+        print()
+        print(f"bias correction on {len(result.bias.layers)} layers: mean |E[y - y_q]| per "
+              f"channel {result.bias.before:.4g} -> {result.bias.after:.4g}")
+    if args.report and result.report is not None:
+        print()
+        print(result.report.table())
+    return 0
+
+
+def _config(args: argparse.Namespace) -> QuantizeConfig:
+    names, auto = [], 0
+    for item in args.exclude:
+        if item == "auto" or item.startswith("auto:"):
+            k = item.partition(":")[2] or "1"
+            if not k.isdigit() or int(k) < 1:
+                raise InputError(f"--exclude {item}: expected auto or auto:K with K >= 1")
+            auto = int(k)
+        else:
+            names.append(item)
+    passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape))
+    try:
+        return QuantizeConfig(per_channel=args.per_channel, method=args.method,
+                              activation_type=args.activation_type, weight_type=args.weight_type,
+                              optimize=args.optimize, passes=passes, exclude=tuple(names),
+                              auto_exclude=auto, max_drop=args.max_drop,
+                              bias_correction=args.bias_correction, report=args.report,
+                              percentile=args.percentile,
+                              calibration_chunk=args.calibration_chunk)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def summary(result: Quantized, src, out) -> str:
+    c, cal = result.config, result.calibration
+    lines = [f"quantized {src} -> {out}: {'per-channel' if c.per_channel else 'per-tensor'}, "
+             f"{c.method}, {c.activation_type} activations / {c.weight_type} weights, "
+             f"{len(quantized_nodes(result.model))} nodes quantized, "
+             f"{len(result.excluded)} kept in FP32"
+             + (f" ({', '.join(result.excluded)})" if result.excluded else "")
+             + f"; calibrated on {cal.samples} samples in {cal.seconds:.1f} s; "
+             f"total {result.seconds:.1f} s"]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def accuracy_table(fp32, int8) -> str:
+    rows = []
+    for k in sorted(set(fp32.accuracy) | set(int8.accuracy)):
+        a, b = fp32.accuracy.get(k), int8.accuracy.get(k)
+        rows.append([f"top-{k}", _pct(a), _pct(b),
+                     f"{100 * (a - b):+.2f} pp" if a is not None and b is not None else "-"])
+    fid = next(iter(int8.fidelity.values())) if int8.fidelity else None
+    text = table(["", "FP32", "INT8", "drop"], rows, "lrrr") if rows else \
+        "accuracy: " + "; ".join(int8.skipped)
+    if fid is not None:
+        agree = (f", top-1 agreement {100 * fid.top1_agreement:.2f}%"
+                 if fid.top1_agreement is not None else "")
+        text += (f"\nINT8 vs FP32 on {int8.samples} samples: output SQNR {fid.sqnr_db:.1f} dB"
+                 f"{agree}")
+    return text
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def as_json(result: Quantized, src, out, scores) -> dict:
+    config = asdict(result.config)
+    return {
+        "input": str(src), "output": str(out), "config": config,
+        "calibration": vars(result.calibration), "excluded": list(result.excluded),
+        "quantized_nodes": quantized_nodes(result.model), "notes": result.notes,
+        "seconds": result.seconds,
+        "evaluation": None if scores is None else {"fp32": scores[0].as_dict(),
+                                                   "int8": scores[1].as_dict()},
+        "bias_correction": result.bias.as_dict() if result.bias is not None else None,
+        "report": result.report.as_dict() if result.report is not None else None,
+        "exclusion_trials": [{"excluded": k, "drop_pp": d} for k, d in result.exclusion_trials],
+    }

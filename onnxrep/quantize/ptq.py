@@ -1,0 +1,517 @@
+"""Post-training static quantization to QDQ through onnxruntime, prepared by onnxrep.
+
+``quantize(model, calib, config)``: copy -> onnxrep's optimize passes (CLE, ...) ->
+:func:`prepare` (Constant-node weights become initializers, so onnxruntime quantizes them as
+weights and not as activations; every node gets a unique name; per-channel raises the opset to
+13, below which onnxruntime writes an invalid per-channel model) -> streaming calibration ->
+[automatic exclusion from the sensitivity report] -> [bias correction] -> ``quantize_static`` in
+QDQ format with the calibrated ranges.
+
+Calibration streams the data through onnxruntime's calibrator ``calibration_chunk`` batches per
+``collect_data`` call. MinMax keeps a running min/max per tensor. Entropy and percentile keep one
+histogram per tensor, but onnxruntime's histogram calibrator holds every intermediate output of
+a ``collect_data`` call until the call ends (onnxruntime issues 10503, 21979); one call per chunk
+bounds the peak at ``calibration_chunk x batch x`` one sample's activations, whatever the number
+of samples. Histograms are merged across chunks (bins widen as ranges grow), so chunking can move
+an entropy threshold by a bin. The ranges reach ``quantize_static`` through its calibration cache
+(``calibration_cache_path``), so one calibration serves bias correction, the sensitivity report
+and every re-quantization with other excluded nodes.
+
+Types (measured on the shipped models, see tools/bench_latency.py): uint8 activations with int8
+weights, onnxruntime's recommendation for x86 with VNNI; ReLU/Clip after a Conv are folded into
+the Conv's output quantization, so onnxruntime fuses DQ -> Conv -> Q into an integer QLinearConv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxrep.calibration.readers import Dataset, load_data
+from onnxrep.evaluate import evaluate
+from onnxrep.errors import DataError, InputError, OnnxrepError, UnsupportedModelError
+from onnxrep.model import check_opset, opset_version, write_to
+from onnxrep.optimize import OptimizeConfig, optimize
+from onnxrep.progress import Progress, log
+
+METHODS = ("minmax", "entropy", "percentile")
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8", "uint8")
+# Weight layers, the activations folded into them, and the shape/pool ops between them that
+# onnxruntime runs in int8 (QLinearGlobalAveragePool, MaxPool, ...); see the module docstring.
+DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "MaxPool",
+                    "AveragePool", "GlobalAveragePool", "Flatten", "Reshape")
+PER_CHANNEL_MIN_OPSET = 13
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantize.
+
+    ``method``: calibration, "minmax" | "entropy" | "percentile" (``percentile`` keeps that
+    share of |x|). ``activation_type``/``weight_type``: "uint8" | "int8". ``optimize``: run
+    onnxrep's equivalence-preserving passes first (``passes`` configures them).
+    ``exclude``: node names kept in FP32. ``auto_exclude``: also keep the K nodes with the
+    lowest local SQNR in FP32. ``max_drop``: with evaluation data, keep nodes in FP32 (worst
+    first, at most ``max_auto_exclude``) until top-1 is within this many points of FP32.
+    ``bias_correction``: empirical per-channel bias correction (bias_correction.py).
+    ``calibration_chunk``: batches per calibrator call (bounds histogram memory).
+    ``analysis_samples``: calibration samples kept for bias correction and the report.
+    ``op_types``: op types onnxruntime quantizes.
+    """
+
+    per_channel: bool = False
+    method: str = "minmax"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    optimize: bool = True
+    passes: OptimizeConfig = field(default_factory=OptimizeConfig)
+    exclude: tuple[str, ...] = ()
+    auto_exclude: int = 0
+    max_drop: float | None = None
+    max_auto_exclude: int = 8
+    bias_correction: bool = False
+    report: bool = False
+    percentile: float = 99.999
+    calibration_chunk: int = 4
+    analysis_samples: int = 256
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+
+    def __post_init__(self):
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "op_types", tuple(self.op_types))
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.activation_type not in ACTIVATION_TYPES:
+            problems.append(f"activation_type must be uint8 or int8, not {self.activation_type!r}")
+        if self.weight_type not in WEIGHT_TYPES:
+            problems.append(f"weight_type must be int8 or uint8, not {self.weight_type!r}")
+        if self.auto_exclude < 0 or self.max_auto_exclude < 0:
+            problems.append("auto_exclude and max_auto_exclude must be >= 0")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop)
+                                              and self.max_drop >= 0):
+            problems.append(f"max_drop must be a number of points >= 0, not {self.max_drop}")
+        if not 0 < self.percentile <= 100:
+            problems.append(f"percentile must be in (0, 100], not {self.percentile}")
+        if self.calibration_chunk < 1 or self.analysis_samples < 1:
+            problems.append("calibration_chunk and analysis_samples must be >= 1")
+        if not self.op_types:
+            problems.append("op_types must name at least one op type")
+        if any(not isinstance(n, str) or not n for n in self.exclude):
+            problems.append("exclude must hold node names")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class CalibrationInfo:
+    method: str
+    samples: int
+    batches: int
+    tensors: int
+    seconds: float
+
+
+@dataclass
+class Quantized:
+    """The QDQ model and how it was made. ``float_model`` is the prepared FP32 model that was
+    quantized (optimized, Constant weights lifted, bias-corrected when asked)."""
+
+    model: onnx.ModelProto
+    float_model: onnx.ModelProto
+    config: QuantizeConfig
+    excluded: tuple[str, ...]
+    notes: list[str]
+    calibration: CalibrationInfo
+    optimized: bool
+    bias: object | None = None  # bias_correction.BiasCorrection
+    report: object | None = None  # sensitivity.LayerReport
+    exclusion_trials: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def quantize(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None, *,
+             evaluation=None) -> onnx.ModelProto:
+    """QDQ INT8 model of ``model`` calibrated on ``calib``; ``model`` is not mutated.
+
+    ``calib``: a :class:`Dataset` or anything ``load_data`` accepts (.npz path, array, dict,
+    iterable of feeds, CalibrationDataReader). ``evaluation`` (labelled data) is needed only
+    for ``config.max_drop``.
+    """
+    return quantize_with_details(model, calib, config, evaluation=evaluation).model
+
+
+def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None,
+                          *, evaluation=None, batch_size: int = 32) -> Quantized:
+    """Like :func:`quantize`, also returning what was done (see :class:`Quantized`)."""
+    from onnxrep.quantize import bias_correction, sensitivity
+
+    config = config or QuantizeConfig()
+    start = time.monotonic()
+    check_opset(model)
+    dataset = as_dataset(calib, model, batch_size)
+    if config.max_drop is not None and evaluation is None:
+        raise InputError("max_drop needs labelled evaluation data")
+    if config.optimize:
+        log("optimizing (equivalence-preserving passes)")
+        work = _optimize(model, config.passes, dataset)
+    else:
+        work = _copy(model)
+    notes = prepare(work, per_channel=config.per_channel)
+    _check_excluded(work, config.exclude)
+    with contextlib.ExitStack() as stack:
+        import tempfile
+
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxrep-quant-")))
+        ranges, info, kept = calibrate(work, dataset, config, tmp)
+        quantizer = Quantizer(config, ranges, tmp)
+        excluded = list(config.exclude)
+        report = trials = None
+        if config.auto_exclude or config.max_drop is not None:
+            first = quantizer(work, excluded)
+            report = sensitivity.layer_report(work, first, kept)
+            ranked = [r.node for r in report.layers if r.node not in excluded]
+            if config.auto_exclude:
+                excluded += ranked[:config.auto_exclude]
+                log(f"auto-exclude: keeping {', '.join(ranked[:config.auto_exclude])} in FP32")
+
+        def build(exclude: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto, object]:
+            fl = _copy(work)
+            if not config.bias_correction:
+                return fl, quantizer(fl, exclude), None
+            qdq, corr = bias_correction.correct_biases(fl, lambda m: quantizer(m, exclude), kept)
+            return fl, qdq, corr
+
+        final_float, qdq, bias = build(excluded)
+        if config.max_drop is not None:
+            (final_float, qdq, bias, excluded,
+             trials) = _exclude_until(model, evaluation, config, build, excluded, ranked,
+                                      (final_float, qdq, bias))
+        if config.report:
+            report = sensitivity.layer_report(final_float, qdq, kept)
+    return Quantized(qdq, final_float, config, tuple(excluded), notes, info, config.optimize,
+                     bias, report, trials or [], time.monotonic() - start)
+
+
+def as_dataset(source, model: onnx.ModelProto, batch_size: int = 32) -> Dataset:
+    """``source`` itself when it is a Dataset, else ``load_data(source, model)``."""
+    if isinstance(source, Dataset):
+        return source
+    return load_data(source, model, batch_size=batch_size)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    return work
+
+
+def _optimize(model: onnx.ModelProto, config: OptimizeConfig, dataset: Dataset):
+    """onnxrep.optimize, given the calibration data when its signature takes it."""
+    if "calib" in inspect.signature(optimize).parameters:
+        return optimize(model, config, calib=dataset)
+    return optimize(model, config)
+
+
+def _check_excluded(model: onnx.ModelProto, names) -> None:
+    known = {n.name for n in model.graph.node}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"--exclude names no node of the model: {', '.join(unknown)} "
+                         "(see `onnxrep inspect` for node names)")
+
+
+# ---- preparation ------------------------------------------------------------------------------
+
+def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
+    """Make ``model`` (mutated in place) safe for onnxruntime's quantizer; returns notes.
+
+    - ``Constant`` nodes become initializers: onnxruntime treats a Conv weight produced by a
+      Constant node as an activation (quantized per-tensor with calibrated ranges, uint8).
+    - Every node gets a unique name: exclusion and the reports address nodes by name.
+    - Per-channel on opset < 13: converted to opset 13 (onnx.version_converter); onnxruntime
+      otherwise writes an invalid model without an error.
+    """
+    notes = []
+    lifted = lift_constants(model.graph)
+    if lifted:
+        notes.append(f"{lifted} Constant nodes turned into initializers")
+    renamed = name_nodes(model.graph)
+    if renamed:
+        notes.append(f"{renamed} unnamed or duplicate node names made unique")
+    version = opset_version(model)
+    if per_channel and version < PER_CHANNEL_MIN_OPSET:
+        converted = convert_opset(model, PER_CHANNEL_MIN_OPSET)
+        model.CopyFrom(converted)
+        notes.append(f"opset {version} converted to {PER_CHANNEL_MIN_OPSET} for per-channel")
+    bn = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if bn:
+        notes.append(f"{len(bn)} BatchNormalization nodes left unfused (e.g. {bn[0]}): "
+                     "onnxruntime runs them in float")
+    return notes
+
+
+def lift_constants(graph: onnx.GraphProto) -> int:
+    """Turn top-level ``Constant`` nodes into initializers of the same name; returns how many."""
+    keep, count = [], 0
+    for node in graph.node:
+        tensor = _constant_value(node) if node.op_type == "Constant" else None
+        if tensor is None:
+            keep.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(tensor, node.output[0]))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return count
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(a.floats, np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, np.int64)
+        if a.name == "value_ints":
+            return np.array(a.ints, np.int64)
+    return None  # sparse or string constants stay nodes
+
+
+def name_nodes(graph: onnx.GraphProto) -> int:
+    """Give unnamed nodes ``<op>#<index>`` and make duplicate names unique; returns how many."""
+    seen, changed = set(), 0
+    taken = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}#{i}"
+        name, k = base, 1
+        while name in seen or (name != node.name and name in taken):
+            name, k = f"{base}#{k}", k + 1
+        node.name = name
+        seen.add(name)
+        changed += 1
+    return changed
+
+
+def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    try:
+        return onnx.version_converter.convert_version(model, target)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"per-channel quantization needs opset >= {target} and converting opset "
+            f"{opset_version(model)} failed: {first}; convert the model yourself or use "
+            "per-tensor") from None
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, tmp: Path):
+    """Stream ``dataset`` through onnxruntime's calibrator; returns (ranges, info, kept batches).
+
+    ``kept`` holds the first ``config.analysis_samples`` samples for later analysis, so a
+    one-shot source is read once.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    start = time.monotonic()
+    path = tmp / "calibrate.onnx"
+    write_to(model, path)
+    extra = {"percentile": config.percentile} if config.method == "percentile" else {}
+    with quiet_onnxruntime():
+        calibrator = create_calibrator(path, list(config.op_types),
+                                       augmented_model_path=str(tmp / "augmented.onnx"),
+                                       calibrate_method=_ort_method(config.method),
+                                       use_external_data_format=_big(model),
+                                       extra_options=extra)
+    kept: list[Feeds] = []
+    kept_rows = samples = batches = 0
+    total = (math.ceil(dataset.num_samples / dataset.batch_size)
+             if dataset.num_samples else None)
+    stream = dataset.batches()
+    with Progress(total, f"calibrating ({config.method})") as bar:
+        while True:
+            chunk = list(itertools.islice(stream, config.calibration_chunk))
+            if not chunk:
+                break
+            for feeds in chunk:
+                rows = len(next(iter(feeds.values())))
+                if kept_rows < config.analysis_samples:
+                    kept.append(feeds)
+                    kept_rows += rows
+                samples += rows
+            batches += len(chunk)
+            with quiet_onnxruntime():
+                try:
+                    calibrator.collect_data(_ListReader(chunk))
+                except Exception as exc:  # onnxruntime Fail / InvalidArgument on bad feeds
+                    if isinstance(exc, OnnxrepError):
+                        raise
+                    raise DataError("calibration data does not fit the model: "
+                                    f"{_first_line(exc)}") from None
+            bar.update(len(chunk))
+    with quiet_onnxruntime():
+        ranges = calibrator.compute_data()
+    _check_ranges(ranges)
+    info = CalibrationInfo(config.method, samples, batches, len(ranges.keys()),
+                           time.monotonic() - start)
+    return ranges, info, kept
+
+
+def _check_ranges(ranges) -> None:
+    for name, td in ranges.items():
+        lo, hi = (np.asarray(v, np.float64) for v in td.range_value)
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            raise DataError(f"calibration produced a non-finite range for tensor '{name}': "
+                            "the model overflows or divides by zero on this data")
+
+
+class _ListReader:
+    """A CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: list[Feeds]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> Feeds | None:
+        return next(self._it, None)
+
+
+def _ort_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+def _ort_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime():
+    """Silence onnxruntime's quantization warnings (Python logging) and its histogram prints
+    (stdout, which holds onnxrep's tables and JSON)."""
+    import io
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _big(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > 1_800_000_000
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---- quantization -----------------------------------------------------------------------------
+
+class Quantizer:
+    """``quantizer(float_model, exclude) -> QDQ ModelProto`` with fixed calibrated ranges.
+
+    The ranges go to ``quantize_static`` through its calibration cache, so no calibration runs
+    again; the float model may differ from the calibrated one only in its biases (bias
+    correction) or in which nodes are excluded.
+    """
+
+    def __init__(self, config: QuantizeConfig, ranges, tmp: Path):
+        from onnxruntime.quantization import quantize_static
+        from onnxruntime.quantization.calibrate import save_tensors_data
+
+        if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+            import onnxruntime
+
+            raise OnnxrepError(f"onnxruntime {onnxruntime.__version__} lacks quantize_static("
+                               "calibration_cache_path=...); upgrade onnxruntime")
+        self.config, self.tmp = config, tmp
+        self.cache = tmp / "ranges.json"
+        save_tensors_data(ranges, self.cache)
+        self._n = 0
+
+    def __call__(self, model: onnx.ModelProto, exclude=()) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantFormat, quantize_static
+
+        self._n += 1
+        out = self.tmp / f"qdq{self._n}.onnx"
+        c = self.config
+        with quiet_onnxruntime():
+            quantize_static(model, str(out), None, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(c.op_types), per_channel=c.per_channel,
+                            activation_type=_ort_type(c.activation_type),
+                            weight_type=_ort_type(c.weight_type),
+                            nodes_to_exclude=list(exclude),
+                            calibrate_method=_ort_method(c.method),
+                            calibration_cache_path=str(self.cache),
+                            use_external_data_format=_big(model))
+        qdq = onnx.load(str(out))
+        out.unlink()
+        for extra in self.tmp.glob(f"{out.name}.data"):
+            extra.unlink()
+        return qdq
+
+
+# ---- exclusion against an accuracy budget ------------------------------------------------------
+
+def _exclude_until(original, evaluation, config, build: Callable, excluded: list[str],
+                   ranked: list[str], current):
+    """Keep nodes in FP32, most sensitive first, until top-1 is within ``max_drop`` points.
+
+    Returns the first model that meets the budget, or the best one tried."""
+    data = as_dataset(evaluation, original)
+    if data.labels is None:
+        raise DataError("max_drop needs evaluation data with labels")
+    fp32 = evaluate(original, data).top1
+    trials = []
+    best = None
+    candidates = [n for n in ranked if n not in excluded][:config.max_auto_exclude]
+    for k in range(len(candidates) + 1):
+        chosen = excluded + candidates[:k]
+        fl, qdq, corr = current if k == 0 else build(chosen)
+        top1 = evaluate(qdq, data).top1
+        drop = 100 * (fp32 - top1)
+        trials.append((k, drop))
+        log(f"max-drop: {k} extra node(s) in FP32 -> top-1 drop {drop:.2f} pp")
+        if best is None or drop < best[0]:
+            best = (drop, (fl, qdq, corr, chosen))
+        if drop <= config.max_drop:
+            return (fl, qdq, corr, chosen, trials)
+    log(f"max-drop {config.max_drop} pp not reached with {len(candidates)} nodes in FP32; "
+        f"keeping the best ({best[0]:.2f} pp)")
+    return (*best[1], trials)
+
+
+def quantized_nodes(qdq: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that read at least one DequantizeLinear output (run in INT8)."""
+    dq_out = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in qdq.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(x in dq_out for x in n.input)]
