@@ -9,11 +9,14 @@ weights, whether they live in initializers or in ``Constant`` nodes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -21,12 +24,18 @@ from onnx import numpy_helper
 
 from onnxrep.errors import InputError, UnsupportedModelError
 
+_RAW_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+_CHECKER_LIMIT = 64 * 2**20  # bytes; larger models are validated by onnxruntime instead
+PROTOBUF_LIMIT = 2**31 - 1  # bytes in one protobuf message
 MIN_OPSET = 11
 MAX_OPSET = onnx.defs.onnx_opset_version()
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and validate an ONNX file (external data included)."""
+    """Read and validate an ONNX file (external data included).
+
+    Files up to 64 MB go through ``onnx.checker``; larger ones only through the parser, since
+    the checker would hold a second copy, and are validated when onnxruntime loads them."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -41,10 +50,11 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{path}: cannot read ONNX: {reason}") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph) or truncated")
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:
-        raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+    if path.stat().st_size <= _CHECKER_LIMIT:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
     check_opset(model)
     return model
 
@@ -73,34 +83,94 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False
     Models too large for one protobuf get their tensors in ``<name>.data`` beside the file.
     Does not mutate ``model`` (external-data conversion is done on a copy).
     """
+    with atomic_output(path, force=force) as tmp:
+        write_to(model, tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it (and its ``.data``) into place only
+    when the block succeeds, so a failure or a failed check leaves nothing behind."""
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path}: output exists (use --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tmp_model = tmpdir / path.name
-        write_to(model, tmp_model)
+        tmp = tmpdir / path.name
+        yield tmp
         data = tmpdir / f"{path.name}.data"
         if data.exists():
             os.replace(data, path.parent / data.name)
-        os.replace(tmp_model, path)
+        os.replace(tmp, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return path
 
 
 def write_to(model: onnx.ModelProto, path: Path) -> None:
-    """Serialize ``model`` to ``path`` (non-atomic; ``save`` wraps it)."""
-    data = serialize(model)
-    if data is None:
+    """Serialize ``model`` to ``path`` (non-atomic; ``save`` wraps it).
+
+    Streams: protobuf fields may come in any order, so the model without its graph, the graph
+    without its initializers, then each initializer are written one after another. Memory
+    beyond the model itself stays at one tensor, where ``SerializeToString`` would need two
+    copies of the whole model. Past 2 GB, tensors go to ``<name>.data`` (external data).
+    """
+    graph = model.graph
+    head = _without(model, "graph")
+    graph_head = _without(graph, "initializer")
+    sizes = [t.ByteSize() for t in graph.initializer]
+    graph_len = len(graph_head) + sum(1 + _varint_len(n) + n for n in sizes)
+    if len(head) + graph_len + 16 > PROTOBUF_LIMIT:
         big = onnx.ModelProto()
         big.CopyFrom(model)
         onnx.save_model(big, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{path.name}.data", size_threshold=1024)
         return
     with open(path, "wb") as f:
-        f.write(data)
+        f.write(head)
+        f.write(_GRAPH_TAG + _varint(graph_len) + graph_head)
+        for t, n in zip(graph.initializer, sizes):
+            f.write(_INITIALIZER_TAG + _varint(n))
+            f.write(t.SerializeToString())
+
+
+_GRAPH_TAG = bytes([7 << 3 | 2])  # ModelProto.graph, length-delimited
+_INITIALIZER_TAG = bytes([5 << 3 | 2])  # GraphProto.initializer, length-delimited
+
+
+def _without(message, skipped: str) -> bytes:
+    """Serialize every field of ``message`` except ``skipped``, without copying that field."""
+    part = type(message)()
+    for fd, value in message.ListFields():
+        if fd.name == skipped:
+            continue
+        if _repeated(fd):
+            getattr(part, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(part, fd.name).CopyFrom(value)
+        else:
+            setattr(part, fd.name, value)
+    return part.SerializeToString()
+
+
+def _repeated(fd) -> bool:
+    if hasattr(fd, "is_repeated"):  # protobuf >= 5.28 deprecates ``label``
+        return fd.is_repeated
+    return fd.label == fd.LABEL_REPEATED
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def serialize(model: onnx.ModelProto) -> bytes | None:
@@ -200,17 +270,27 @@ class GraphIndex:
             return numpy_helper.to_array(self.initializers[tensor])
         return numpy_helper.to_array(_constant_tensor(self.graph.node[self.producer[tensor]]))
 
+    def const_info(self, tensor: str) -> tuple[np.dtype, tuple] | None:
+        """``(dtype, shape)`` of a constant, without decoding its data."""
+        if not tensor or not self.is_const(tensor):
+            return None
+        proto = self.initializers.get(tensor) or _constant_tensor(
+            self.graph.node[self.producer[tensor]])
+        return _np_dtype(proto.data_type), tuple(proto.dims)
+
     def set_const(self, tensor: str, value: np.ndarray) -> None:
-        """Replace a constant's value in place, keeping its dtype."""
-        if tensor in self.initializers:
-            old = self.initializers[tensor]
-            new = numpy_helper.from_array(value.astype(_np_dtype(old.data_type)), tensor)
-            old.CopyFrom(new)
-            return
-        node = self.graph.node[self.producer[tensor]]
-        old = _constant_tensor(node)
-        new = numpy_helper.from_array(value.astype(_np_dtype(old.data_type)), old.name)
-        old.CopyFrom(new)
+        """Replace a constant's value in place (same shape), keeping its dtype."""
+        proto = self.initializers.get(tensor) or _constant_tensor(
+            self.graph.node[self.producer[tensor]])
+        if tuple(proto.dims) != tuple(np.shape(value)):
+            raise ValueError(f"set_const('{tensor}'): shape {np.shape(value)} != {tuple(proto.dims)}")
+        array = np.ascontiguousarray(value, dtype=_np_dtype(proto.data_type))
+        if proto.data_type in _RAW_TYPES and sys.byteorder == "little":
+            for name in ("float_data", "double_data", "int32_data", "int64_data", "uint64_data"):
+                proto.ClearField(name)
+            proto.raw_data = array.tobytes()
+        else:
+            proto.CopyFrom(numpy_helper.from_array(array, proto.name))
 
     def shared(self, tensor: str) -> bool:
         """True when a constant is read by more than one node (scaling it would leak)."""

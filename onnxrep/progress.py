@@ -51,6 +51,6 @@ class Progress:
 
 
 def log(message: str) -> None:
-    """A status line on stderr unless quiet."""
-    if not _quiet:
+    """A status line on stderr when it is a terminal and not quiet."""
+    if enabled():
         print(message, file=sys.stderr, flush=True)

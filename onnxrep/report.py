@@ -2,7 +2,7 @@
 
 Spread of a weight tensor = max |W| / median over output channels of max |W_c|: how far the
 worst channel sticks out. INT8 SQNR = 10 log10(sum w^2 / sum (w - q(w))^2) for symmetric
-per-tensor int8, q(w) = round(w / d) * d with d = max |W| / 127.
+per-tensor int8, q(w) = round(w / d) * d with d = max |W| / 127 (see ``int8_sqnr``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from onnxrep.model import GraphIndex, attr
 OUTLIER_MAX_ABS = 100.0
 OUTLIER_SPREAD = 10.0
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SQNR_SAMPLES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,18 @@ def spread(ranges: np.ndarray) -> float:
     return top / med if med > 0 else math.inf
 
 
-def int8_sqnr(w: np.ndarray) -> float:
-    """SQNR (dB) of symmetric per-tensor int8 quantization of ``w``."""
+def int8_sqnr(w: np.ndarray, max_samples: int = SQNR_SAMPLES) -> float:
+    """SQNR (dB) of symmetric per-tensor int8 quantization of ``w``.
+
+    The step comes from the whole tensor; signal and noise are summed over an evenly strided
+    sample of at most ``max_samples`` elements (exact for smaller tensors), which keeps
+    statistics of a 50M-parameter model well under a second."""
     w = np.asarray(w, np.float32).ravel()
     top = float(np.abs(w).max(initial=0.0))
     if top == 0:
         return math.inf
+    if w.size > max_samples:
+        w = w[:: -(-w.size // max_samples)]
     step = np.float32(top / 127.0)
     err = w / step
     np.round(err, out=err)  # |w| <= top, so no clipping is needed

@@ -8,6 +8,7 @@ error is also "the tolerance that would have been needed", which a failed check 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import tempfile
@@ -48,6 +49,15 @@ def session(model: ModelLike, *, optimized: bool = False) -> ort.InferenceSessio
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps a released session's ~model-size
+    pages otherwise, which would count against the next peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def run(model: ModelLike | ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict:

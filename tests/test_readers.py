@@ -12,7 +12,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from graphs import Chain
 from onnxrep.calibration import ImageOptions, load_data
-from onnxrep.calibration.readers import _npz_members
+from onnxrep.calibration.readers import _FileRows, _npz_members
 from onnxrep.errors import DataError, InputError
 
 
@@ -79,13 +79,14 @@ def test_ints_are_converted_for_float_inputs():
     assert np.array_equal(collect(load_data(ints, MODEL))[1], ints.astype(np.float32))
 
 
-def test_npz_stored_is_memory_mapped_and_compressed_loads(tmp_path):
+def test_npz_stored_is_read_per_batch_and_compressed_whole(tmp_path):
     np.savez(tmp_path / "s.npz", input=X.astype(np.float32), labels=np.zeros(70, np.int64),
              note=np.array("metadata"))
     np.savez_compressed(tmp_path / "c.npz", input=X.astype(np.float32))
-    stored = _npz_members(tmp_path / "s.npz")["input"].load()
-    assert isinstance(stored, np.memmap) and np.array_equal(stored, X.astype(np.float32))
-    assert not isinstance(_npz_members(tmp_path / "c.npz")["input"].load(), np.memmap)
+    stored = _npz_members(tmp_path / "s.npz")["input"].rows()
+    assert isinstance(stored, _FileRows)
+    assert np.array_equal(stored[5:9], X[5:9].astype(np.float32))
+    assert isinstance(_npz_members(tmp_path / "c.npz")["input"].rows(), np.ndarray)
     ds = load_data(tmp_path / "s.npz", MODEL)
     assert ds.ignored == ("note",) and ds.labels.dtype == np.int64
     for name in ("s.npz", "c.npz"):
@@ -112,10 +113,12 @@ def test_npz_uint8_per_channel_preprocess_and_float_input_ignores_it(tmp_path):
     assert "does not broadcast" in error({"input": u8, "preprocess_std": np.ones(4)}, model)
 
 
-def test_npy_is_memory_mapped_for_single_input(tmp_path):
+def test_npy_for_single_input_c_and_fortran_order(tmp_path):
     np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "f.npy", np.asfortranarray(X))
     ds = load_data(tmp_path / "x.npy", MODEL, batch_size=50)
     assert collect(ds)[0] == [50, 20] and ds.num_samples == 70
+    assert np.array_equal(collect(load_data(tmp_path / "f.npy", MODEL))[1], collect(ds)[1])
 
 
 def test_dict_for_multi_input_model():
@@ -273,6 +276,9 @@ def test_bad_paths_and_source_types(tmp_path):
     assert "expected .npz, .npy or a folder of images" in error(tmp_path / "d.csv")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert "cannot read" in error(tmp_path / "bad.npz")
+    np.save(tmp_path / "cut.npy", X)
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:-100])
+    assert error(tmp_path / "cut.npy") == f"{tmp_path / 'cut.npy'} is truncated"
     assert "unsupported data source of type int" in error(3)
     with pytest.raises(InputError, match="only to a folder of images"):
         load_data(X, MODEL, image_options=ImageOptions())

@@ -10,9 +10,9 @@ model's input dtypes and checked against its inputs. Sources:
   float32 (defaults 1, 0, 1; each a scalar or an array broadcastable against one sample, e.g.
   [C, 1, 1] for NCHW); a uint8 input without them is only cast, and float inputs are taken as
   already preprocessed. Other keys (metadata) are ignored and listed in ``Dataset.ignored``.
-  Members stored uncompressed (``np.savez``) are memory-mapped, compressed ones
-  (``np.savez_compressed``) are read one array at a time, on first use.
-- ``.npy`` or an ``np.ndarray``: the samples of a single-input model (.npy is memory-mapped).
+  Members stored uncompressed (``np.savez``) are read one batch at a time, compressed ones
+  (``np.savez_compressed``) one whole array at a time, on first use.
+- ``.npy`` or an ``np.ndarray``: the samples of a single-input model (.npy read per batch).
 - a ``dict`` {input name: array}: an .npz held in memory, same keys and rules.
 - a folder of images (needs pillow): see :class:`ImageOptions`. Images directly in the folder
   are unlabeled; class subfolders give labels 0, 1, ... in sorted folder-name order.
@@ -319,29 +319,52 @@ def _concat(parts: list[Feeds]) -> Feeds:
 
 # ---- arrays: .npz, .npy, ndarray, dict --------------------------------------------------------
 
+class _FileRows:
+    """A C-order array stored raw in a file from ``offset`` (an .npy, or an uncompressed .npz
+    member): row slices are read on demand, so memory holds one batch (the pages of a memory
+    map would stay resident)."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple, dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), dtype
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        count = max(stop - start, 0) * self._row
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self._row * self.dtype.itemsize)
+            data = np.fromfile(f, self.dtype, count)
+        if data.size != count:
+            raise DataError(f"{self.path} is truncated")
+        return data.reshape(-1, *self.shape[1:])
+
+
 class _NpzMember:
-    """One array of an .npz: shape and dtype from its header; the data is memory-mapped when
-    stored uncompressed, else read whole on first use. Pickled objects are never loaded."""
+    """One array of an .npz: shape and dtype from its header; ``rows()`` reads uncompressed
+    members batch by batch, compressed ones whole on first use. Pickles are never loaded."""
 
     def __init__(self, path: Path, info: zipfile.ZipInfo, zf: zipfile.ZipFile):
         self.path, self.info, self.key = path, info, info.filename[:-4]
         with zf.open(info) as f:
             self.shape, self.fortran, self.dtype = _npy_header(f)
 
-    def load(self) -> np.ndarray:
-        if (self.info.compress_type != zipfile.ZIP_STORED or self.dtype.hasobject
-                or 0 in self.shape):
-            with np.load(self.path, allow_pickle=False) as z:
-                return z[self.key]
+    def rows(self) -> _FileRows | np.ndarray:
+        if self.info.compress_type != zipfile.ZIP_STORED or self.fortran:
+            return self.array()
         with open(self.path, "rb") as f:  # skip the zip local header, then the .npy header
             f.seek(self.info.header_offset)
-            head = f.read(30)
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
             f.seek(self.info.header_offset + 30 + name_len + extra_len)
             _npy_header(f)
-            offset = f.tell()
-        return np.memmap(self.path, self.dtype, "r", offset, self.shape,
-                         "F" if self.fortran else "C")
+            return _FileRows(self.path, f.tell(), self.shape, self.dtype)
+
+    def array(self) -> np.ndarray:
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                return z[self.key]
+        except (ValueError, OSError) as exc:
+            raise DataError(f"cannot read '{self.key}' of {self.path}: {_first_line(exc)}") \
+                from None
 
 
 def _npy_header(f) -> tuple:
@@ -360,15 +383,23 @@ def _npz_members(path: Path) -> dict[str, _NpzMember]:
         raise DataError(f"cannot read {path} as .npz: {_first_line(exc)}") from None
 
 
-def _open_npy(path: Path) -> np.ndarray:
+def _open_npy(path: Path) -> _FileRows | np.ndarray:
     try:
+        with open(path, "rb") as f:
+            shape, fortran, dtype = _npy_header(f)
+            if not fortran:
+                return _FileRows(path, f.tell(), shape, dtype)
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DataError(f"cannot read {path} as .npy: {_first_line(exc)}") from None
 
 
-def _load(a) -> np.ndarray:
-    return a.load() if isinstance(a, _NpzMember) else a
+def _lazy(a) -> _FileRows | np.ndarray:
+    return a.rows() if isinstance(a, _NpzMember) else a
+
+
+def _whole(a) -> np.ndarray:
+    return a.array() if isinstance(a, _NpzMember) else np.asarray(a)
 
 
 def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
@@ -381,7 +412,7 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
         raise DataError(f"{name} holds no samples")
     inputs = {s.name: arrays[s.name] for s in specs}
     uint8 = any(np.dtype(a.dtype) == np.uint8 for a in inputs.values())
-    pre = [np.asarray(_load(arrays[k]), np.float32) if uint8 and k in arrays and k not in inputs
+    pre = [np.asarray(_whole(arrays[k]), np.float32) if uint8 and k in arrays and k not in inputs
            else None for k in PREPROCESS]
     for key, value in zip(PREPROCESS, pre):
         for spec in specs:
@@ -390,7 +421,7 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
                 raise DataError(f"{key} of shape {_fmt(value.shape) or '()'} in {name} does not "
                                 f"broadcast against samples of shape {_fmt(sample)}")
     has_labels = LABELS in arrays and LABELS not in inputs
-    labels = _labels(_load(arrays[LABELS]), n, name) if has_labels else None
+    labels = _labels(_whole(arrays[LABELS]), n, name) if has_labels else None
     used = {*inputs, *([LABELS] if has_labels else []),
             *(k for k, v in zip(PREPROCESS, pre) if v is not None)}
     size, limit = common["batch_size"], common["limit"]
@@ -399,7 +430,7 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
         count -= count % size
 
     def chunks() -> Iterator[Feeds]:
-        data = {k: _load(v) for k, v in inputs.items()}
+        data = {k: _lazy(v) for k, v in inputs.items()}
         for start in range(0, min(n, limit or n), size):
             batch = {k: v[start:start + size] for k, v in data.items()}
             yield {k: _preprocess(v, *pre) if v.dtype == np.uint8 else v

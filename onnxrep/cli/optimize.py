@@ -14,8 +14,7 @@ import argparse
 from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json,
                                 output_path, parse_input_shapes)
 from onnxrep.errors import InputError
-from onnxrep.model import load, save
-from onnxrep.optimize import Optimized, OptimizeConfig, optimize_with_details
+from onnxrep.optimize import Optimized, OptimizeConfig, optimize_file
 from onnxrep.passes.equalize import EqualizeConfig
 from onnxrep.progress import log
 from onnxrep.report import fmt, table
@@ -51,10 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(exc)) from None
     config = OptimizeConfig(equalize=equalize, verify=args.verify, rtol=args.rtol,
                             input_shapes=parse_input_shapes(args.input_shape))
-    model = load(args.model)
     log(f"optimizing {args.model}")
-    result = optimize_with_details(model, config, copy=False, progress=log)
-    save(result.model, out, force=args.force)
+    result = optimize_file(args.model, out, config, force=args.force, progress=log)
     if args.json:
         emit_json("optimize", as_json(result, args.model, out))
     else:

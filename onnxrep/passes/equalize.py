@@ -169,7 +169,7 @@ def _first_layer_problem(index: GraphIndex, i: int) -> str | None:
             return f"bias '{node.input[2]}' is not a constant"
         if index.shared(node.input[2]):
             return f"bias '{node.input[2]}' is shared by {len(index.readers(node.input[2]))} nodes"
-        if node.op_type == "Gemm" and bias.size != index.const(node.input[1]).shape[
+        if node.op_type == "Gemm" and bias.size != index.const_info(node.input[1])[1][
                 0 if attr(node, "transB", 0) else 1]:
             return "Gemm bias is not one value per output feature"
     if node.op_type == "Gemm" and attr(node, "alpha", 1.0) <= 0:
@@ -185,7 +185,7 @@ def _weight_problem(index: GraphIndex, node: onnx.NodeProto, slot: int) -> str |
         return f"weight '{name}' is not a constant"
     if index.shared(name):
         return f"weight '{name}' is shared by {len(index.readers(name))} nodes"
-    dtype = index.const(name).dtype
+    dtype = index.const_info(name)[0]
     if dtype not in (np.float32, np.float64, np.float16):
         return f"weight '{name}' has dtype {dtype}, not float"
     return None
@@ -282,7 +282,7 @@ class _ChainFinder:
         problem = _weight_problem(index, node, 1)
         if problem:
             return f"{label}: {problem}"
-        w = index.const(node.input[1])
+        w_rank = len(index.const_info(node.input[1])[1])
         first_node = index.node(first)
         if node.op_type == "Conv":
             if features is not None:
@@ -290,7 +290,7 @@ class _ChainFinder:
             return None
         if node.op_type == "Gemm" and attr(node, "transA", 0):
             return f"{label} has transA=1"
-        if node.op_type == "MatMul" and (w.ndim != 2 or (first_node.op_type == "Conv"
+        if node.op_type == "MatMul" and (w_rank != 2 or (first_node.op_type == "Conv"
                                                          and features is None)):
             return f"{label} does not contract the channel axis"
         if first_node.op_type == "Conv" and features is None:
@@ -359,27 +359,25 @@ def _dead(r: np.ndarray, finite: np.ndarray) -> np.ndarray:
 
 
 def _write_back(index: GraphIndex, layer: _Layer) -> None:
-    """Apply the accumulated factors to the real weight (and bias) once, in float64."""
+    """Apply the accumulated float64 factors to the real weight (and bias) once, in place."""
     if np.all(layer.out_factor == 1) and np.all(layer.in_factor == 1):
         return
     node = index.node(layer.node)
     w = index.const(layer.weight)
-    w64 = w.astype(np.float64)
     if layer.op == "Conv":
         cout, cin_g = w.shape[0], w.shape[1]
         g = layer.groups
         inf = np.broadcast_to(layer.in_factor.reshape(g, 1, cin_g),
                               (g, cout // g, cin_g)).reshape(cout, cin_g)
         factor = layer.out_factor[:, None] * inf
-        w64 *= factor.reshape(factor.shape + (1,) * (w.ndim - 2))
+        w = w * factor.reshape(factor.shape + (1,) * (w.ndim - 2)).astype(w.dtype)
     else:
         per_feature = np.repeat(layer.in_factor, layer.features)  # [K]
-        transposed = node.op_type == "Gemm" and attr(node, "transB", 0)
-        if transposed:  # [N, K]
-            w64 *= layer.out_factor[:, None] * per_feature[None, :]
+        if node.op_type == "Gemm" and attr(node, "transB", 0):  # [N, K]
+            w = w * (layer.out_factor[:, None] * per_feature[None, :]).astype(w.dtype)
         else:  # [K, N]
-            w64 *= per_feature[:, None] * layer.out_factor[None, :]
-    index.set_const(layer.weight, w64)
+            w = w * (per_feature[:, None] * layer.out_factor[None, :]).astype(w.dtype)
+    index.set_const(layer.weight, w)
     if layer.bias is not None and np.any(layer.out_factor != 1):
         b = index.const(layer.bias).astype(np.float64)
         index.set_const(layer.bias, (b.reshape(-1) * layer.out_factor).reshape(b.shape))

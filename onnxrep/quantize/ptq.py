@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -41,7 +40,7 @@ from onnx import numpy_helper
 from onnxrep.calibration.readers import Dataset, load_data
 from onnxrep.evaluate import evaluate
 from onnxrep.errors import DataError, InputError, OnnxrepError, UnsupportedModelError
-from onnxrep.model import check_opset, opset_version, write_to
+from onnxrep.model import GraphIndex, attr, check_opset, opset_version, write_to
 from onnxrep.optimize import OptimizeConfig, optimize
 from onnxrep.progress import Progress, log
 
@@ -241,6 +240,8 @@ def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
 
     - ``Constant`` nodes become initializers: onnxruntime treats a Conv weight produced by a
       Constant node as an activation (quantized per-tensor with calibrated ranges, uint8).
+    - Per-channel affine ops right after a Conv (BatchNormalization, Mul/Add by a constant)
+      are folded into it (:func:`fold_affine`); unused initializers are dropped.
     - Every node gets a unique name: exclusion and the reports address nodes by name.
     - Per-channel on opset < 13: converted to opset 13 (onnx.version_converter); onnxruntime
       otherwise writes an invalid model without an error.
@@ -249,6 +250,15 @@ def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
     lifted = lift_constants(model.graph)
     if lifted:
         notes.append(f"{lifted} Constant nodes turned into initializers")
+    folded, left = fold_affine(model.graph)
+    if folded:
+        notes.append(f"{folded} per-channel affine ops (BatchNormalization, Mul/Add by a "
+                     "constant) folded into the Conv before them")
+    for name, reason in left:
+        notes.append(f"BatchNormalization {name} left in float: {reason}")
+    dropped = drop_unused_initializers(model.graph)
+    if dropped:
+        notes.append(f"{dropped} unused initializers dropped")
     renamed = name_nodes(model.graph)
     if renamed:
         notes.append(f"{renamed} unnamed or duplicate node names made unique")
@@ -257,11 +267,110 @@ def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
         converted = convert_opset(model, PER_CHANNEL_MIN_OPSET)
         model.CopyFrom(converted)
         notes.append(f"opset {version} converted to {PER_CHANNEL_MIN_OPSET} for per-channel")
-    bn = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
-    if bn:
-        notes.append(f"{len(bn)} BatchNormalization nodes left unfused (e.g. {bn[0]}): "
-                     "onnxruntime runs them in float")
     return notes
+
+
+AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
+
+
+def fold_affine(graph: onnx.GraphProto) -> tuple[int, list[tuple[str, str]]]:
+    """Fold per-channel affine ops that alone read a Conv/ConvTranspose output into its weight
+    and bias: y' = a * y + d with a, d per output channel, so W'[o] = a[o] W[o] and
+    b' = a b + d. BatchNormalization: a = gamma / sqrt(var + eps), d = beta - mean * a;
+    Mul/Div/Add/Sub by a constant scalar or [C, 1, ...] tensor (the bias Add of a Paddle
+    ConvTranspose, the scalar affine pairs of PP-LCNetV3). Left in float, onnxruntime would run
+    them between a DequantizeLinear and a QuantizeLinear, which blocks its integer Conv kernels.
+    Returns (folded, [(BatchNormalization left, why)]).
+    """
+    folded, left = 0, []
+    while True:
+        index = GraphIndex(graph)
+        for i, node in enumerate(graph.node):
+            if node.op_type not in AFFINE_OPS:
+                continue
+            reason = _fold_one(graph, index, i)
+            if reason is None:
+                folded += 1
+                break
+            if node.op_type == "BatchNormalization" and (node.name, reason) not in left:
+                left.append((node.name, reason))
+        else:
+            return folded, left
+
+
+def _fold_one(graph: onnx.GraphProto, index: GraphIndex, i: int) -> str | None:
+    node = graph.node[i]
+    data = next((x for x in node.input[:2] if not index.is_const(x)), None)
+    producer = index.producer.get(data) if data else None
+    conv = graph.node[producer] if producer is not None else None
+    if conv is None or conv.op_type not in ("Conv", "ConvTranspose"):
+        return "no Conv/ConvTranspose right before it"
+    if len(index.readers(data)) > 1 or data in index.graph_outputs:
+        return "the Conv output is also read elsewhere"
+    w = index.const(conv.input[1])
+    if w is None or index.shared(conv.input[1]):
+        return "the Conv weight is not constant or is shared"
+    has_bias = len(conv.input) > 2 and bool(conv.input[2])
+    if has_bias and (index.const(conv.input[2]) is None or index.shared(conv.input[2])):
+        return "the Conv bias is not constant or is shared"
+    channels = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * int(attr(conv, "group", 1))
+    affine = _affine(node, index, data, channels, w.ndim)
+    if isinstance(affine, str):
+        return affine
+    a, d = affine
+    w64 = w.astype(np.float64)
+    if conv.op_type == "Conv":
+        w64 = w64 * a.reshape(-1, *([1] * (w.ndim - 1)))
+    else:  # ConvTranspose weight [Cin, Cout/g, k...]; output channel = group * Cout/g + j
+        g = int(attr(conv, "group", 1))
+        shaped = w64.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        w64 = (shaped * a.reshape(g, 1, w.shape[1], *([1] * (w.ndim - 2)))).reshape(w.shape)
+    b = index.const(conv.input[2]).astype(np.float64) if has_bias else np.zeros(channels)
+    index.set_const(conv.input[1], w64)
+    if has_bias:
+        index.set_const(conv.input[2], a * b + d)
+    else:
+        name = f"{conv.name}_bias"
+        while name in index.initializers or name in index.producer:
+            name += "_"
+        graph.initializer.append(numpy_helper.from_array((a * b + d).astype(w.dtype), name))
+        while len(conv.input) < 3:
+            conv.input.append("")
+        conv.input[2] = name
+    conv.output[0] = node.output[0]
+    del graph.node[i]
+    return None
+
+
+def _affine(node, index: GraphIndex, data: str, channels: int, rank: int):
+    """(a, d) per channel in float64 for y' = a * y + d, or why the node is not one."""
+    if node.op_type == "BatchNormalization":
+        params = [index.const(x) for x in node.input[1:5]]
+        if (len(node.output) > 1 and any(node.output[1:])) or attr(node, "training_mode", 0):
+            return "in training mode"
+        if len(params) < 4 or any(p is None for p in params):
+            return "its scale, bias, mean or variance is not constant"
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        a = gamma / np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
+        return a, beta - mean * a
+    other = node.input[1] if node.input[0] == data else node.input[0]
+    c = index.const(other)
+    if c is None or not np.issubdtype(c.dtype, np.floating) or c.ndim > rank:
+        return "not an op with a constant per-channel operand"
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if any(s != 1 for k, s in enumerate(shape) if k != 1) or shape[1] not in (1, channels):
+        return "its constant is not per channel"
+    c = np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
+    first = node.input[0] == data
+    if node.op_type == "Mul":
+        return c, np.zeros(channels)
+    if node.op_type == "Add":
+        return np.ones(channels), c
+    if node.op_type == "Sub" and first:
+        return np.ones(channels), -c
+    if node.op_type == "Div" and first and np.all(c != 0):
+        return 1.0 / c, np.zeros(channels)
+    return "not y * c, y / c, y + c or y - c"
 
 
 def lift_constants(graph: onnx.GraphProto) -> int:
@@ -278,6 +387,20 @@ def lift_constants(graph: onnx.GraphProto) -> int:
         del graph.node[:]
         graph.node.extend(keep)
     return count
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> int:
+    """Remove initializers that no node reads and that are not graph outputs."""
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    dead = {t.name for t in graph.initializer if t.name not in used}
+    if dead:
+        keep = [t for t in graph.initializer if t.name not in dead]
+        inputs = [v for v in graph.input if v.name not in dead]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        del graph.input[:]
+        graph.input.extend(inputs)
+    return len(dead)
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -348,14 +471,10 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
     kept_rows = samples = batches = 0
     total = (math.ceil(dataset.num_samples / dataset.batch_size)
              if dataset.num_samples else None)
-    stream = dataset.batches()
     with Progress(total, f"calibrating ({config.method})") as bar:
-        while True:
-            chunk = list(itertools.islice(stream, config.calibration_chunk))
-            if not chunk:
-                break
+        for chunk in _chunks(dataset.batches(), config.calibration_chunk):
             for feeds in chunk:
-                rows = len(next(iter(feeds.values())))
+                rows = _rows(feeds)
                 if kept_rows < config.analysis_samples:
                     kept.append(feeds)
                     kept_rows += rows
@@ -364,9 +483,7 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
             with quiet_onnxruntime():
                 try:
                     calibrator.collect_data(_ListReader(chunk))
-                except Exception as exc:  # onnxruntime Fail / InvalidArgument on bad feeds
-                    if isinstance(exc, OnnxrepError):
-                        raise
+                except _ort_errors() as exc:
                     raise DataError("calibration data does not fit the model: "
                                     f"{_first_line(exc)}") from None
             bar.update(len(chunk))
@@ -384,6 +501,30 @@ def _check_ranges(ranges) -> None:
         if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
             raise DataError(f"calibration produced a non-finite range for tensor '{name}': "
                             "the model overflows or divides by zero on this data")
+
+
+def _chunks(batches: Iterator[Feeds], size: int) -> Iterator[list[Feeds]]:
+    """Up to ``size`` consecutive batches of equal row count (onnxruntime's histogram
+    calibrator stacks the outputs of one call, so a short last batch starts a new chunk)."""
+    chunk: list[Feeds] = []
+    for feeds in batches:
+        if chunk and (len(chunk) == size or _rows(feeds) != _rows(chunk[0])):
+            yield chunk
+            chunk = []
+        chunk.append(feeds)
+    if chunk:
+        yield chunk
+
+
+def _rows(feeds: Feeds) -> int:
+    return len(next(iter(feeds.values())))
+
+
+def _ort_errors() -> tuple[type, ...]:
+    """The exceptions onnxruntime raises when a run rejects its feeds."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.RuntimeException)
 
 
 class _ListReader:
@@ -510,8 +651,17 @@ def _exclude_until(original, evaluation, config, build: Callable, excluded: list
 
 
 def quantized_nodes(qdq: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that read at least one DequantizeLinear output (run in INT8)."""
+    """Names of the nodes that run in INT8: every float input comes from a DequantizeLinear
+    (an excluded Conv reads a DQ'd activation but a float weight, so it is not listed)."""
     dq_out = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in qdq.graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-            and any(x in dq_out for x in n.input)]
+    non_float = {t.name for t in qdq.graph.initializer
+                 if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                        onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
+    names = []
+    for n in qdq.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        inputs = [x for x in n.input if x and x not in non_float]
+        if inputs and all(x in dq_out for x in inputs):
+            names.append(n.name)
+    return names

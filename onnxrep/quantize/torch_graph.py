@@ -230,16 +230,17 @@ class GraphModule(nn.Module):
         key = self.tap_names.get(tensor)
         return self.taps[key] if key is not None else None
 
-    def replace_steps(self, first: int, last: int, module: nn.Module) -> None:
-        """Make step ``first`` ``module``, writing what step ``last`` wrote; drop ``last``.
-        The steps in between (none, for a Conv -> BatchNormalization pair) must not exist."""
-        if last != first + 1:
-            raise ValueError("only adjacent steps can be fused")
-        self.steps[first] = module
-        self.step_outputs[first] = self.step_outputs[last]
-        del self.steps[last]
-        del self.step_inputs[last]
-        del self.step_outputs[last]
+    def fuse(self, first: int, last: int, module: nn.Module) -> None:
+        """Replace steps ``first`` and ``last`` by ``module``, run where ``last`` ran, reading
+        what ``first`` read and writing what ``last`` wrote (valid when only ``last`` reads
+        ``first``'s outputs, e.g. Conv -> BatchNormalization)."""
+        if not first < last:
+            raise ValueError("fuse: the first step must run before the last")
+        self.steps[last] = module
+        self.step_inputs[last] = self.step_inputs[first]
+        del self.steps[first]
+        del self.step_inputs[first]
+        del self.step_outputs[first]
 
     def forward(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.input_names):

@@ -1,0 +1,446 @@
+"""Per-channel statistics of chosen tensors, gathered through onnxruntime in one streaming pass.
+
+For every tensor T (axis 1 = channel; every other axis is reduced) a copy of the graph gets
+
+    R = Reshape(T, [0, 0, -1])          # [N, C, L]
+    D = R - K                           # K: per-channel shift, the first batch's channel means
+    S1 = ReduceSum(D, 2), S2 = ReduceSumSquare(D, 2), lo = ReduceMin(R, 2), hi = ReduceMax(R, 2)
+
+as extra outputs, so only 4 * N * C numbers per tensor leave onnxruntime and the session keeps
+its graph optimizations (requested outputs are never fused away). Per row (sample n, channel c,
+L elements): mean = K + S1 / L, M2 = S2 - S1^2 / L in float64; the shift keeps that
+subtraction well conditioned when |mean| >> std. Rows, batches and shards are merged with the
+parallel formula of Chan, Golub and LeVeque:
+
+    n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,
+    M2 = M2_a + M2_b + d^2 * na * nb / n,  var = M2 / n
+
+which is exact algebra, so statistics of shards merge to those of a single pass and the
+calibration can be split across processes (``workers``). Memory holds one batch whatever the
+number of samples.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxrep import verify
+from onnxrep.errors import DataError, UnsupportedModelError
+from onnxrep.model import GraphIndex, opset_version, write_to
+from onnxrep.progress import Progress
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_DIRECT = (TensorProto.FLOAT, TensorProto.DOUBLE)
+_WIDENED = (TensorProto.FLOAT16, TensorProto.BFLOAT16)  # reduced in float32
+_PREFIX = "onnxrep_stats"
+
+
+@dataclass
+class ChannelStats:
+    """Moments of one tensor per channel: ``count`` elements per channel, ``mean``, ``m2``
+    (sum of squared deviations), ``min``, ``max``; float64 arrays of one value per channel."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.size)
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance (divided by ``count``), as BatchNormalization uses."""
+        return self.m2 / self.count
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var)
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "ChannelStats":
+        """Reference statistics of a whole array (two-pass, float64)."""
+        x = np.asarray(array, np.float64)
+        if x.ndim < 2:
+            raise ValueError("need an array with a channel axis (axis 1)")
+        x = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+        mean = x.mean(axis=1)
+        return cls(x.shape[1], mean, ((x - mean[:, None]) ** 2).sum(axis=1), x.min(axis=1),
+                   x.max(axis=1))
+
+    @classmethod
+    def from_rows(cls, s1: np.ndarray, s2: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  length: int, shift: np.ndarray) -> "ChannelStats":
+        """Merge [N, C] row sums of shifted values (each row ``length`` elements)."""
+        s1 = np.asarray(s1, np.float64)
+        s2 = np.asarray(s2, np.float64)
+        row_mean = s1 / length
+        row_m2 = np.maximum(s2 - s1 * row_mean, 0.0)
+        mean = row_mean.mean(axis=0)  # rows hold equal counts
+        m2 = row_m2.sum(axis=0) + length * ((row_mean - mean) ** 2).sum(axis=0)
+        return cls(s1.shape[0] * length, np.asarray(shift, np.float64) + mean, m2,
+                   np.asarray(lo, np.float64).min(axis=0), np.asarray(hi, np.float64).max(axis=0))
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Statistics of both sets together (Chan et al.); neither operand is modified."""
+        if self.channels != other.channels:
+            raise DataError(f"a tensor has {self.channels} channels in one batch and "
+                            f"{other.channels} in another")
+        na, nb = self.count, other.count
+        if na == 0 or nb == 0:
+            return other if na == 0 else self
+        n = na + nb
+        delta = other.mean - self.mean
+        return ChannelStats(n, self.mean + delta * (nb / n),
+                            self.m2 + other.m2 + delta**2 * (na * nb / n),
+                            np.minimum(self.min, other.min), np.maximum(self.max, other.max))
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean.tolist(), "var": self.var.tolist(),
+                "min": self.min.tolist(), "max": self.max.tolist()}
+
+
+@dataclass
+class Statistics:
+    """``tensors``: name -> :class:`ChannelStats`; ``skipped``: name -> why it has none."""
+
+    tensors: dict[str, ChannelStats] = field(default_factory=dict)
+    samples: int = 0
+    batches: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ChannelStats:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> ChannelStats | None:
+        return self.tensors.get(name)
+
+    def merge(self, other: "Statistics") -> "Statistics":
+        tensors = dict(self.tensors)
+        for name, s in other.tensors.items():
+            tensors[name] = tensors[name].merge(s) if name in tensors else s
+        skipped = {**self.skipped, **other.skipped}
+        return Statistics(tensors, self.samples + other.samples, self.batches + other.batches,
+                          {k: v for k, v in skipped.items() if k not in tensors})
+
+
+def layer_outputs(model: onnx.ModelProto) -> list[str]:
+    """First outputs of every Conv, ConvTranspose, Gemm and MatMul: the pre-activations."""
+    return [n.output[0] for n in model.graph.node
+            if n.domain in ("", "ai.onnx") and n.op_type in LAYER_OPS and n.output]
+
+
+def as_dataset(data, model: onnx.ModelProto, batch_size: int = 32):
+    """``data`` itself when it already streams batches, else ``load_data(data, model)``."""
+    if callable(getattr(data, "batches", None)):
+        return data
+    from onnxrep.calibration.readers import load_data
+
+    return load_data(data, model, batch_size=batch_size)
+
+
+def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | None = None, *,
+                       workers: int = 1, optimized: bool = True,
+                       batch_size: int = 32) -> Statistics:
+    """Per-channel mean, variance, min and max of ``tensors`` (default :func:`layer_outputs`)
+    over every sample of ``data`` (a Dataset or anything ``load_data`` takes).
+
+    ``workers`` > 1 spreads the batches over that many processes (onnxruntime threads are
+    divided between them); the result is the Chan merge of the per-batch statistics in data
+    order, equal to a single-process run up to float64 rounding. ``model`` is not mutated.
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    dataset = as_dataset(data, model, batch_size)
+    names = list(dict.fromkeys(tensors if tensors is not None else layer_outputs(model)))
+    probe, plan, skipped = _probe_model(model, names)
+    result = Statistics(skipped=skipped)
+    if not plan:
+        for _ in dataset.batches():  # still validates the data, like a real pass would
+            pass
+        return result
+    with _Runner(probe, workers, optimized) as runner, \
+            Progress(getattr(dataset, "num_samples", None), "statistics") as bar:
+        batches = dataset.batches()
+        first = next(batches, None)
+        if first is None:
+            raise DataError("the calibration data holds no samples")
+        zero = {p.shift: np.zeros((1, 1), p.dtype) for p in plan}
+        shifts = _shifts(plan, runner.run(first, zero))
+        for feeds, raw in runner.map(_chain(first, batches), shifts):
+            result = result.merge(_batch_stats(plan, raw, shifts, _rows(feeds)))
+            bar.update(_rows(feeds))
+    return result
+
+
+def compare_on_data(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, *,
+                    rtol: float | None = None, what: str = "the pass") -> verify.Comparison:
+    """Every output of both models over all of ``data`` (:func:`onnxrep.evaluate.evaluate`'s
+    accumulated fidelity); :class:`VerificationError` when ``rtol`` is given and exceeded."""
+    from onnxrep.evaluate import evaluate
+
+    result = evaluate(candidate, as_dataset(data, reference), reference=reference, top_k=())
+    comparison = verify.Comparison(result.fidelity)
+    if rtol is not None:
+        verify.check(comparison, rtol, f"{what} (on {result.samples} calibration samples)")
+    return comparison
+
+
+# ---- the probe graph --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Probe:
+    tensor: str
+    shift: str  # graph input name of K
+    outputs: tuple[str, str, str, str, str]  # S1, S2, min, max, shape of R
+    dtype: np.dtype  # compute dtype
+
+
+def _probe_model(model: onnx.ModelProto, names: list[str]
+                 ) -> tuple[onnx.ModelProto, list[_Probe], dict[str, str]]:
+    """A copy of ``model`` with the reduction nodes and outputs; tensors it cannot reduce are
+    returned with the reason."""
+    index = GraphIndex(model.graph)
+    types, ranks = _tensor_types(model)
+    available = set(index.producer) | index.graph_inputs
+    taken = set(available) | set(index.initializers) | {n.name for n in model.graph.node}
+    opset = opset_version(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    nodes, plan, skipped = [], [], {}
+    axes = _unique(f"{_PREFIX}_axes", taken)
+    shape = _unique(f"{_PREFIX}_shape", taken)
+    graph.initializer.extend([numpy_helper.from_array(np.array([2], np.int64), axes),
+                              numpy_helper.from_array(np.array([0, 0, -1], np.int64), shape)])
+    for k, name in enumerate(names):
+        elem = types.get(name)
+        if name not in available:
+            skipped[name] = "no node produces it and it is not a graph input"
+        elif index.is_const(name):
+            skipped[name] = "it is a constant"
+        elif elem is not None and elem not in _DIRECT + _WIDENED:
+            skipped[name] = f"it is not a float tensor ({TensorProto.DataType.Name(elem)})"
+        elif ranks.get(name) is not None and ranks[name] < 2:
+            skipped[name] = f"it has rank {ranks[name]}, no channel axis"
+        else:
+            plan.append(_add_probe(nodes, graph, name, k, elem, axes, shape, opset, taken))
+    graph.node.extend(nodes)
+    for p in plan:
+        graph.output.extend(helper.make_empty_tensor_value_info(o) for o in p.outputs)
+    return probe, plan, skipped
+
+
+def _add_probe(nodes: list, graph: onnx.GraphProto, name: str, k: int, elem: int | None,
+               axes: str, shape: str, opset: int, taken: set) -> _Probe:
+    pre = f"{_PREFIX}{k}"
+    new = {s: _unique(f"{pre}_{s}", taken) for s in
+           ("cast", "r", "k", "d", "sum", "sumsq", "min", "max", "dims")}
+    src = name
+    if elem in _WIDENED:
+        nodes.append(helper.make_node("Cast", [name], [new["cast"]], to=TensorProto.FLOAT))
+        src = new["cast"]
+    compute = TensorProto.DOUBLE if elem == TensorProto.DOUBLE else TensorProto.FLOAT
+    graph.input.append(helper.make_tensor_value_info(new["k"], compute, [f"{pre}_C", 1]))
+    nodes.append(helper.make_node("Reshape", [src, shape], [new["r"]]))
+    nodes.append(helper.make_node("Sub", [new["r"], new["k"]], [new["d"]]))
+    nodes.append(_reduce("ReduceSum", new["d"], new["sum"], axes, opset, 13))
+    for op, x, out in (("ReduceSumSquare", new["d"], new["sumsq"]),
+                       ("ReduceMin", new["r"], new["min"]), ("ReduceMax", new["r"], new["max"])):
+        nodes.append(_reduce(op, x, out, axes, opset, 18))
+    nodes.append(helper.make_node("Shape", [new["r"]], [new["dims"]]))
+    outputs = (new["sum"], new["sumsq"], new["min"], new["max"], new["dims"])
+    return _Probe(name, new["k"], outputs, helper.tensor_dtype_to_np_dtype(compute))
+
+
+def _reduce(op: str, x: str, out: str, axes: str, opset: int, axes_input_since: int):
+    """A reduction over axis 2, axes as an input or an attribute depending on the opset."""
+    if opset >= axes_input_since:
+        return helper.make_node(op, [x, axes], [out], keepdims=0)
+    return helper.make_node(op, [x], [out], axes=[2], keepdims=0)
+
+
+def _unique(base: str, taken: set) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Element types and ranks from declared value infos and shape inference on a copy
+    without weight data (large constants keep only their dims)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    g.initializer.extend(_light(t) for t in model.graph.initializer)
+    for node in model.graph.node:
+        copy = g.node.add()
+        copy.CopyFrom(node)
+        for a in copy.attribute:
+            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                a.t.CopyFrom(_light(a.t))
+    try:
+        g = onnx.shape_inference.infer_shapes(light, strict_mode=False).graph
+    except Exception:  # unknown ops or broken value infos: fall back on what is declared
+        pass
+    types, ranks = {}, {}
+    for v in (*g.input, *g.value_info, *g.output):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+            if v.type.tensor_type.HasField("shape"):
+                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    return types, ranks
+
+
+def _light(t: onnx.TensorProto) -> onnx.TensorProto:
+    if int(np.prod(t.dims, dtype=np.int64)) <= 64:
+        return t
+    return onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+def _rows(feeds: dict) -> int:
+    return len(next(iter(feeds.values())))
+
+
+def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
+    yield first
+    yield from rest
+
+
+def _shifts(plan: list[_Probe], raw: dict) -> dict[str, np.ndarray]:
+    """K per tensor: the channel means of the first batch (computed unshifted)."""
+    shifts = {}
+    for p in plan:
+        s1, _, _, _, dims = (raw[o] for o in p.outputs)
+        length = max(int(dims[2]), 1)
+        mean = np.asarray(s1, np.float64).mean(axis=0) / length
+        shifts[p.shift] = np.where(np.isfinite(mean), mean, 0.0).astype(p.dtype)[:, None]
+    return shifts
+
+
+def _batch_stats(plan: list[_Probe], raw: dict, shifts: dict, rows: int) -> Statistics:
+    tensors, skipped = {}, {}
+    for p in plan:
+        s1, s2, lo, hi, dims = (raw[o] for o in p.outputs)
+        if int(dims[2]) == 0:
+            skipped[p.tensor] = "it is empty"
+            continue
+        k = shifts[p.shift][:, 0]
+        if k.size != s1.shape[1]:
+            raise DataError(f"tensor '{p.tensor}' has {k.size} channels in the first batch and "
+                            f"{s1.shape[1]} in a later one")
+        tensors[p.tensor] = ChannelStats.from_rows(s1, s2, lo, hi, int(dims[2]), k)
+    return Statistics(tensors, rows, 1, skipped)
+
+
+class _Runner:
+    """Runs the probe model in-process (``workers`` == 1) or in a pool of processes."""
+
+    def __init__(self, probe: onnx.ModelProto, workers: int, optimized: bool):
+        self.workers, self.optimized = workers, optimized
+        self._tmp = None
+        if workers == 1:
+            self._session = _session(probe, optimized, threads=0)
+            self._pool = None
+            return
+        self._tmp = tempfile.TemporaryDirectory(prefix="onnxrep-stats-")
+        path = Path(self._tmp.name) / "probe.onnx"
+        write_to(probe, path)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init, initargs=(str(path), optimized, threads))
+
+    def __enter__(self) -> "_Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def run(self, feeds: dict, shifts: dict) -> dict:
+        if self._pool is None:
+            return verify.run(self._session, {**feeds, **shifts})
+        return self._pool.submit(_worker_run, feeds, shifts).result()
+
+    def map(self, batches: Iterator[dict], shifts: dict) -> Iterator[tuple[dict, dict]]:
+        """(feeds, outputs) in data order; at most 2 batches per worker in flight."""
+        if self._pool is None:
+            for feeds in batches:
+                yield feeds, self.run(feeds, shifts)
+            return
+        pending: deque = deque()
+        for feeds in batches:
+            pending.append((feeds, self._pool.submit(_worker_run, feeds, shifts)))
+            if len(pending) >= 2 * self.workers:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        while pending:
+            done, fut = pending.popleft()
+            yield done, fut.result()
+
+
+def _session(model: onnx.ModelProto | str, optimized: bool, threads: int):
+    """An onnxruntime session with graph optimizations on when asked (off if they fail);
+    ``threads`` > 0 fixes the intra-op thread count (pool workers share the cores)."""
+    import onnxruntime as ort
+
+    if threads == 0:
+        if optimized:
+            try:
+                return verify.session(model, optimized=True)
+            except UnsupportedModelError:
+                pass
+        return verify.session(model, optimized=False)
+    error = None
+    for level in ([ort.GraphOptimizationLevel.ORT_ENABLE_ALL] if optimized else []) + [
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL]:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = level
+        try:
+            return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - reported below as one line
+            error = exc
+    raise UnsupportedModelError(f"onnxruntime cannot load the statistics model: "
+                                f"{str(error).strip().splitlines()[0]}")
+
+
+_WORKER_SESSION = None
+
+
+def _worker_init(path: str, optimized: bool, threads: int) -> None:
+    global _WORKER_SESSION
+    _WORKER_SESSION = _session(path, optimized, threads)
+
+
+def _worker_run(feeds: dict, shifts: dict) -> dict:
+    return verify.run(_WORKER_SESSION, {**feeds, **shifts})

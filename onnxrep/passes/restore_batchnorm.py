@@ -1,0 +1,170 @@
+"""Restore a BatchNormalization after each Conv from measured statistics (identity in function).
+
+For a conv output y with exact per-channel mean m and variance v over the calibration data
+(:mod:`onnxrep.calibration.statistics`, not a moving average), insert
+
+    BN(y) = (y - m) / sqrt(v + eps) * gamma + beta,   gamma = sqrt(v + eps),  beta = m
+
+so BN(y) = y: the inference graph computes the same function while the BN carries the
+statistics a QAT or re-estimation step can use. gamma is rounded to float32 exactly as
+onnxruntime computes sqrt(v + eps), so its normalizing factor gamma / sqrt(v + eps) is 1.0 and
+the restored model matches the original bit for bit in practice. ``onnxrep fold-bn`` folds the
+BNs back. The contract is EQUIVALENT (the identity holds for every input); the statistics are
+what depends on the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxrep.calibration.statistics import Statistics, as_dataset, collect_statistics
+from onnxrep.errors import InputError
+from onnxrep.model import GraphIndex, check_opset
+from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
+
+
+class RestoreBatchNorm(Pass):
+    """Insert a statistics-carrying identity BN after the selected Convs (default: all).
+
+    ``stats`` must hold the per-channel statistics of each selected conv's output, for the
+    model the pass is called on. ``layers``: node names (or ``Conv#i`` labels of unnamed
+    nodes); an unknown name or a non-Conv raises :class:`InputError`."""
+
+    name = "restore-bn"
+    contract = Contract.EQUIVALENT
+
+    def __init__(self, stats: Statistics, layers: list[str] | None = None, eps: float = 1e-5):
+        if not eps > 0:
+            raise InputError(f"eps must be positive, not {eps}")
+        self.stats, self.layers, self.eps = stats, layers, eps
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        index = GraphIndex(graph)
+        selected = select_convs(model, self.layers, index)
+        changes, skips, inserts = [], [], []
+        taken = set(index.producer) | set(index.initializers) | index.graph_inputs
+        for i in selected:
+            node, label = index.node(i), index.labels[i]
+            y = node.output[0]
+            reason = _problem(index, i, self.stats)
+            if reason:
+                skips.append(Skip(label, reason))
+                continue
+            s = self.stats[y]
+            pre = _unique(f"{y}_prebn", taken)
+            params = _bn_params(s, self.eps, _dtype(index, node))
+            names = [_unique(f"{label}_bn_{p}", taken) for p in ("scale", "bias", "mean", "var")]
+            graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(params, names))
+            node.output[0] = pre
+            bn = helper.make_node("BatchNormalization", [pre, *names], [y],
+                                  name=_unique(f"{label}_bn", taken), epsilon=self.eps)
+            inserts.append((i, bn))
+            dead = int(np.sum(s.var == 0))
+            changes.append(Change("restored", (label,), f"{s.channels} channels, std in "
+                                  f"[{s.std.min():.3g}, {s.std.max():.3g}]"
+                                  + (f", {dead} constant" if dead else "")))
+        for i, bn in sorted(inserts, key=lambda p: -p[0]):
+            graph.node.insert(i + 1, bn)
+        return PassResult(model, changes, skips, {"restored": len(inserts),
+                                                  "samples": self.stats.samples})
+
+
+def select_convs(model: onnx.ModelProto, layers: list[str] | None,
+                 index: GraphIndex | None = None) -> list[int]:
+    """Node indices of the named Convs, or of every Conv when ``layers`` is None."""
+    index = index or GraphIndex(model.graph)
+    convs = [i for i, n in enumerate(model.graph.node)
+             if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]
+    if layers is None:
+        return convs
+    by_label = {index.labels[i]: i for i in range(len(model.graph.node))}
+    chosen = []
+    for name in layers:
+        if name not in by_label:
+            raise InputError(f"--layers: no node named '{name}' (Conv nodes: "
+                             f"{_preview([index.labels[i] for i in convs])})")
+        i = by_label[name]
+        if model.graph.node[i].op_type != "Conv":
+            raise InputError(f"--layers: '{name}' is a {model.graph.node[i].op_type}, not a Conv")
+        chosen.append(i)
+    return sorted(set(chosen))
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "none"
+
+
+def _problem(index: GraphIndex, i: int, stats: Statistics) -> str | None:
+    y = index.node(i).output[0]
+    readers = [index.node(r) for r in index.readers(y)]
+    if len(readers) == 1 and readers[0].op_type == "BatchNormalization":
+        return "already followed by a BatchNormalization"
+    if y not in stats:
+        why = stats.skipped.get(y, "not measured")
+        return f"no statistics for its output '{y}': {why}"
+    return None
+
+
+def _dtype(index: GraphIndex, node: onnx.NodeProto) -> np.dtype:
+    w = index.const(node.input[1]) if len(node.input) > 1 else None
+    return w.dtype if w is not None and np.issubdtype(w.dtype, np.floating) else np.dtype(
+        np.float32)
+
+
+def _bn_params(s, eps: float, dtype: np.dtype) -> list[np.ndarray]:
+    """scale = sqrt(var + eps) rounded as onnxruntime computes it in ``dtype``; bias = mean."""
+    var = s.var.astype(dtype)
+    scale = np.sqrt(var + dtype.type(eps)).astype(dtype)
+    mean = s.mean.astype(dtype)
+    return [scale, mean, mean.copy(), var]
+
+
+def _unique(base: str, taken: set) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+@dataclass
+class Restored:
+    model: onnx.ModelProto
+    result: PassResult
+    stats: Statistics
+    comparison: object | None  # verify.Comparison on the calibration data
+
+
+def restore_bn(model: onnx.ModelProto, calib, layers: list[str] | None = None,
+               eps: float = 1e-5) -> onnx.ModelProto:
+    """A copy of ``model`` with a BN after each selected Conv, its mean/var measured on
+    ``calib`` (a Dataset or anything ``load_data`` takes); verified on that data."""
+    return restore_bn_with_details(model, calib, layers, eps).model
+
+
+def restore_bn_with_details(model: onnx.ModelProto, calib, layers: list[str] | None = None,
+                            eps: float = 1e-5, *, rtol: float = 1e-5, verify: bool = True,
+                            batch_size: int = 32, workers: int = 1) -> Restored:
+    """Like :func:`restore_bn`; also returns the pass result, the statistics and the
+    comparison of both models over the calibration data (:class:`VerificationError` past
+    ``rtol``, relative to the largest output magnitude)."""
+    from onnxrep.calibration.statistics import compare_on_data
+
+    check_opset(model)
+    dataset = as_dataset(calib, model, batch_size)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    index = GraphIndex(work.graph)
+    tensors = [index.node(i).output[0] for i in select_convs(work, layers, index)]
+    stats = collect_statistics(work, dataset, tensors, workers=workers)
+    result = RestoreBatchNorm(stats, layers, eps)(work)
+    comparison = None
+    if verify:
+        comparison = compare_on_data(model, work, dataset, rtol=rtol, what="restore-bn")
+    return Restored(work, result, stats, comparison)

@@ -1,0 +1,369 @@
+"""Fake quantization of a :class:`~onnxrep.quantize.torch_graph.GraphModule`, placed and
+computed as onnxruntime's QDQ format will run it after export.
+
+Numerics (the ones onnxruntime's quantizer uses; straight-through estimator for gradients):
+
+- weights: symmetric int8 in [-127, 127], zero point 0, scale = max |w| / 127 per tensor or per
+  output channel (1 for an all-zero range); q(w) = clamp(round(w / s), -127, 127) * s.
+- biases: int32 on the grid s_x s_w (s_x: the layer input's scale), as onnxruntime needs for
+  QLinearConv; q(b) = clamp(round(b / (s_x s_w))) s_x s_w.
+- activations: asymmetric uint8, range [min(lo, 0), max(hi, 0)], s = (hi - lo) / 255,
+  z = round(-lo / s); q(x) = (clamp(round(x / s) + z, 0, 255) - z) * s.
+  Ranges are min/max over the calibration data first, then an exponential moving average of
+  each training batch's min/max (lo += c (batch_lo - lo), c = ``averaging_constant``).
+
+Placement (as onnxruntime's QDQ quantizer with Conv, Gemm, MatMul, Relu and Clip quantized):
+the input of every Conv/ConvTranspose/Gemm/MatMul layer, and its output *after* a Relu or Clip
+that is its only reader (onnxruntime gives the conv output the activation's range and fuses
+Conv + Relu into QLinearConv; never a pair between conv and activation). A tensor that is a
+graph output stays float. Every reader of a quantized tensor sees the quantized value.
+
+Conv -> BatchNormalization pairs train as one fused layer (torch.ao.nn.intrinsic.qat.ConvBn):
+with f = gamma / sqrt(running_var + eps), the weight is quantized as q(W f); in training
+y = BN_batch(conv(x, q(W f)) / f + b) with batch statistics (synchronized across
+DistributedDataParallel ranks) that also update the running ones; in eval, or once BN is
+frozen, y = conv(x, q(W f)) + (b - running_mean) f + beta: exactly the folded conv that
+export writes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from onnxrep.passes.base import Skip
+from onnxrep.quantize.torch_graph import (BatchNorm, Conv, ConvTranspose, GraphModule, Op,
+                                          WeightLayer)
+
+ACT_QMIN, ACT_QMAX = 0, 255
+WEIGHT_QMAX = 127
+INT32_MAX = 2**31 - 1
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class FakeQuantConfig:
+    """``per_channel``: one weight scale per output channel (else per tensor);
+    ``averaging_constant``: EMA weight of a training batch's activation min/max;
+    ``bn_momentum``: running-statistics momentum of fused BatchNorm in training."""
+
+    per_channel: bool = False
+    averaging_constant: float = 0.01
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        if not 0 < self.averaging_constant <= 1:
+            raise ValueError(f"averaging_constant must be in (0, 1], not {self.averaging_constant}")
+        if not 0 <= self.bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must be in [0, 1], not {self.bn_momentum}")
+
+
+class Mode(enum.Enum):
+    CALIBRATE = "calibrate"  # activations: record min/max, pass through; weights float
+    TRAIN = "train"  # activations: EMA of batch min/max (in training mode), quantize
+    EVAL = "eval"  # fixed ranges, quantize
+
+
+_GROUP = None  # process group of the BN / range reductions (not DDP's gradient one)
+
+
+def use_process_group(group) -> None:
+    """Reduce BN statistics and activation ranges over ``group`` (set by the QAT flow under
+    torchrun: a group of its own, so these collectives never interleave with DDP's)."""
+    global _GROUP
+    _GROUP = group
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class ActQuant(nn.Module):
+    """uint8 asymmetric fake quantization of one activation tensor, with its range observer."""
+
+    def __init__(self, tensor: str, averaging_constant: float):
+        super().__init__()
+        self.tensor, self.c = tensor, averaging_constant
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.mode = Mode.EVAL
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is Mode.CALIBRATE or (self.mode is Mode.TRAIN and self.training):
+            self._observe(x.detach())
+        if self.mode is Mode.CALIBRATE:
+            return x
+        scale, zero_point = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        lo_hi = torch.stack([-x.min(), x.max()]).float()
+        if _world() > 1:
+            dist.all_reduce(lo_hi, op=dist.ReduceOp.MAX, group=_GROUP)
+        lo, hi = -lo_hi[0], lo_hi[1]
+        if self.mode is Mode.CALIBRATE or not torch.isfinite(self.min_val):
+            self.min_val.copy_(torch.minimum(self.min_val, lo))
+            self.max_val.copy_(torch.maximum(self.max_val, hi))
+        else:
+            self.min_val.add_(self.c * (lo - self.min_val))
+            self.max_val.add_(self.c * (hi - self.max_val))
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale float32 [1], zero point int32 [1]) as onnxruntime computes them."""
+        if not torch.isfinite(self.min_val):
+            raise RuntimeError(f"activation '{self.tensor}' has no range: calibrate first")
+        lo = torch.clamp(self.min_val, max=0.0)
+        hi = torch.clamp(self.max_val, min=0.0)
+        scale = (hi - lo) / (ACT_QMAX - ACT_QMIN)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).reshape(1).float()
+        zero_point = torch.clamp(torch.round(ACT_QMIN - lo / scale), ACT_QMIN, ACT_QMAX)
+        return scale.detach(), zero_point.reshape(1).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"'{self.tensor}' [{self.min_val.item():.4g}, {self.max_val.item():.4g}]"
+
+
+def weight_scale(w: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """max |w| / 127 over the tensor (``axis`` None) or per index of ``axis``; 1 where zero."""
+    w = w.detach()
+    if axis is None:
+        amax = w.abs().max().reshape(1)
+    else:
+        amax = w.abs().transpose(0, axis).reshape(w.shape[axis], -1).max(1).values
+    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
+
+
+def fake_quant_weight(w: torch.Tensor, axis: int | None) -> torch.Tensor:
+    scale = weight_scale(w, axis)
+    zero = torch.zeros(scale.shape, dtype=torch.int32)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(w, scale, zero, -WEIGHT_QMAX, WEIGHT_QMAX)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, axis, -WEIGHT_QMAX,
+                                                  WEIGHT_QMAX)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A layer's int8 weight codes and scale (torch layout); its bias as int32 codes and scale,
+    or as float when its input is not quantized (``float_bias``)."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    bias_scale: torch.Tensor | None
+    float_bias: torch.Tensor | None
+
+
+class QuantLayer(nn.Module):
+    """A weight layer (optionally with its BatchNormalization) with int8 fake-quant weights."""
+
+    def __init__(self, layer: WeightLayer, bn: BatchNorm | None, config: FakeQuantConfig):
+        super().__init__()
+        self.layer, self.bn = layer, bn
+        self.axis = layer.out_axis if config.per_channel else None
+        self.momentum = config.bn_momentum
+        self.register_buffer("bn_frozen", torch.tensor(False))
+        self.quantize_weights = True
+        self._input: list[ActQuant] = []  # a plain list: the quantizer belongs to its tap
+
+    def set_input_quant(self, act: ActQuant) -> None:
+        """The quantizer of this layer's input, whose scale s_x sets the bias grid s_x s_w."""
+        self._input = [act]
+
+    @property
+    def label(self) -> str:
+        return self.layer.label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is not None and self.training and not bool(self.bn_frozen):
+            return self._train_bn(x)
+        w, b = self.folded()
+        if not self.quantize_weights:
+            return self.layer.apply(x, w, b)
+        codes = self._bias_codes(b, weight_scale(w, self.axis))
+        if codes is not None:
+            b = b + (codes[0] * codes[1] - b).detach()  # straight-through
+        return self.layer.apply(x, fake_quant_weight(w, self.axis), b)
+
+    def _q(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quant_weight(w, self.axis) if self.quantize_weights else w
+
+    def _bias_codes(self, b, w_scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int32 bias codes clamp(round(b / (s_x s_w))) and their scale, or None without a
+        bias or an input quantizer."""
+        if b is None or not self._input:
+            return None
+        scale = self._input[0].qparams()[0] * w_scale
+        return torch.clamp(torch.round(b.detach() / scale), -INT32_MAX, INT32_MAX), scale
+
+    def _channel(self, v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return v.reshape(shape)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float weight and bias with BN (running statistics) folded in, torch layout."""
+        w, b = self.layer.weight, self.layer.bias
+        if self.bn is None:
+            return w, b
+        bn = self.bn
+        f = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        b0 = b if b is not None else torch.zeros_like(bn.running_mean)
+        return (w * self._channel(f, w.ndim, self.layer.out_axis),
+                (b0 - bn.running_mean) * f + bn.bias)
+
+    def quantized(self) -> Quantized:
+        """The folded layer as export writes it (exactly what ``forward`` computes in eval)."""
+        with torch.no_grad():
+            w, b = self.folded()
+            scale = weight_scale(w, self.axis)
+            codes = torch.round(fake_quant_weight(w, self.axis) /
+                                (scale if self.axis is None else
+                                 self._channel(scale, w.ndim, self.axis)))
+            bias = self._bias_codes(b, scale)
+        if bias is None:
+            return Quantized(codes.to(torch.int8), scale, None, None, b)
+        return Quantized(codes.to(torch.int8), scale, bias[0].to(torch.int32), bias[1], None)
+
+    def _train_bn(self, x: torch.Tensor) -> torch.Tensor:
+        bn, layer = self.bn, self.layer
+        f = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        f = torch.where(f == 0, torch.ones_like(f), f)
+        w = layer.weight * self._channel(f, layer.weight.ndim, layer.out_axis)
+        y = layer.apply(x, self._q(w), None)
+        y = y / self._channel(f, y.ndim, 1)
+        if layer.bias is not None:
+            y = y + self._channel(layer.bias, y.ndim, 1)
+        mean, var, n = batch_moments(y)
+        with torch.no_grad():
+            m = self.momentum
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            unbiased = var.detach() * (n / max(n - 1, 1))
+            bn.running_var.mul_(1 - m).add_(m * unbiased)
+        scale = bn.weight * torch.rsqrt(var + bn.eps)
+        return (y - self._channel(mean, y.ndim, 1)) * self._channel(scale, y.ndim, 1) + \
+            self._channel(bn.bias, y.ndim, 1)
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.axis is not None else "per-tensor"
+        return f"{self.label}{' + BN' if self.bn is not None else ''}, {kind}"
+
+
+def batch_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel (axis 1) mean and biased variance over every other axis, over the global
+    batch when running under DistributedDataParallel (two all-reduces, autograd-aware)."""
+    dims = [d for d in range(y.ndim) if d != 1]
+    n_local = y.numel() // y.shape[1]
+    if _world() == 1:
+        var, mean = torch.var_mean(y, dims, correction=0)
+        return mean, var, n_local
+    from torch.distributed.nn.functional import all_reduce
+
+    count = torch.tensor([float(n_local)])
+    dist.all_reduce(count, group=_GROUP)
+    n = int(count.item())
+    mean = all_reduce(y.sum(dims), group=_GROUP) / n
+    centered = y - mean.reshape([1, -1] + [1] * (y.ndim - 2))
+    var = all_reduce((centered * centered).sum(dims), group=_GROUP) / n
+    return mean, var, n
+
+
+@dataclass
+class QuantPlan:
+    """What :func:`prepare` did: the fake-quant layers (each knows its ONNX node, and its BN
+    node when fused), the activation quantizers by tensor name, the BatchNorms left unfused
+    (trained as float per-channel affines) and what it left alone."""
+
+    layers: list[QuantLayer] = field(default_factory=list)
+    activations: dict[str, ActQuant] = field(default_factory=dict)
+    batchnorms: list[BatchNorm] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+
+    def set_mode(self, mode: Mode) -> None:
+        for q in self.activations.values():
+            q.mode = mode
+        for layer in self.layers:
+            layer.quantize_weights = mode is not Mode.CALIBRATE
+
+    def freeze_bn(self) -> None:
+        for layer in self.layers:
+            layer.bn_frozen.fill_(True)
+
+
+def prepare(net: GraphModule, config: FakeQuantConfig | None = None) -> QuantPlan:
+    """Insert fake quantization into ``net`` (mutated in place) and return the plan."""
+    config = config or FakeQuantConfig()
+    plan = QuantPlan()
+    _fuse_batchnorm(net, config, plan)
+    outputs = set(net.output_names)
+    readers = _readers(net)
+    for i, step in enumerate(net.steps):
+        if isinstance(step, BatchNorm):
+            plan.batchnorms.append(step)
+        if isinstance(step, WeightLayer):
+            step = net.steps[i] = QuantLayer(step, None, config)
+        if not isinstance(step, QuantLayer):
+            continue
+        plan.layers.append(step)
+        targets = [net.step_inputs[i][0], _after_activation(net, i, readers, outputs)]
+        for tensor in targets:
+            if tensor in outputs:
+                plan.skips.append(Skip(step.label, f"'{tensor}' is a graph output: kept float"))
+            elif tensor not in plan.activations:
+                plan.activations[tensor] = ActQuant(tensor, config.averaging_constant)
+                net.set_tap(tensor, plan.activations[tensor])
+        if targets[0] in plan.activations:
+            step.set_input_quant(plan.activations[targets[0]])
+    return plan
+
+
+def _readers(net: GraphModule) -> dict[str, list[int]]:
+    readers: dict[str, list[int]] = {}
+    for i, ins in enumerate(net.step_inputs):
+        for name in ins:
+            readers.setdefault(name, []).append(i)
+    return readers
+
+
+def _after_activation(net: GraphModule, i: int, readers, outputs) -> str:
+    """The layer's output, or the output of a Relu/Clip that is its only reader."""
+    tensor = net.step_outputs[i][0]
+    users = readers.get(tensor, [])
+    if tensor in outputs or len(users) != 1:
+        return tensor
+    step = net.steps[users[0]]
+    if isinstance(step, Op) and step.op_type in FUSED_ACTIVATIONS:
+        return net.step_outputs[users[0]][0]
+    return tensor
+
+
+def _fuse_batchnorm(net: GraphModule, config: FakeQuantConfig, plan: QuantPlan) -> None:
+    """Conv/ConvTranspose (group 1) whose only reader is a BatchNorm -> one QuantLayer."""
+    outputs = set(net.output_names)
+    i = 0
+    while i < len(net.steps):
+        j = _bn_reader(net, i, outputs)
+        if j is not None:
+            step = net.steps[i]
+            if isinstance(step, ConvTranspose) and step.groups != 1:
+                plan.skips.append(Skip(step.label, "grouped ConvTranspose: its "
+                                       "BatchNormalization is not folded"))
+            else:
+                net.fuse(i, j, QuantLayer(step, net.steps[j], config))
+                continue
+        i += 1
+
+
+def _bn_reader(net: GraphModule, i: int, outputs: set[str]) -> int | None:
+    if not isinstance(net.steps[i], (Conv, ConvTranspose)):
+        return None
+    tensor = net.step_outputs[i][0]
+    users = _readers(net).get(tensor, [])
+    if tensor in outputs or len(users) != 1 or not isinstance(net.steps[users[0]], BatchNorm):
+        return None
+    return users[0]

@@ -1,0 +1,603 @@
+"""Quantization-aware training through a torch round-trip.
+
+``qat(model, train_data, loss_fn, config)``:
+
+1. CLE (:func:`onnxrep.optimize.optimize`, verified equivalent), opset 13 first when
+   per-channel;
+2. BN restore on the calibration data (:func:`onnxrep.passes.restore_batchnorm.restore_bn`):
+   a BN after each Conv with gamma = sqrt(var + eps), beta = mean, so the function is unchanged
+   and training has batch statistics to normalize with;
+3. ONNX -> torch (:mod:`.torch_graph`); torch and onnxruntime must agree on the first
+   calibration batch within ``rtol`` (relative to the largest output), else
+   :class:`VerificationError`;
+4. fake quantization (:mod:`.fake_quant`), activation ranges = min/max over the calibration data;
+5. training: SGD (Nesterov momentum) with a cosine learning-rate decay to 0 over all steps;
+   loss = cross-entropy on labels when the data has them, else distillation against the FP32
+   model (KL divergence of softmaxes for [N, K] outputs, MSE otherwise; ``Distill``), or
+   ``loss_fn(output, target)`` with target = labels or the FP32 model's output;
+6. export to QDQ with BN folded (:mod:`.export_qdq`); onnxruntime (optimizations on, int8
+   kernels) vs the torch fake-quant model on the first calibration batch is reported as
+   ``deployment`` ("what was trained is what is deployed").
+
+Determinism: data order is a function of (seed, epoch) and nothing else is random, so a run
+is reproducible and a resumed run (``checkpoint_dir`` + ``resume``) continues exactly where the
+checkpoint was taken. Under ``torchrun`` (WORLD_SIZE > 1) training runs with
+DistributedDataParallel over gloo: every rank reads the same global batch order and trains on
+its slice of each batch; BN statistics and activation ranges are reduced over the global batch
+and the loss is scaled so gradients are those of the global batch, so N processes compute what
+one does (up to float summation order). Rank 0 alone writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import onnx
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from onnxrep import verify
+from onnxrep.calibration.readers import Dataset, check_feeds, load_data
+from onnxrep.errors import DataError, InputError, VerificationError
+from onnxrep.model import check_opset, opset_version
+from onnxrep.optimize import OptimizeConfig, optimize
+from onnxrep.progress import Progress, log, set_quiet
+from onnxrep.quantize import fake_quant
+from onnxrep.quantize.export_qdq import export_qdq
+from onnxrep.quantize.fake_quant import FakeQuantConfig, Mode, QuantPlan, prepare
+from onnxrep.quantize.torch_graph import GraphModule, to_torch
+
+CHECKPOINT = "qat_checkpoint.pt"
+CHECKPOINT_VERSION = 1
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+class Distill(enum.Enum):
+    KL = "kl"
+    MSE = "mse"
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How to train.
+
+    ``lr``: peak learning rate (SGD, Nesterov momentum ``momentum``, cosine decay to 0).
+    ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
+    statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
+    ``optimize``: CLE first. ``calib_samples``: training samples used for calibration when no
+    calibration data is given. ``distill``: distillation loss without labels (None: KL for
+    [N, K] outputs, MSE otherwise). ``checkpoint_every``: also checkpoint every N steps (0:
+    only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
+    written; the learning-rate schedule still spans all epochs). ``rtol``: torch vs onnxruntime
+    tolerance of the conversion check.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    per_channel: bool = False
+    restore_bn: bool = True
+    optimize: bool = True
+    freeze_bn_after: int | None = None
+    calib_samples: int = 512
+    distill: Distill | None = None
+    averaging_constant: float = 0.01
+    bn_momentum: float = 0.1
+    seed: int = 0
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    max_steps: int | None = None
+    rtol: float = 1e-5
+
+    def __post_init__(self):
+        problems = []
+        if self.epochs < 1 or self.batch_size < 1 or self.calib_samples < 1:
+            problems.append("epochs, batch_size and calib_samples must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be positive, not {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            problems.append("momentum must be in [0, 1) and weight_decay >= 0")
+        if self.freeze_bn_after is not None and self.freeze_bn_after < 0:
+            problems.append("freeze_bn_after must be >= 0")
+        if self.checkpoint_every < 0 or (self.max_steps is not None and self.max_steps < 1):
+            problems.append("checkpoint_every must be >= 0 and max_steps >= 1")
+        if self.resume and self.checkpoint_dir is None:
+            problems.append("resume needs a checkpoint directory")
+        if problems:
+            raise ValueError("; ".join(problems))
+        FakeQuantConfig(self.per_channel, self.averaging_constant, self.bn_momentum)
+
+
+@dataclass(frozen=True)
+class Step:
+    epoch: int
+    step: int
+    loss: float
+    accuracy: float | None  # on the training batch, with labels
+
+
+@dataclass
+class QATResult:
+    """The QDQ model and how it was made. ``float_model``: the FP32 model that was trained from
+    (after CLE and BN restore); ``conversion``: torch vs onnxruntime on it before training;
+    ``deployment``: the exported model in onnxruntime (int8 kernels) vs the torch fake-quant
+    model, both on the first calibration batch."""
+
+    model: onnx.ModelProto
+    float_model: onnx.ModelProto
+    history: list[Step]
+    conversion: verify.Comparison
+    deployment: verify.Comparison
+    restored_bn: int
+    layers: int
+    activations: int
+    skips: list
+    steps: int
+    samples: int
+    seconds: float
+    resumed_from: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def qat(model: onnx.ModelProto, train_data, loss_fn: LossFn | None = None,
+        config: QATConfig | None = None, *, calib=None) -> onnx.ModelProto:
+    """Quantization-aware training of ``model`` (not modified) on ``train_data``; returns the
+    QDQ INT8 model. ``train_data``: a torch DataLoader or any iterable of (inputs, labels)
+    pairs, feed dicts (optional ``labels`` key) or input batches; or any source
+    :func:`~onnxrep.calibration.readers.load_data` takes (.npz with ``labels``, .npy, image
+    folder, arrays). ``calib``: calibration data (default: the first ``calib_samples``
+    training samples)."""
+    return qat_with_details(model, train_data, loss_fn, config, calib=calib).model
+
+
+def qat_with_details(model: onnx.ModelProto, train_data, loss_fn: LossFn | None = None,
+                     config: QATConfig | None = None, *, calib=None) -> QATResult:
+    """Like :func:`qat`, also returning the training history and the checks."""
+    config = config or QATConfig()
+    start = time.monotonic()
+    check_opset(model)
+    _init_distributed()
+    torch.manual_seed(config.seed)
+    data = TrainData(train_data, model, config.batch_size, config.seed)
+    calib_set = _calibration(calib, data, model, config)
+    work, restored = _prepare_float(model, calib_set, config)
+    net = to_torch(work)
+    first = calib_set.first_batch()
+    conversion = _check_conversion(work, net, first, config.rtol)
+    teacher = None if data.has_labels else copy.deepcopy(net)
+    plan = prepare(net, FakeQuantConfig(config.per_channel, config.averaging_constant,
+                                        config.bn_momentum))
+    _calibrate(net, plan, calib_set)
+    trainer = _Trainer(net, plan, teacher, data, loss_fn, config, _fingerprint(work, config))
+    resumed = trainer.load() if config.resume else None
+    trainer.run()
+    net.eval()
+    plan.set_mode(Mode.EVAL)
+    qdq = export_qdq(work, plan)
+    deployment = _check_deployment(qdq, net, first)
+    return QATResult(qdq, work, trainer.history, conversion, deployment, restored,
+                     len(plan.layers), len(plan.activations), plan.skips, trainer.step,
+                     trainer.samples, time.monotonic() - start, resumed, data.notes)
+
+
+# ---- steps 1-4 ----------------------------------------------------------------------------------
+
+def _calibration(calib, data: "TrainData", model, config: QATConfig) -> Dataset:
+    if calib is not None:
+        return calib if isinstance(calib, Dataset) else load_data(calib, model,
+                                                                  batch_size=config.batch_size)
+    feeds = data.head(config.calib_samples)
+    return load_data(feeds, model, batch_size=config.batch_size)
+
+
+def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
+                   ) -> tuple[onnx.ModelProto, int]:
+    """CLE and BN restore on a copy; returns (model, number of BNs restored)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    if config.per_channel and opset_version(work) < 13:
+        from onnxrep.quantize.ptq import convert_opset
+
+        work = convert_opset(work, 13)
+    if config.optimize:
+        log("qat: cross-layer equalization")
+        work = optimize(work, OptimizeConfig(), calib=calib)
+    restored = 0
+    if config.restore_bn:
+        from onnxrep.passes.restore_batchnorm import restore_bn_with_details
+
+        log("qat: restoring BatchNormalization from calibration statistics")
+        result = restore_bn_with_details(work, calib, batch_size=config.batch_size)
+        work, restored = result.model, result.result.info["restored"]
+    return work, restored
+
+
+def _torch_feeds(net: GraphModule, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in net.input_names]
+
+
+def _outputs(net: GraphModule, result) -> dict[str, np.ndarray]:
+    values = result if isinstance(result, tuple) else (result,)
+    return {n: v.detach().numpy() for n, v in zip(net.output_names, values)}
+
+
+def _check_conversion(model, net: GraphModule, feeds, rtol: float) -> verify.Comparison:
+    with torch.no_grad():
+        mine = _outputs(net, net(*_torch_feeds(net, feeds)))
+    comparison = verify.compare_outputs(verify.run(model, feeds), mine)
+    if not comparison.rel <= rtol:
+        raise VerificationError(
+            f"the torch conversion disagrees with onnxruntime: relative error "
+            f"{comparison.rel:.3e} > {rtol:.1e} on the first calibration batch", comparison)
+    return comparison
+
+
+def _calibrate(net: GraphModule, plan: QuantPlan, calib: Dataset) -> None:
+    net.eval()
+    plan.set_mode(Mode.CALIBRATE)
+    with torch.no_grad(), Progress(calib.num_samples, "qat: calibrating") as bar:
+        for feeds in calib.batches():
+            net(*_torch_feeds(net, feeds))
+            bar.update(len(next(iter(feeds.values()))))
+
+
+def _check_deployment(qdq: onnx.ModelProto, net: GraphModule, feeds) -> verify.Comparison:
+    with torch.no_grad():
+        mine = _outputs(net, net(*_torch_feeds(net, feeds)))
+    return verify.compare_outputs(mine, verify.run(verify.session(qdq, optimized=True), feeds))
+
+
+def _fingerprint(model: onnx.ModelProto, config: QATConfig) -> str:
+    """What a checkpoint must match to be resumed: the prepared model and the training setup."""
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    keys = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "per_channel",
+            "freeze_bn_after", "distill", "averaging_constant", "bn_momentum", "seed")
+    h.update(repr([getattr(config, k) for k in keys]).encode())
+    return h.hexdigest()
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+class TrainData:
+    """Training batches as (input tensors in model-input order, labels or None).
+
+    Sources ``load_data`` takes with a known sample count are held in memory and shuffled per
+    epoch with a generator seeded by (seed, epoch); other iterables (DataLoader, lists,
+    generators) are read in their own order, with torch's global RNG seeded by (seed, epoch)
+    first so a shuffling DataLoader repeats its order. A one-shot iterator serves one epoch."""
+
+    def __init__(self, source, model: onnx.ModelProto, batch_size: int, seed: int):
+        self.specs = verify.input_specs(model)
+        self.names = [s.name for s in self.specs]
+        self.batch_size, self.seed = batch_size, seed
+        self.notes: list[str] = []
+        self.arrays: list[np.ndarray] | None = None
+        self.labels: np.ndarray | None = None
+        self.source = source
+        if _is_dataset_source(source):
+            ds = source if isinstance(source, Dataset) else load_data(source, model,
+                                                                      batch_size=4096)
+            if ds.num_samples is None:
+                self.source = _Replay(ds)
+            else:
+                parts = list(ds.batches())
+                self.arrays = [np.concatenate([p[n] for p in parts]) for n in self.names]
+                self.labels = ds.labels
+        self._head: tuple | None = None
+        self._used = False
+
+    @property
+    def has_labels(self) -> bool:
+        if self.arrays is not None:
+            return self.labels is not None
+        return self._peek()[1] is not None
+
+    @property
+    def num_samples(self) -> int | None:
+        return len(self.arrays[0]) if self.arrays is not None else _len(self.source, None)
+
+    def batches_per_epoch(self) -> int | None:
+        if self.arrays is not None:
+            return -(-len(self.arrays[0]) // self.batch_size)
+        return _len(self.source, None)
+
+    def head(self, n: int) -> dict[str, np.ndarray]:
+        """The first ``n`` samples as feeds (for calibration)."""
+        if self.arrays is not None:
+            return {k: a[:n] for k, a in zip(self.names, self.arrays)}
+        if iter(self.source) is self.source:
+            raise DataError("training from a one-shot iterator needs separate calibration data "
+                            "(calib=...)")
+        taken, count = [], 0
+        for inputs, _ in self._iterate():
+            taken.append(inputs)
+            count += len(inputs[0])
+            if count >= n:
+                break
+        return {k: np.concatenate([t[i].numpy() for t in taken])[:n]
+                for i, k in enumerate(self.names)}
+
+    def epoch(self, epoch: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
+        if self.arrays is not None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.arrays[0]), generator=g).numpy()
+            for start in range(0, len(order), self.batch_size):
+                rows = np.sort(order[start:start + self.batch_size])
+                yield ([torch.from_numpy(a[rows]) for a in self.arrays],
+                       None if self.labels is None else torch.from_numpy(self.labels[rows]))
+            return
+        torch.manual_seed(self.seed * 1_000_003 + epoch)
+        yield from self._iterate()
+
+    def _peek(self):
+        if self._head is None:
+            self._head = next(iter(self._iterate()), None)
+            if self._head is None:
+                raise DataError("the training data holds no samples")
+        return self._head
+
+    def _iterate(self):
+        one_shot = iter(self.source) is self.source
+        if one_shot and self._used:
+            raise DataError("the training data is a one-shot iterator and was already read; "
+                            "pass a list, a DataLoader or a file to train more than one epoch")
+        self._used = self._used or one_shot
+        if one_shot and self._head is not None:
+            yield self._head
+        offset = 0
+        for i, item in enumerate(self.source):
+            inputs, labels = self._parse(item, i, offset)
+            offset += len(inputs[0])
+            yield inputs, labels
+
+    def _parse(self, item, i: int, offset: int):
+        labels = None
+        if isinstance(item, Mapping):
+            feeds = {k: v for k, v in item.items() if k != "labels"}
+            labels = item.get("labels")
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            x, labels = item
+            feeds = dict(x) if isinstance(x, Mapping) else {self._single(i): x}
+        else:
+            feeds = {self._single(i): item}
+        feeds = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                 for k, v in feeds.items()}
+        checked = check_feeds(feeds, self.specs, f"training batch {i}", offset)
+        inputs = [torch.from_numpy(checked[n]) for n in self.names]
+        if labels is not None:
+            labels = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor)
+                                                else labels)).reshape(-1)
+            if labels.dtype.is_floating_point or len(labels) != len(inputs[0]):
+                raise DataError(f"training batch {i}: labels must be integers, one per sample "
+                                f"({len(inputs[0])}), got {tuple(labels.shape)} {labels.dtype}")
+            labels = labels.long()
+        return inputs, labels
+
+    def _single(self, i: int) -> str:
+        if len(self.names) != 1:
+            raise DataError(f"training batch {i}: a model with {len(self.names)} inputs needs "
+                            f"dicts {{input name: array}} ({', '.join(self.names)})")
+        return self.names[0]
+
+
+class _Replay:
+    """A streamed Dataset as a re-iterable of feed dicts."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return self.dataset.batches()
+
+
+def _is_dataset_source(source) -> bool:
+    return isinstance(source, (str, os.PathLike, np.ndarray, Mapping, Dataset)) or callable(
+        getattr(source, "get_next", None))
+
+
+def _len(source, default):
+    try:
+        return len(source)
+    except TypeError:
+        return default
+
+
+# ---- distributed ------------------------------------------------------------------------------
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _world() > 1 else 0
+
+
+def _init_distributed() -> None:
+    """Join the torchrun process group (gloo) when launched with WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if _world() > 1:
+        fake_quant.use_process_group(dist.new_group(backend="gloo"))
+        if _rank() != 0:
+            set_quiet(True)
+
+
+def is_main_process() -> bool:
+    return _rank() == 0
+
+
+# ---- step 5 -------------------------------------------------------------------------------------
+
+class _Trainer:
+    def __init__(self, net: GraphModule, plan: QuantPlan, teacher: GraphModule | None,
+                 data: TrainData, loss_fn: LossFn | None, config: QATConfig, fingerprint: str):
+        self.net, self.plan, self.teacher, self.data = net, plan, teacher, data
+        self.loss_fn, self.config, self.fingerprint = loss_fn, config, fingerprint
+        self.history: list[Step] = []
+        self.step = self.epoch = self.batch = self.samples = 0
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.momentum > 0,
+                                         weight_decay=config.weight_decay)
+        per_epoch = data.batches_per_epoch()
+        total = per_epoch * config.epochs if per_epoch else None
+        self.total = total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+            if total else (lambda s: 1.0))
+        self.model = net
+        if config.batch_size < _world():
+            raise InputError(f"batch size {config.batch_size} is smaller than the number of "
+                             f"processes ({_world()})")
+        if _world() > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+
+    # -- checkpoints
+    def _path(self) -> Path | None:
+        d = self.config.checkpoint_dir
+        return Path(d) / CHECKPOINT if d is not None else None
+
+    def save(self) -> None:
+        path = self._path()
+        if path is None or not is_main_process():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint,
+                 "step": self.step, "epoch": self.epoch, "batch": self.batch,
+                 "samples": self.samples, "net": self.net.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "history": [vars(h) for h in self.history]}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load(self) -> int:
+        path = self._path()
+        if not path.exists():
+            raise InputError(f"--resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read the checkpoint: {exc}") from None
+        if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != \
+                self.fingerprint:
+            raise InputError(f"{path} was written for another model, data setup or training "
+                             "configuration; remove it or drop --resume")
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.samples = state["samples"]
+        self.history = [Step(**h) for h in state["history"]]
+        log(f"qat: resumed from {path} at step {self.step} (epoch {self.epoch + 1}, "
+            f"batch {self.batch})")
+        return self.step
+
+    # -- the loop
+    def run(self) -> None:
+        cfg = self.config
+        self.plan.set_mode(Mode.TRAIN)
+        self.net.train()
+        if self.teacher is not None:
+            self.teacher.eval()
+        per_epoch = self.data.batches_per_epoch()
+        while self.epoch < cfg.epochs:
+            self._maybe_freeze()
+            with Progress(per_epoch, f"qat epoch {self.epoch + 1}/{cfg.epochs}") as bar:
+                if self.batch:
+                    bar.update(self.batch)
+                for k, (inputs, labels) in enumerate(self.data.epoch(self.epoch)):
+                    if k < self.batch:
+                        continue
+                    self._train_step(inputs, labels, bar)
+                    self.batch += 1
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        self.save()
+                        return
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+            self.epoch, self.batch = self.epoch + 1, 0
+            self.save()
+
+    def _maybe_freeze(self) -> None:
+        k = self.config.freeze_bn_after
+        if k is not None and self.step >= k:
+            self.plan.freeze_bn()
+
+    def _train_step(self, inputs, labels, bar: Progress) -> None:
+        n = len(inputs[0])
+        world, rank = _world(), _rank()
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        local = [x[lo:hi] for x in inputs]
+        target = labels[lo:hi] if labels is not None else None
+        output = self.model(*local)
+        loss, correct = self._loss(output, target, local)
+        scale = (hi - lo) * world / n
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * scale).backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.samples += n
+        stats = torch.tensor([float(loss.detach()) * (hi - lo),
+                              float(correct if correct is not None else 0)])
+        if world > 1:
+            dist.all_reduce(stats)
+        acc = float(stats[1]) / n if correct is not None else None
+        self.history.append(Step(self.epoch, self.step, float(stats[0]) / n, acc))
+        fields = {"loss": self.history[-1].loss}
+        if acc is not None:
+            fields["acc"] = acc
+        bar.update(1, **fields)
+        self._maybe_freeze()
+
+    def _loss(self, output, labels, inputs) -> tuple[torch.Tensor, int | None]:
+        first = output[0] if isinstance(output, tuple) else output
+        correct = None
+        if labels is not None and first.ndim == 2:
+            correct = int((first.detach().argmax(1) == labels).sum())
+        if self.loss_fn is not None:
+            target = labels if labels is not None else self._teacher(inputs)
+            return self.loss_fn(output, target), correct
+        if labels is not None:
+            if first.ndim != 2:
+                raise DataError(f"labels need [N, classes] logits; the model's first output "
+                                f"has shape {tuple(first.shape)}")
+            if int(labels.min()) < 0 or int(labels.max()) >= first.shape[1]:
+                raise DataError(f"labels range {int(labels.min())}..{int(labels.max())} but "
+                                f"the model has {first.shape[1]} classes")
+            return F.cross_entropy(first, labels), correct
+        return self._distill(output, self._teacher(inputs)), correct
+
+    def _teacher(self, inputs):
+        with torch.no_grad():
+            return self.teacher(*inputs)
+
+    def _distill(self, output, target) -> torch.Tensor:
+        outs = output if isinstance(output, tuple) else (output,)
+        refs = target if isinstance(target, tuple) else (target,)
+        total = 0
+        for s, t in zip(outs, refs):
+            if not s.is_floating_point():
+                continue
+            kind = self.config.distill or (Distill.KL if s.ndim == 2 else Distill.MSE)
+            if kind is Distill.KL:
+                total = total + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1),
+                                         reduction="batchmean", log_target=True)
+            else:
+                total = total + F.mse_loss(s, t)
+        return total
