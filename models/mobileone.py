@@ -22,8 +22,8 @@ from ._fuse import ConvBN, fuse_convbn, fuse_identity_bn, make_deploy_conv, repa
 DEFAULT_CFG = dict(
     stem_width=16,         # S0: 48, stride 2
     stem_stride=1,
-    depths=(1, 2, 3, 1),   # S0: (2, 8, 10, 1)
-    widths=(24, 48, 96, 128),  # S0: (48, 128, 256, 1024)
+    depths=(1, 2, 2, 1),   # S0: (2, 8, 10, 1)
+    widths=(16, 32, 64, 96),  # S0: (48, 128, 256, 1024)
     strides=(2, 2, 2, 1),  # 28 -> 14 -> 7 -> 4 -> 4
     num_branches=4,        # S0: k = 4
 )
@@ -90,7 +90,7 @@ class MobileOneBlock(nn.Module):
 
 class MobileOne(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, stem_width: int = 16,
-                 stem_stride: int = 1, depths=(1, 2, 3, 1), widths=(24, 48, 96, 128),
+                 stem_stride: int = 1, depths=(1, 2, 2, 1), widths=(16, 32, 64, 96),
                  strides=(2, 2, 2, 1), num_branches: int = 4):
         super().__init__()
         # As in the reference S0 code the stem is a dense 3x3 unit with a single conv branch.

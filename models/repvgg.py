@@ -21,8 +21,8 @@ from ._fuse import ConvBN, fuse_convbn, fuse_identity_bn, make_deploy_conv, repa
 DEFAULT_CFG = dict(
     stem_width=16,        # A0: min(64, 64*0.75)=48, stride 2
     stem_stride=1,        # keep 28x28 resolution in the stem
-    depths=(1, 2, 3, 1),  # A0: (2, 4, 14, 1)
-    widths=(24, 48, 96, 128),  # A0: (48, 96, 192, 1280)
+    depths=(1, 2, 2, 1),  # A0: (2, 4, 14, 1)
+    widths=(16, 32, 64, 96),  # A0: (48, 96, 192, 1280)
     strides=(2, 2, 2, 1),  # 28 -> 14 -> 7 -> 4 -> 4
 )
 
@@ -62,7 +62,7 @@ class RepVGGBlock(nn.Module):
 
 class RepVGG(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, stem_width: int = 16,
-                 stem_stride: int = 1, depths=(1, 2, 3, 1), widths=(24, 48, 96, 128),
+                 stem_stride: int = 1, depths=(1, 2, 2, 1), widths=(16, 32, 64, 96),
                  strides=(2, 2, 2, 1)):
         super().__init__()
         self.stem = RepVGGBlock(in_channels, stem_width, stem_stride)

@@ -161,12 +161,14 @@ def train(args, model, x_train, y_train, x_test, y_test, run_dir: Path) -> dict:
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(yb)
-            if tty and (step % 10 == 0 or step == steps_per_epoch - 1):
+            if step % 10 == 0 or step == steps_per_epoch - 1:
                 el = time.time() - t0
-                sys.stderr.write(f"\r[{args.arch}] epoch {epoch + 1}/{args.epochs} step {step + 1}/"
-                                 f"{steps_per_epoch} loss {loss_sum / seen:.4f} "
-                                 f"{(step + 1) / max(el, 1e-9):.1f} it/s")
-                sys.stderr.flush()
+                msg = (f"[{args.arch}] epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} "
+                       f"loss {loss_sum / seen:.4f} {(step + 1) / max(el, 1e-9):.2f} it/s")
+                if tty:
+                    sys.stderr.write("\r" + msg)
+                    sys.stderr.flush()
+                (run_dir / "progress.txt").write_text(msg + "\n")  # for polling non-TTY runs
         if tty:
             sys.stderr.write("\r\033[K")
         test_acc = accuracy(predict(model, x_test), y_test)

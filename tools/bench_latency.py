@@ -1,13 +1,13 @@
 """INT8 (onnxrep quantize) vs FP32 latency in onnxruntime, graph optimizations on.
 
 For each model: quantize per-tensor with the default settings on the calibration data, then time
-FP32 and INT8 at batch 1 and 32 in one process. Measurements interleave the two models in rounds
-(so a busy neighbour on the shared machine slows both alike) and report the median per call.
+FP32 and INT8 at batch 1 and 32 in one process, calls alternating between the two models (so a
+busy neighbour on the shared machine slows both alike); the median per call is reported.
 Also lists the op types onnxruntime actually runs after its graph optimizations, to show that
 Conv(+ReLU) became integer QLinearConv with no float op left between.
 
 usage: python tools/bench_latency.py [MODEL ...] [--calib models/fmnist_calib.npz]
-       [--rounds 15] [--threads 0]
+       [--calls 400] [--threads 0]
 """
 
 from __future__ import annotations
@@ -39,15 +39,16 @@ def session(model: onnx.ModelProto, threads: int, optimized_path: Path | None = 
                                 providers=["CPUExecutionProvider"])
 
 
-def time_call(sess, feeds: dict, min_seconds: float = 0.2) -> float:
-    """Median seconds per call over as many calls as fit in ``min_seconds`` (at least 3)."""
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def interleaved(sessions: dict, feeds: dict, calls: int) -> dict[str, float]:
+    """Median seconds per call of each session, calls alternating between the sessions (a
+    busy neighbour on the shared machine slows all of them alike)."""
+    times = {k: [] for k in sessions}
+    for _ in range(calls):
+        for key, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def runtime_ops(model: onnx.ModelProto, threads: int) -> collections.Counter:
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", type=Path, default=MODELS)
     p.add_argument("--calib", type=Path, default=ROOT / "models" / "fmnist_calib.npz")
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--calls", type=int, default=400,
+                   help="timed calls per model at batch 1 (a quarter at batch 32)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime)")
     args = p.parse_args(argv)
     missing = [m for m in [*args.models, args.calib] if not m.exists()]
@@ -86,15 +88,12 @@ def main(argv=None) -> int:
             feeds = {name: calib[rng.integers(0, len(calib), batch)]}
             for s in sessions.values():
                 s.run(None, feeds)  # warm-up
-            samples = {k: [] for k in sessions}
-            for _ in range(args.rounds):
-                for key, s in sessions.items():
-                    samples[key].append(time_call(s, feeds))
-            f, q = (statistics.median(samples[k]) for k in ("fp32", "int8"))
+            median = interleaved(sessions, feeds, args.calls if batch == 1 else args.calls // 4)
+            f, q = median["fp32"], median["int8"]
             rows.append((path.stem, batch, 1000 * f, 1000 * q, f / q))
     print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, graph optimizations ON, "
-          f"intra-op threads {args.threads or 'default'}; median of {args.rounds} interleaved "
-          "rounds\n")
+          f"intra-op threads {args.threads or 'default'}; median per call, FP32 and INT8 calls "
+          "alternating\n")
     print("| model | batch | FP32 ms | INT8 ms | INT8 speed-up |")
     print("|---|---:|---:|---:|---:|")
     for model, batch, f, q, ratio in rows:

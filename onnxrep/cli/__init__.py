@@ -13,7 +13,7 @@ import sys
 from onnxrep.errors import OnnxrepError
 from onnxrep.progress import set_quiet
 
-SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize"]
+SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -164,16 +164,15 @@ def _first_layer_problem(index: GraphIndex, i: int) -> str | None:
     if problem:
         return problem
     if len(node.input) > 2 and node.input[2]:
-        bias = index.const(node.input[2])
-        if bias is None:
-            return f"bias '{node.input[2]}' is not a constant"
-        if index.shared(node.input[2]):
-            return f"bias '{node.input[2]}' is shared by {len(index.readers(node.input[2]))} nodes"
-        if node.op_type == "Gemm" and bias.size != index.const_info(node.input[1])[1][
-                0 if attr(node, "transB", 0) else 1]:
-            return "Gemm bias is not one value per output feature"
-    if node.op_type == "Gemm" and attr(node, "alpha", 1.0) <= 0:
-        return "Gemm alpha is not positive"
+        bias = node.input[2]
+        if not index.is_const(bias):
+            return f"bias '{bias}' is not a constant"
+        if index.shared(bias):
+            return f"bias '{bias}' is shared by {len(index.readers(bias))} nodes"
+        if node.op_type == "Gemm":
+            outputs = index.const_info(node.input[1])[1][0 if attr(node, "transB", 0) else 1]
+            if int(np.prod(index.const_info(bias)[1])) != outputs:
+                return "Gemm bias is not one value per output feature"
     return None
 
 
