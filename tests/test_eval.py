@@ -134,12 +134,12 @@ def test_cli_table_and_summary(files, capsys):
     before = [digest(files / n) for n in ("net.onnx", "data.npz")]
     assert main(["eval", str(files / "net.onnx"), "--data", str(files / "data.npz"),
                  "--reference", str(files / "ref.onnx"), "--batch-size", "16"]) == 0
-    out, err = capsys.readouterr()
-    assert "top-1" in out and "SQNR dB" in out
+    out = capsys.readouterr().out
+    assert "top-1" in out and "SQNR dB" in out and "not used from" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"net.onnx: top-1 {expected_topk(1):.4f} top-5 {expected_topk(5):.4f}"
                            " on 50 samples (")
-    assert "; vs ref.onnx: SQNR" in last and "not used from" in err and "meta" in err
+    assert "; vs ref.onnx: SQNR" in last
     assert [digest(files / n) for n in ("net.onnx", "data.npz")] == before
 
 
@@ -150,6 +150,7 @@ def test_cli_json(files, capsys):
     assert doc["schema"] == "onnxrep.eval" and doc["samples"] == 20
     assert doc["accuracy"]["top1"] == pytest.approx(np.mean(LOGITS[:20].argmax(1) == LABELS[:20]))
     assert doc["fidelity"] is None and doc["reference"] is None
+    assert doc["unused_keys"] == ["meta"]
 
 
 @pytest.mark.parametrize("extra", [

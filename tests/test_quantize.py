@@ -352,6 +352,27 @@ def test_auto_exclude_takes_the_worst_nodes_of_the_report():
     assert not set(worst) & set(quantized_nodes(result.model))
 
 
+def test_max_drop_excludes_until_the_budget_holds():
+    model = mobileone_like()
+    x = _data(model, 96)
+    labels = verify.run(model, {"input": x})[model.graph.output[0].name].argmax(1)
+    data = {"input": x, "labels": labels}
+    loose = quantize_with_details(model, x, QuantizeConfig(max_drop=100.0, optimize=False),
+                                  evaluation=data)
+    assert [k for k, _ in loose.exclusion_trials] == [0] and loose.excluded == ()
+    strict = quantize_with_details(model, x, QuantizeConfig(max_drop=0.0, optimize=False,
+                                                            max_auto_exclude=3),
+                                   evaluation=data)
+    ks = [k for k, _ in strict.exclusion_trials]
+    assert ks == list(range(len(ks))) and 1 <= len(ks) <= 4
+    drops = dict(strict.exclusion_trials)
+    met = [k for k in ks if drops[k] <= 0.0]
+    chosen = met[0] if met else min(ks, key=lambda k: drops[k])
+    assert len(strict.excluded) == chosen
+    with pytest.raises(Exception, match="max_drop needs"):
+        quantize_with_details(model, x, QuantizeConfig(max_drop=1.0))
+
+
 # ---- per-layer report -------------------------------------------------------------------------
 
 def _prepared_pair(model, x, config=QuantizeConfig(optimize=False), tmp=None):

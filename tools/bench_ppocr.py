@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -107,8 +108,12 @@ def ort_alone(src: Path, calib: np.ndarray, out: Path, per_channel: bool) -> str
             return None if x is None else {"x": x}
 
     pre = out.with_suffix(".pre.onnx")
+    cwd = os.getcwd()
     try:
-        quant_pre_process(str(src), str(pre))
+        os.chdir(out.parent)  # its shape inference may leave temp files in the working directory
+        # symbolic shape inference fails on the detector's dynamic dims ("Incomplete symbolic
+        # shape inference"), so it is skipped; ONNX shape inference and the optimizer still run
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         per_channel=per_channel)
@@ -118,6 +123,8 @@ def ort_alone(src: Path, calib: np.ndarray, out: Path, per_channel: bool) -> str
         ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     except Exception as exc:  # report, do not hide: this is the baseline's failure
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+    finally:
+        os.chdir(cwd)
     return None
 
 
@@ -140,12 +147,16 @@ def main(argv=None) -> int:
         rows.append(("FP32 (original)", ref, fp32_ms, None))
         opt = tmp / "det.opt.onnx"
         shape = f"x:1x3x{h}x{w}"
-        optimize = _onnxrep(["optimize", str(src), "-o", str(opt), "--input-shape", shape])
-        if optimize.returncode == 0:
-            out, ms = probs(str(opt), test)
-            rows.append(("onnxrep optimize (FP32)", out, ms, None))
-        else:
+        command = ["optimize", str(src), "-o", str(opt), "--input-shape", shape]
+        optimize = _onnxrep(command)
+        if optimize.returncode != 0:
             rows.append(("onnxrep optimize (FP32)", None, None, _last_line(optimize)))
+            optimize = _onnxrep(command + ["--rtol", "1e-2"])
+        label = "onnxrep optimize (FP32)" if len(rows) == 1 else "same, --rtol 1e-2"
+        if optimize.returncode == 0:
+            rows.append((label, *probs(str(opt), test), None))
+        else:
+            rows.append((label, None, None, _last_line(optimize)))
         for per_channel in (False, True):
             mode = "per-channel" if per_channel else "per-tensor"
             q = tmp / f"ort.{mode}.onnx"

@@ -13,7 +13,7 @@ import sys
 from onnxrep.errors import OnnxrepError
 from onnxrep.progress import set_quiet
 
-SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn"]
+SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "qat"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -56,14 +56,13 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model)
     dataset = load_data(args.data, model, batch_size=args.batch_size, limit=args.limit,
                         image_options=_image_options(args))
-    if dataset.ignored:
-        log(f"not used from {args.data}: {', '.join(dataset.ignored)}")
     log(f"evaluating {args.model} on {args.data}"
         + (f" against {args.reference}" if args.reference else ""))
     result = evaluate(model, dataset, reference=args.reference)
     if args.json:
         emit_json("eval", {"model": args.model, "data": args.data,
-                           "reference": args.reference, **result.as_dict()})
+                           "reference": args.reference, "unused_keys": list(dataset.ignored),
+                           **result.as_dict()})
         return 0
     print(table(["metric", "value"], _metric_rows(result), "lr"))
     if result.fidelity:
@@ -74,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
                      for name, m in result.fidelity.items()]))
     for reason in result.skipped:
         print(f"skipped {reason}")
+    if dataset.ignored:
+        print(f"not used from {args.data}: {', '.join(dataset.ignored)}")
     print()
     print(summary(result, args.model, args.reference))
     return 0

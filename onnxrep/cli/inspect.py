@@ -3,8 +3,13 @@
 Flags layers with max |w| > 100 or spread > 10. Lists every equalizable pair and, for each
 other Conv/Gemm, why CLE leaves it alone. Given two models (e.g. before and after optimize),
 the table shows them side by side. --plot writes per-channel weight ranges as a PNG.
+With --calib, also measures every layer's output over the data (one onnxruntime pass) and
+shows where per-tensor activation quantization hurts: the tensor's range against the median
+range of its channels, dead channels, and channels left with fewer than 16 of the 256 INT8
+levels (ranges after the ReLU where one follows, as onnxruntime quantizes them).
 
 example: onnxrep inspect models/mobileone_fmnist.onnx mobileone.opt.onnx --plot ranges.png
+         onnxrep inspect models/mobileone_fmnist.onnx --calib models/fmnist_calib.npz
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import argparse
 from pathlib import Path
 
 from onnxrep.cli.common import add_reporting, emit_json
+from onnxrep.calibration.statistics import (COARSE_LEVELS, activation_ranges,
+                                            collect_statistics)
 from onnxrep.cli.optimize import layer_table
+from onnxrep.cli.restore_bn import add_calib, calib_dataset
 from onnxrep.model import GraphIndex, load
 from onnxrep.passes.equalize import find_pairs
 from onnxrep.report import fmt, plot_ranges, table, weight_stats
@@ -24,6 +32,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("other", nargs="?", help="a second model to compare (e.g. the optimized one)")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
                    help="write per-channel weight ranges of the widest-spread layers")
+    add_calib(p, required=False)
     add_reporting(p)
 
 
@@ -40,13 +49,19 @@ def run(args: argparse.Namespace) -> int:
     other_stats = weight_stats(models[1][1]) if args.other else None
     if args.plot:
         plot_ranges([(Path(name).name, m) for name, m in models], str(args.plot))
+    activations = samples = None
+    if args.calib:
+        measured = collect_statistics(model, calib_dataset(args, model))
+        activations, samples = activation_ranges(model, measured), measured.samples
     if args.json:
         emit_json("inspect", {
             "model": args.model, "layers": [s.as_dict() for s in stats],
             "other": {"model": args.other, "layers": [s.as_dict() for s in other_stats]}
             if other_stats else None,
             "pairs": [dict(zip(("first", "second", "through"), r)) for r in pair_rows],
-            "skipped": [vars(s) for s in skips], "plot": str(args.plot) if args.plot else None})
+            "skipped": [vars(s) for s in skips], "plot": str(args.plot) if args.plot else None,
+            "activations": None if activations is None else {
+                "samples": samples, "layers": [a.as_dict() for a in activations]}})
         return 0
     if other_stats:
         print(layer_table(stats, other_stats))
@@ -60,7 +75,24 @@ def run(args: argparse.Namespace) -> int:
     if skips:
         print(f"\nnot equalized ({len(skips)}):")
         print(table(["layer", "reason"], [[s.node, s.reason] for s in skips], "ll"))
+    if activations is not None:
+        print(f"\nactivation ranges over {samples} samples (after the ReLU where one follows):")
+        print(activation_table(activations))
     outliers = sum(s.outlier for s in stats)
     print(f"\n{len(stats)} weight layers, {outliers} flagged (max|w| > 100 or spread > 10), "
           f"{len(pairs)} CLE pairs" + (f"; plot: {args.plot}" if args.plot else ""))
+    if activations is not None:
+        hurt = sum(a.coarse > 0 for a in activations)
+        print(f"{hurt} of {len(activations)} layer outputs leave a channel with fewer than "
+              f"{COARSE_LEVELS} of 256 levels under per-tensor INT8")
     return 0
+
+
+def activation_table(rows) -> str:
+    """Per-tensor range vs median per-channel range of each layer output."""
+    return table(["layer", "op", "tensor range", "median channel", "ratio", "dead",
+                  f"<{COARSE_LEVELS} levels", ""],
+                 [[a.node, a.op + ("+Relu" if a.relu else ""),
+                   f"[{fmt(a.lo)}, {fmt(a.hi)}]", fmt(a.median_width), fmt(a.ratio),
+                   f"{a.dead}/{a.channels}", a.coarse, "!" if a.coarse else ""]
+                  for a in rows], "llrrrrrl")

@@ -1,10 +1,15 @@
-"""Equalize a deploy-form Rep model so it quantizes well; the output is verified equivalent.
+"""Make a deploy-form Rep model quantize well; every pass is verified before anything is written.
 
-Runs cross-layer equalization on Conv/Gemm/MatMul weights, checks with onnxruntime that the
-outputs did not change beyond --rtol (exit 3 and nothing written otherwise), writes the model
-and prints a per-layer before/after table of max |w|, per-tensor spread and INT8 weight SQNR.
+Folds BatchNormalization into the layers before it, equalizes Conv/Gemm/MatMul weights across
+layers (CLE) and checks with onnxruntime that the outputs did not change beyond --rtol (exit 3
+and nothing written otherwise). With --calib it also measures every ReLU's pre-activation:
+weights that only ever multiply a channel that never fires are zeroed (the huge merged weights
+of dead channels), and channels that never go negative have their bias absorbed into the next
+layer; both are exact on the calibration data and checked over all of it. Without data,
+--input-range=LO,HI proves dead channels by interval arithmetic instead. Prints a per-layer
+before/after table of max |w|, per-tensor spread and INT8 weight SQNR.
 
-example: onnxrep optimize models/mobileone_fmnist.onnx -o mobileone.opt.onnx
+example: onnxrep optimize models/mobileone_fmnist.onnx --calib models/fmnist_calib.npz
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 
 from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json,
                                 output_path, parse_input_shapes)
+from onnxrep.cli.restore_bn import add_calib
 from onnxrep.errors import InputError
 from onnxrep.optimize import Optimized, OptimizeConfig, optimize_file
 from onnxrep.passes.equalize import EqualizeConfig
@@ -38,8 +44,25 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="largest relative output error accepted (default %(default)g)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare outputs before/after with onnxruntime (default on)")
+    add_calib(p, required=False)
+    p.add_argument("--input-range", type=_range, metavar="LO,HI",
+                   help="bounds of every float input (write --input-range=-1,1): proves dead "
+                        "channels without data (default with --calib: the data's min/max)")
+    for name, what in (("fold-bn", "fold BatchNormalization first"),
+                       ("dead-inputs", "zero weights reading dead channels"),
+                       ("absorb-bias", "absorb high biases (needs --calib)")):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True,
+                       help=f"{what} (default on)")
     add_input_shape(p)
     add_reporting(p)
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI, e.g. -1,1; got '{text}'") from None
+    return lo, hi
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,10 +71,17 @@ def run(args: argparse.Namespace) -> int:
         equalize = EqualizeConfig(args.iterations, args.tolerance, args.threshold, args.max_scale)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    config = OptimizeConfig(equalize=equalize, verify=args.verify, rtol=args.rtol,
-                            input_shapes=parse_input_shapes(args.input_shape))
-    log(f"optimizing {args.model}")
-    result = optimize_file(args.model, out, config, force=args.force, progress=log)
+    try:
+        config = OptimizeConfig(equalize=equalize, verify=args.verify, rtol=args.rtol,
+                                input_shapes=parse_input_shapes(args.input_shape),
+                                fold_bn=args.fold_bn, dead_inputs=args.dead_inputs,
+                                absorb_bias=args.absorb_bias, input_range=args.input_range,
+                                batch_size=args.batch_size, calib_limit=args.calib_limit)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    log(f"optimizing {args.model}" + (f" with {args.calib}" if args.calib else ""))
+    result = optimize_file(args.model, out, config, calib=args.calib, force=args.force,
+                           progress=log)
     if args.json:
         emit_json("optimize", as_json(result, args.model, out))
     else:
@@ -75,14 +105,32 @@ def layer_table(before, after) -> str:
 
 
 def summary(result: Optimized, out) -> str:
-    eq = dict(result.results)["equalize"]
+    passes = dict(result.results)
+    eq = passes["equalize"]
     worst_b = max((s.spread for s in result.before), default=1.0)
     worst_a = max((s.spread for s in result.after), default=1.0)
     verified = (f"verified: {result.comparison.summary()}" if result.comparison
                 else "not verified")
-    return (f"equalized {len(eq.changes)}/{eq.info['pairs']} pairs in {eq.info['rounds']} rounds"
-            f"{'' if eq.info['converged'] else ' (not converged)'}, {len(eq.skips)} layers "
-            f"skipped; worst spread {fmt(worst_b)} -> {fmt(worst_a)}; {verified}; wrote {out}")
+    if result.data_comparison:
+        verified += f"; on all calibration data: {result.data_comparison.summary()}"
+    lines = []
+    if "fold-bn" in passes:
+        r = passes["fold-bn"]
+        lines.append(f"folded {r.info['folded']} BatchNormalization node(s), {len(r.skips)} left")
+    if "dead-inputs" in passes:
+        r = passes["dead-inputs"]
+        lines.append(f"dead inputs: {r.info['dead channels']} channel(s) never fire "
+                     f"({r.info['proven']} proven, {r.info['observed']} observed only); "
+                     f"zeroed their weights in {len(r.changes)} layer(s)")
+    if "absorb-bias" in passes:
+        r = passes["absorb-bias"]
+        lines.append(f"absorbed high biases of {r.info['channels']} channel(s) in "
+                     f"{len(r.changes)} layer pair(s), {len(r.skips)} pair(s) skipped")
+    lines.append(f"equalized {len(eq.changes)}/{eq.info['pairs']} pairs in {eq.info['rounds']} "
+                 f"rounds{'' if eq.info['converged'] else ' (not converged)'}, {len(eq.skips)} "
+                 f"layers skipped; worst spread {fmt(worst_b)} -> {fmt(worst_a)}; {verified}; "
+                 f"wrote {out}")
+    return "\n".join(lines)
 
 
 def as_json(result: Optimized, src, out) -> dict:
@@ -95,4 +143,6 @@ def as_json(result: Optimized, src, out) -> dict:
         "layers": [{"node": b.node, "before": b.as_dict(),
                     "after": after_by.get(b.node, b).as_dict()} for b in result.before],
         "verification": result.comparison.as_dict() if result.comparison else None,
+        "verification_on_data": (result.data_comparison.as_dict() if result.data_comparison
+                                 else None),
     }

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-
 from onnxrep.calibration.statistics import Statistics
 from onnxrep.model import GraphIndex, attr, set_attr
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
+from onnxrep.passes.fold_batchnorm import write_const_input
 from onnxrep.shapes import infer_shapes
 
 SHIFT_OPS = {"MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Identity", "Dropout"}
@@ -183,22 +182,13 @@ def _bias_problem(index: GraphIndex, node: onnx.NodeProto) -> str | None:
 def _shift_bias(index: GraphIndex, i: int, delta: np.ndarray) -> None:
     """Add ``delta`` (one value per output channel) to the layer's bias (beta folded in)."""
     node = index.node(i)
-    w = index.const(node.input[1])
+    b = np.zeros(delta.size)
     if len(node.input) > 2 and node.input[2]:
-        b = index.const(node.input[2]).astype(np.float64).reshape(-1)
-        if node.op_type == "Gemm":
-            b = b * float(attr(node, "beta", 1.0))
-            set_attr(node, "beta", 1.0)
-        index.set_const(node.input[2], np.broadcast_to(b, delta.shape) + delta)
-        return
-    name = _unique(index, f"{node.output[0]}_bias")
-    index.graph.initializer.append(numpy_helper.from_array(delta.astype(w.dtype), name))
-    index.initializers[name] = index.graph.initializer[-1]
-    while len(node.input) < 3:
-        node.input.append("")
-    node.input[2] = name
+        b = np.broadcast_to(index.const(node.input[2]).astype(np.float64).reshape(-1), delta.shape)
     if node.op_type == "Gemm":
+        b = b * float(attr(node, "beta", 1.0))
         set_attr(node, "beta", 1.0)
+    write_const_input(index, node, 2, b + delta, f"{node.output[0]}_bias")
 
 
 def _compensate(index: GraphIndex, second: int, c: np.ndarray, features: int) -> None:
@@ -213,11 +203,3 @@ def _compensate(index: GraphIndex, second: int, c: np.ndarray, features: int) ->
         wk = w.T if attr(node, "transB", 0) else w  # [K, N]
         delta = float(attr(node, "alpha", 1.0)) * (np.repeat(c, features) @ wk)
     _shift_bias(index, second, delta)
-
-
-def _unique(index: GraphIndex, base: str) -> str:
-    taken = set(index.producer) | set(index.initializers) | index.graph_inputs
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name

@@ -1,6 +1,7 @@
 """Zero the weights that only ever multiply a dead channel.
 
-A channel c of a ReLU's input z is dead when z_c never exceeds 0, so Relu(z)_c is exactly 0:
+A channel c of a ReLU's input z is dead when z_c never exceeds 0, so Relu(z)_c is exactly 0
+(ReLU6 as Clip(z, 0, 6) too):
 
 - *observed*: max z_c <= 0 over the calibration data (measured statistics);
 - *proven*: interval arithmetic from a stated input range bounds z_c <= 0 for every input in
@@ -86,7 +87,7 @@ class ZeroDeadInputs(Pass):
         changes, skips = [], []
         totals = {"proven": 0, "observed": 0}
         for i, node in enumerate(model.graph.node):
-            if node.op_type != "Relu" or node.domain not in ("", "ai.onnx"):
+            if not zero_below(index, node):
                 continue
             proven, observed = self._dead(node.input[0], bounds)
             dead = proven | observed
@@ -118,6 +119,17 @@ class ZeroDeadInputs(Pass):
         proven = (iv.hi <= 0) if iv is not None and iv.hi.size == n else np.zeros(n, bool)
         observed = (s.max <= 0) if s is not None else np.zeros(n, bool)
         return proven, observed
+
+
+def zero_below(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """True for activations that output exactly 0 wherever their input is <= 0: Relu, and
+    Clip with a constant lower bound of 0 (ReLU6)."""
+    if node.domain not in ("", "ai.onnx") or not node.input:
+        return False
+    if node.op_type == "Relu":
+        return True
+    bounds = _clip_bounds(index, node) if node.op_type == "Clip" else None
+    return bounds is not None and bounds[0] == 0 and bounds[1] >= 0
 
 
 def _how(proven: np.ndarray, observed: np.ndarray) -> str:

@@ -57,6 +57,14 @@ class FoldBatchNorm(Pass):
                           {"folded": len(changes), "unused constants removed": removed})
 
 
+def fold_bn(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every foldable BatchNormalization folded; ``model`` is untouched."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    FoldBatchNorm()(work)
+    return work
+
+
 def _problem(index: GraphIndex, i: int) -> str | None:
     """Why BN node ``i`` cannot be folded, or None."""
     bn = index.node(i)
@@ -136,15 +144,7 @@ def _fold(index: GraphIndex, layer: int, i: int) -> str:
         set_attr(node, "beta", 1.0)
     else:
         new = (old.reshape(-1) - mean) * t + beta
-    if bias is None:
-        name = _unique(index, f"{node.output[0]}_bias")
-        index.graph.initializer.append(numpy_helper.from_array(new.astype(w.dtype), name))
-        index.initializers[name] = index.graph.initializer[-1]
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = name
-    else:
-        index.set_const(bias, new)
+    write_const_input(index, node, 2, new, f"{node.output[0]}_bias")
     node.output[0] = bn.output[0]
     return f"t in [{t.min():.3g}, {t.max():.3g}]"
 
@@ -162,7 +162,33 @@ def scale_outputs(node: onnx.NodeProto, w: np.ndarray, t: np.ndarray) -> np.ndar
     return w * (t[:, None] if attr(node, "transB", 0) else t[None, :])  # Gemm
 
 
-def _unique(index: GraphIndex, base: str) -> str:
+def write_const_input(index: GraphIndex, node: onnx.NodeProto, slot: int, value: np.ndarray,
+                      base: str) -> None:
+    """Make ``node.input[slot]`` the constant ``value`` (in the layer weight's dtype): in place
+    when a constant with as many elements is there, else as a new initializer (a replaced one
+    is dropped when nothing else reads it)."""
+    old = node.input[slot] if len(node.input) > slot else ""
+    info = index.const_info(old) if old else None
+    if info is not None and int(np.prod(info[1], dtype=np.int64)) == value.size:
+        index.set_const(old, value.reshape(info[1]))
+        return
+    dtype = info[0] if info is not None else index.const_info(node.input[1])[0]
+    name = unique_name(index, base)
+    tensor = numpy_helper.from_array(np.asarray(value).astype(dtype), name)
+    index.graph.initializer.append(tensor)
+    index.initializers[name] = index.graph.initializer[-1]
+    if old in index.initializers and len(index.readers(old)) == 1:
+        for k, t in enumerate(index.graph.initializer):
+            if t.name == old:
+                del index.graph.initializer[k]
+                break
+        del index.initializers[old]
+    while len(node.input) <= slot:
+        node.input.append("")
+    node.input[slot] = name
+
+
+def unique_name(index: GraphIndex, base: str) -> str:
     taken = set(index.producer) | set(index.initializers) | index.graph_inputs
     name, k = base, 1
     while name in taken:

@@ -17,9 +17,10 @@ an entropy threshold by a bin. The ranges reach ``quantize_static`` through its 
 (``calibration_cache_path``), so one calibration serves bias correction, the sensitivity report
 and every re-quantization with other excluded nodes.
 
-Types (measured on the shipped models, see tools/bench_latency.py): uint8 activations with int8
-weights, onnxruntime's recommendation for x86 with VNNI; ReLU/Clip after a Conv are folded into
-the Conv's output quantization, so onnxruntime fuses DQ -> Conv -> Q into an integer QLinearConv.
+Types: uint8 activations with int8 weights, onnxruntime's recommendation for x86; on this
+project's AVX2 machine (no VNNI) onnxruntime's u8s8 GEMM ran at 1.1x its FP32 GEMM and s8s8 at
+0.5x, so uint8 activations stay the default. ReLU/Clip after a Conv are folded into the Conv's
+output quantization, so onnxruntime fuses DQ -> Conv -> Q into an integer QLinearConv.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import inspect
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ from onnxrep.calibration.readers import Dataset, load_data
 from onnxrep.evaluate import evaluate
 from onnxrep.errors import DataError, InputError, OnnxrepError, UnsupportedModelError
 from onnxrep.model import GraphIndex, attr, check_opset, opset_version, write_to
-from onnxrep.optimize import OptimizeConfig, optimize
+from onnxrep.optimize import OptimizeConfig, optimize_with_details
 from onnxrep.progress import Progress, log
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -135,7 +137,6 @@ class Quantized:
     excluded: tuple[str, ...]
     notes: list[str]
     calibration: CalibrationInfo
-    optimized: bool
     bias: object | None = None  # bias_correction.BiasCorrection
     report: object | None = None  # sensitivity.LayerReport
     exclusion_trials: list[tuple[int, float]] = field(default_factory=list)
@@ -155,8 +156,12 @@ def quantize(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None
 
 def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None,
                           *, evaluation=None, batch_size: int = 32) -> Quantized:
-    """Like :func:`quantize`, also returning what was done (see :class:`Quantized`)."""
-    from onnxrep.quantize import bias_correction, sensitivity
+    """Like :func:`quantize`, also returning what was done (see :class:`Quantized`).
+
+    ``Quantized.report`` is the per-layer report of the final model with ``config.report``,
+    else the report that ranked nodes for ``auto_exclude``/``max_drop`` (None without them).
+    """
+    from onnxrep.quantize import bias_correction, sensitivity  # they import this module
 
     config = config or QuantizeConfig()
     start = time.monotonic()
@@ -164,30 +169,28 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     dataset = as_dataset(calib, model, batch_size)
     if config.max_drop is not None and evaluation is None:
         raise InputError("max_drop needs labelled evaluation data")
+    work = _copy(model)
+    # names first, on the input's own node order: unnamed nodes get `onnxrep inspect`'s labels
+    named = name_nodes(work.graph)
     if config.optimize:
         log("optimizing (equivalence-preserving passes)")
-        work = _optimize(model, config.passes, dataset)
-    else:
-        work = _copy(model)
-    notes = prepare(work, per_channel=config.per_channel)
+        work = optimize_with_details(work, config.passes, calib=dataset, copy=False).model
+    notes = ([f"{named} unnamed or duplicate node names made unique"] if named else [])
+    notes += prepare(work, per_channel=config.per_channel)
     _check_excluded(work, config.exclude)
-    with contextlib.ExitStack() as stack:
-        import tempfile
-
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxrep-quant-")))
-        ranges, info, kept = calibrate(work, dataset, config, tmp)
-        quantizer = Quantizer(config, ranges, tmp)
-        excluded = list(config.exclude)
-        report = trials = None
+    with tempfile.TemporaryDirectory(prefix="onnxrep-quant-") as tmp:
+        ranges, info, kept = calibrate(work, dataset, config, Path(tmp))
+        quantizer = Quantizer(config, ranges, Path(tmp))
+        excluded, report, ranked = list(config.exclude), None, []
         if config.auto_exclude or config.max_drop is not None:
-            first = quantizer(work, excluded)
-            report = sensitivity.layer_report(work, first, kept)
+            report = sensitivity.layer_report(work, quantizer(work, excluded), kept)
             ranked = [r.node for r in report.layers if r.node not in excluded]
             if config.auto_exclude:
                 excluded += ranked[:config.auto_exclude]
                 log(f"auto-exclude: keeping {', '.join(ranked[:config.auto_exclude])} in FP32")
 
         def build(exclude: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto, object]:
+            """(float model, QDQ model, bias correction record) with ``exclude`` in FP32."""
             fl = _copy(work)
             if not config.bias_correction:
                 return fl, quantizer(fl, exclude), None
@@ -195,14 +198,15 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
             return fl, qdq, corr
 
         final_float, qdq, bias = build(excluded)
+        trials = []
         if config.max_drop is not None:
             (final_float, qdq, bias, excluded,
              trials) = _exclude_until(model, evaluation, config, build, excluded, ranked,
                                       (final_float, qdq, bias))
         if config.report:
             report = sensitivity.layer_report(final_float, qdq, kept)
-    return Quantized(qdq, final_float, config, tuple(excluded), notes, info, config.optimize,
-                     bias, report, trials or [], time.monotonic() - start)
+    return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
+                     trials, time.monotonic() - start)
 
 
 def as_dataset(source, model: onnx.ModelProto, batch_size: int = 32) -> Dataset:
@@ -216,13 +220,6 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     return work
-
-
-def _optimize(model: onnx.ModelProto, config: OptimizeConfig, dataset: Dataset):
-    """onnxrep.optimize, given the calibration data when its signature takes it."""
-    if "calib" in inspect.signature(optimize).parameters:
-        return optimize(model, config, calib=dataset)
-    return optimize(model, config)
 
 
 def _check_excluded(model: onnx.ModelProto, names) -> None:
@@ -651,17 +648,25 @@ def _exclude_until(original, evaluation, config, build: Callable, excluded: list
 
 
 def quantized_nodes(qdq: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that run in INT8: every float input comes from a DequantizeLinear
-    (an excluded Conv reads a DQ'd activation but a float weight, so it is not listed)."""
-    dq_out = {o for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    non_float = {t.name for t in qdq.graph.initializer
-                 if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                        onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
+    """Names of the nodes onnxruntime quantized: every float input comes from a
+    DequantizeLinear, and the node has a quantized constant (weight) or a quantized output.
+    An excluded Conv (float weight) or a float op that merely reads a DQ'd tensor (a Sigmoid
+    after the last conv) is not listed."""
+    index = GraphIndex(qdq.graph)
+    dq_out = {o: n for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.BFLOAT16)
+    non_float = {t.name for t in qdq.graph.initializer if t.data_type not in floats}
     names = []
     for n in qdq.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         inputs = [x for x in n.input if x and x not in non_float]
-        if inputs and all(x in dq_out for x in inputs):
+        if not inputs or not all(x in dq_out for x in inputs):
+            continue
+        weight = any(index.is_const(dq_out[x].input[0]) for x in inputs)
+        output_q = any(qdq.graph.node[j].op_type == "QuantizeLinear"
+                       for o in n.output for j in index.readers(o))
+        if weight or output_q:
             names.append(n.name)
     return names

@@ -36,7 +36,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -72,6 +72,7 @@ class QATConfig:
     """How to train.
 
     ``lr``: peak learning rate (SGD, Nesterov momentum ``momentum``, cosine decay to 0).
+    ``per_channel``/``reduce_range``: weight quantization (:class:`FakeQuantConfig`).
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
     statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
     ``optimize``: CLE first. ``calib_samples``: training samples used for calibration when no
@@ -88,6 +89,7 @@ class QATConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     per_channel: bool = False
+    reduce_range: bool = False
     restore_bn: bool = True
     optimize: bool = True
     freeze_bn_after: int | None = None
@@ -118,7 +120,8 @@ class QATConfig:
             problems.append("resume needs a checkpoint directory")
         if problems:
             raise ValueError("; ".join(problems))
-        FakeQuantConfig(self.per_channel, self.averaging_constant, self.bn_momentum)
+        FakeQuantConfig(self.per_channel, self.reduce_range, self.averaging_constant,
+                        self.bn_momentum)
 
 
 @dataclass(frozen=True)
@@ -132,12 +135,15 @@ class Step:
 @dataclass
 class QATResult:
     """The QDQ model and how it was made. ``float_model``: the FP32 model that was trained from
-    (after CLE and BN restore); ``conversion``: torch vs onnxruntime on it before training;
-    ``deployment``: the exported model in onnxruntime (int8 kernels) vs the torch fake-quant
-    model, both on the first calibration batch."""
+    (after CLE and BN restore); ``net``: the trained torch fake-quant model (eval mode);
+    ``calibration``: the calibration data used; ``conversion``: torch vs onnxruntime on the
+    float model before training; ``deployment``: the exported model in onnxruntime (int8
+    kernels) vs the torch fake-quant model, both on the first calibration batch."""
 
     model: onnx.ModelProto
     float_model: onnx.ModelProto
+    net: GraphModule
+    calibration: Dataset
     history: list[Step]
     conversion: verify.Comparison
     deployment: verify.Comparison
@@ -147,9 +153,10 @@ class QATResult:
     skips: list
     steps: int
     samples: int
-    seconds: float
+    seconds: float  # all of it: passes, calibration, training, export, checks
+    train_seconds: float  # the training loop alone (this run's part when resumed)
+    samples_per_second: float  # training throughput of this run
     resumed_from: int | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def qat(model: onnx.ModelProto, train_data, loss_fn: LossFn | None = None,
@@ -167,9 +174,18 @@ def qat_with_details(model: onnx.ModelProto, train_data, loss_fn: LossFn | None 
                      config: QATConfig | None = None, *, calib=None) -> QATResult:
     """Like :func:`qat`, also returning the training history and the checks."""
     config = config or QATConfig()
-    start = time.monotonic()
     check_opset(model)
-    _init_distributed()
+    created = _init_distributed()
+    try:
+        return _qat(model, train_data, loss_fn, config, calib)
+    finally:
+        if created:
+            fake_quant.use_process_group(None)
+            dist.destroy_process_group()
+
+
+def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
+    start = time.monotonic()
     torch.manual_seed(config.seed)
     data = TrainData(train_data, model, config.batch_size, config.seed)
     calib_set = _calibration(calib, data, model, config)
@@ -178,8 +194,8 @@ def qat_with_details(model: onnx.ModelProto, train_data, loss_fn: LossFn | None 
     first = calib_set.first_batch()
     conversion = _check_conversion(work, net, first, config.rtol)
     teacher = None if data.has_labels else copy.deepcopy(net)
-    plan = prepare(net, FakeQuantConfig(config.per_channel, config.averaging_constant,
-                                        config.bn_momentum))
+    plan = prepare(net, FakeQuantConfig(config.per_channel, config.reduce_range,
+                                        config.averaging_constant, config.bn_momentum))
     _calibrate(net, plan, calib_set)
     trainer = _Trainer(net, plan, teacher, data, loss_fn, config, _fingerprint(work, config))
     resumed = trainer.load() if config.resume else None
@@ -188,9 +204,11 @@ def qat_with_details(model: onnx.ModelProto, train_data, loss_fn: LossFn | None 
     plan.set_mode(Mode.EVAL)
     qdq = export_qdq(work, plan)
     deployment = _check_deployment(qdq, net, first)
-    return QATResult(qdq, work, trainer.history, conversion, deployment, restored,
-                     len(plan.layers), len(plan.activations), plan.skips, trainer.step,
-                     trainer.samples, time.monotonic() - start, resumed, data.notes)
+    return QATResult(qdq, work, net, calib_set, trainer.history, conversion, deployment,
+                     restored, len(plan.layers), len(plan.activations), plan.skips, trainer.step,
+                     trainer.samples, time.monotonic() - start, trainer.seconds,
+                     trainer.run_samples / trainer.seconds if trainer.seconds > 0 else 0.0,
+                     resumed)
 
 
 # ---- steps 1-4 ----------------------------------------------------------------------------------
@@ -220,7 +238,8 @@ def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
         from onnxrep.passes.restore_batchnorm import restore_bn_with_details
 
         log("qat: restoring BatchNormalization from calibration statistics")
-        result = restore_bn_with_details(work, calib, batch_size=config.batch_size)
+        result = restore_bn_with_details(work, calib, rtol=OptimizeConfig.rtol,
+                                         batch_size=config.batch_size)
         work, restored = result.model, result.result.info["restored"]
     return work, restored
 
@@ -241,8 +260,16 @@ def _check_conversion(model, net: GraphModule, feeds, rtol: float) -> verify.Com
     if not comparison.rel <= rtol:
         raise VerificationError(
             f"the torch conversion disagrees with onnxruntime: relative error "
-            f"{comparison.rel:.3e} > {rtol:.1e} on the first calibration batch", comparison)
+            f"{comparison.rel:.3e} > {rtol:.1e} on the first calibration batch (would have "
+            f"needed --rtol {_decade(comparison.rel)})", comparison)
     return comparison
+
+
+def _decade(rel: float) -> str:
+    """The power of ten at or above ``rel``: the tolerance that would have passed."""
+    if not math.isfinite(rel):
+        return "inf"
+    return f"{10 ** math.ceil(math.log10(max(rel, 1e-30))):.0e}"
 
 
 def _calibrate(net: GraphModule, plan: QuantPlan, calib: Dataset) -> None:
@@ -264,6 +291,7 @@ def _fingerprint(model: onnx.ModelProto, config: QATConfig) -> str:
     """What a checkpoint must match to be resumed: the prepared model and the training setup."""
     h = hashlib.sha256(model.SerializeToString(deterministic=True))
     keys = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "per_channel",
+            "reduce_range",
             "freeze_bn_after", "distill", "averaging_constant", "bn_momentum", "seed")
     h.update(repr([getattr(config, k) for k in keys]).encode())
     return h.hexdigest()
@@ -283,7 +311,6 @@ class TrainData:
         self.specs = verify.input_specs(model)
         self.names = [s.name for s in self.specs]
         self.batch_size, self.seed = batch_size, seed
-        self.notes: list[str] = []
         self.arrays: list[np.ndarray] | None = None
         self.labels: np.ndarray | None = None
         self.source = source
@@ -425,18 +452,25 @@ def _rank() -> int:
     return dist.get_rank() if _world() > 1 else 0
 
 
-def _init_distributed() -> None:
-    """Join the torchrun process group (gloo) when launched with WORLD_SIZE > 1."""
+def _init_distributed() -> bool:
+    """Join the torchrun process group (gloo) when launched with WORLD_SIZE > 1; True when
+    this call created it (and the caller must destroy it)."""
+    created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+        created = True
     if _world() > 1:
         fake_quant.use_process_group(dist.new_group(backend="gloo"))
         if _rank() != 0:
             set_quiet(True)
+    return created
 
 
 def is_main_process() -> bool:
-    return _rank() == 0
+    """Rank 0 of a torchrun launch (or a plain process), also after the group is gone."""
+    if _world() > 1:
+        return _rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ---- step 5 -------------------------------------------------------------------------------------
@@ -448,6 +482,7 @@ class _Trainer:
         self.loss_fn, self.config, self.fingerprint = loss_fn, config, fingerprint
         self.history: list[Step] = []
         self.step = self.epoch = self.batch = self.samples = 0
+        self.seconds, self.run_samples = 0.0, 0
         params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                          nesterov=config.momentum > 0,
@@ -463,7 +498,9 @@ class _Trainer:
             raise InputError(f"batch size {config.batch_size} is smaller than the number of "
                              f"processes ({_world()})")
         if _world() > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+            # a conv bias before a BN in batch-statistics mode gets no gradient (BN removes it)
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                net, broadcast_buffers=False, find_unused_parameters=True)
 
     # -- checkpoints
     def _path(self) -> Path | None:
@@ -509,6 +546,13 @@ class _Trainer:
 
     # -- the loop
     def run(self) -> None:
+        start = time.monotonic()
+        try:
+            self._loop()
+        finally:
+            self.seconds = time.monotonic() - start
+
+    def _loop(self) -> None:
         cfg = self.config
         self.plan.set_mode(Mode.TRAIN)
         self.net.train()
@@ -553,6 +597,7 @@ class _Trainer:
         self.scheduler.step()
         self.step += 1
         self.samples += n
+        self.run_samples += n
         stats = torch.tensor([float(loss.detach()) * (hi - lo),
                               float(correct if correct is not None else 0)])
         if world > 1:

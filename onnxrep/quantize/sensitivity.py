@@ -29,6 +29,7 @@ from onnx import TensorProto, helper
 from onnxrep import verify
 from onnxrep.model import GraphIndex
 from onnxrep.passes.base import Skip
+from onnxrep.quantize.ptq import quantized_nodes
 from onnxrep.report import fmt, table
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -137,13 +138,11 @@ class _Combined:
         self._signals: dict[str, str] = {}
         self._n = 0
         renamed = _renamed_graph(qdq_model.graph)
-        for i, node in enumerate(qdq_model.graph.node):
-            if node.op_type in QDQ_OPS or node.name not in self.f_by_name:
-                continue
-            if any(self._dq(x) is not None for x in node.input):
-                reason = self._probe(i)
-                if reason:
-                    self.skips.append(Skip(node.name, reason))
+        for name in quantized_nodes(qdq_model):
+            i = next(k for k, n in enumerate(qdq_model.graph.node) if n.name == name)
+            reason = "no FP32 node of that name" if name not in self.f_by_name else self._probe(i)
+            if reason:
+                self.skips.append(Skip(name, reason))
         model = onnx.ModelProto()
         model.CopyFrom(float_model)
         g = model.graph

@@ -1,0 +1,191 @@
+"""Quantization-aware training: fine-tune with INT8 fake quantization, write a QDQ model.
+
+Cross-layer equalization, BatchNormalization restored after each Conv from the calibration
+statistics, conversion to torch (checked against onnxruntime to 1e-5), fake quantization
+placed and rounded as onnxruntime's QDQ runs it (uint8 activations, int8 weights), training
+(cross-entropy on the data's labels; distillation from the FP32 model when it has none), BN
+folded back, QDQ export (onnxruntime fuses it into QLinearConv). --val prints FP32, PTQ and QAT
+INT8 top-1 side by side. Needs torch (pip install 'onnxrep[qat]'). Launched with torchrun it
+trains with DistributedDataParallel (gloo), each process on a slice of every batch.
+
+Data (--data, --val, --calib): .npz (one array per input, optional `labels`, uint8 images with
+preprocess_scale/mean/std), .npy, or a folder of images. Without --calib the first
+--calib-samples training samples calibrate.
+
+examples:
+  onnxrep qat models/mobileone_fmnist.onnx --data train.npz --val models/fmnist_eval.npz
+  onnxrep qat model.onnx --data train.npz --epochs 3 --checkpoint ckpt/ [--resume]
+  torchrun --nproc-per-node 2 -m onnxrep qat model.onnx --data train.npz -o model.qat.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxrep.cli.common import add_output, add_reporting, emit_json, output_path
+from onnxrep.errors import InputError
+from onnxrep.model import load, save
+from onnxrep.progress import log
+from onnxrep.report import table
+
+# The defaults of onnxrep.quantize.qat.QATConfig, written out so --help needs no torch
+# (tests/test_qat.py checks they agree).
+DEFAULTS = dict(epochs=1, lr=1e-3, batch_size=64, momentum=0.9, calib_samples=512, seed=0,
+                rtol=1e-5)
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="input ONNX model (never modified)")
+    add_output(p, "qat")
+    p.add_argument("--data", required=True, metavar="TRAIN", help="training data")
+    p.add_argument("--val", metavar="DATA", help="labelled data: FP32 / PTQ / QAT top-1")
+    p.add_argument("--calib", metavar="DATA", help="calibration data (BN restore, ranges)")
+    p.add_argument("--calib-samples", type=int, default=DEFAULTS["calib_samples"], metavar="N",
+                   help="without --calib: calibrate on the first N training samples "
+                        "(default %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
+                   help="default %(default)s")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                   help="peak learning rate, SGD with Nesterov momentum, cosine decay "
+                        "(default %(default)g)")
+    p.add_argument("--momentum", type=float, default=DEFAULTS["momentum"],
+                   help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="global batch size (default %(default)s)")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
+                   help="per-output-channel weight scales (default: per-tensor)")
+    p.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=False,
+                   help="7-bit weights: no int16 saturation in onnxruntime's u8s8 kernels on "
+                        "CPUs without VNNI, so the deployed model computes what was trained")
+    p.add_argument("--freeze-bn-after", type=int, metavar="K",
+                   help="after K steps, BNs use and keep their running statistics")
+    p.add_argument("--restore-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="insert BNs after the Convs before training (default on)")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
+                   help="cross-layer equalization first (default on)")
+    p.add_argument("--distill", choices=("kl", "mse"),
+                   help="distillation loss when the data has no labels (default: kl for "
+                        "[N, K] outputs, mse otherwise)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="default %(default)s")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="write DIR/qat_checkpoint.pt after each epoch (and --checkpoint-every)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the --checkpoint")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N steps in all (checkpointed; resume later)")
+    p.add_argument("--rtol", type=float, default=DEFAULTS["rtol"],
+                   help="largest relative torch vs onnxruntime error accepted before training "
+                        "(default %(default)g; deep nets on real data may need 1e-4)")
+    p.add_argument("--ptq", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --val, also score `onnxrep quantize` per-tensor (default on)")
+    add_reporting(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_path(args)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError("qat needs torch: pip install 'onnxrep[qat]'") from None
+    from onnxrep.calibration.readers import load_data
+    from onnxrep.quantize.qat import Distill, QATConfig, is_main_process, qat_with_details
+
+    if args.resume and not args.checkpoint:
+        raise InputError("--resume needs --checkpoint DIR")
+    try:
+        config = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                           momentum=args.momentum, per_channel=args.per_channel,
+                           reduce_range=args.reduce_range,
+                           restore_bn=args.restore_bn, optimize=args.optimize,
+                           freeze_bn_after=args.freeze_bn_after,
+                           calib_samples=args.calib_samples,
+                           distill=Distill(args.distill) if args.distill else None,
+                           seed=args.seed, checkpoint_dir=args.checkpoint,
+                           checkpoint_every=args.checkpoint_every, resume=args.resume,
+                           max_steps=args.max_steps, rtol=args.rtol)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    model = load(args.model)
+    val = load_data(args.val, model, batch_size=256) if args.val else None
+    calib = load_data(args.calib, model, batch_size=args.batch_size) if args.calib else None
+    log(f"qat: {args.model}")
+    result = qat_with_details(model, args.data, config=config, calib=calib)
+    if not is_main_process():
+        return 0
+    save(result.model, out, force=args.force)
+    scores = _scores(model, result, val, args) if val is not None else None
+    if args.json:
+        emit_json("qat", as_json(result, args.model, out, scores))
+        return 0
+    print(summary(result, out))
+    if scores:
+        print()
+        print(accuracy_table(scores))
+    return 0
+
+
+def _scores(model, result, val, args) -> dict:
+    from onnxrep.evaluate import evaluate
+
+    scores = {"FP32": evaluate(model, val)}
+    if args.ptq:
+        from onnxrep.quantize.ptq import QuantizeConfig, quantize
+
+        log("qat: PTQ per-tensor for comparison")
+        scores["PTQ per-tensor"] = evaluate(
+            quantize(model, result.calibration, QuantizeConfig()), val, reference=model)
+    scores["QAT INT8"] = evaluate(result.model, val, reference=model)
+    return scores
+
+
+def summary(result, out) -> str:
+    last = result.history[-1] if result.history else None
+    lines = [
+        f"wrote {out}: {result.layers} layers with int8 weights, {result.activations} uint8 "
+        f"activations, {result.restored_bn} BatchNormalization restored and folded",
+        f"trained {result.steps} steps ({result.samples} samples) in "
+        f"{result.train_seconds:.1f} s ({result.samples_per_second:.0f} samples/s; {result.seconds:.1f} s in all)"
+        + (f"; last loss {last.loss:.4f}" if last else "")
+        + (f", batch accuracy {100 * last.accuracy:.2f}%" if last and last.accuracy is not None
+           else "")
+        + (f"; resumed at step {result.resumed_from}" if result.resumed_from else ""),
+        f"torch vs onnxruntime before training: {result.conversion.summary()}",
+        f"deployed (onnxruntime int8) vs trained (torch fake-quant): "
+        f"{result.deployment.summary()}",
+    ]
+    lines += [f"note: {s.node}: {s.reason}" for s in result.skips]
+    return "\n".join(lines)
+
+
+def accuracy_table(scores: dict) -> str:
+    fp32 = scores["FP32"].top1
+    rows = []
+    for name, r in scores.items():
+        fid = next(iter(r.fidelity.values())) if r.fidelity else None
+        rows.append([name, _pct(r.top1),
+                     "-" if r.top1 is None or fp32 is None or name == "FP32"
+                     else f"{100 * (r.top1 - fp32):+.2f} pp",
+                     "-" if fid is None else f"{fid.sqnr_db:.1f}",
+                     f"{r.samples_per_second:.0f}"])
+    return table(["model", "top-1 %", "vs FP32", "SQNR vs FP32 dB", "samples/s"], rows,
+                 "lrrrr")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def as_json(result, src, out, scores) -> dict:
+    return {
+        "input": str(src), "output": str(out),
+        "layers": result.layers, "activations": result.activations,
+        "restored_bn": result.restored_bn, "steps": result.steps, "samples": result.samples,
+        "seconds": result.seconds, "train_seconds": result.train_seconds,
+        "samples_per_second": result.samples_per_second,
+        "resumed_from": result.resumed_from,
+        "history": [vars(h) for h in result.history],
+        "conversion": result.conversion.as_dict(), "deployment": result.deployment.as_dict(),
+        "skips": [vars(s) for s in result.skips],
+        "evaluation": None if scores is None else {k: v.as_dict() for k, v in scores.items()},
+    }
