@@ -75,7 +75,8 @@ def test_observed_and_proven_channels():
     model = with_dead(dense_net())
     x = inputs(model)
     work, result = run_pass(model, relu_stats(model, x), (-1.0, 1.0))
-    assert result.info == {"dead channels": 2, "proven": 1, "observed": 1}
+    assert result.info == {"dead channels": 2, "constant channels": 0, "proven": 1,
+                           "observed": 1, "samples": 48}
     (change,) = result.changes
     assert "input channels 1, 4" in change.detail and "1 proven, 1 observed" in change.detail
     w = consumer_weight(work)
@@ -88,7 +89,8 @@ def test_proof_without_data_depends_on_the_range():
     work, result = run_pass(model, None, (-0.5, 0.5))
     assert result.info["proven"] == 2  # small inputs cannot beat channel 4's bias
     work, result = run_pass(model, None, (-1.0, 1.0))
-    assert result.info == {"dead channels": 1, "proven": 1, "observed": 0}
+    assert result.info == {"dead channels": 1, "constant channels": 0, "proven": 1,
+                           "observed": 0}
     x = inputs(model, lo=-1, hi=1)
     assert verify.compare(model, work, {"input": x}).rel <= 1e-6
 
@@ -226,7 +228,7 @@ def test_cli_optimize_with_calib_and_input_range(tmp_path, capsys):
     assert doc["verification_on_data"] is not None
     assert main(["optimize", str(src), "--input-range=-1,1", "-o",
                  str(tmp_path / "free.onnx")]) == 0
-    assert "proven, 0 observed only); zeroed" in capsys.readouterr().out
+    assert "proven, 0 observed only); their weights zeroed" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["optimize", str(src), "--input-range", "1;2"])
     assert main(["optimize", str(src), "--input-range=2,1", "--force"]) == 2
@@ -243,3 +245,36 @@ def test_relu6_clip_counts_as_a_zero_floor():
     assert relu_inputs(model)[0] == model.graph.node[0].output[0]
     work, result = run_pass(model, None, (-1.0, 1.0))
     assert result.info["proven"] == 1 and not consumer_weight(work)[:, 1].any()
+
+
+def constant_net(pad2=0):
+    """conv -> relu (channel 2: zero weights, bias +0.7: constant 0.7) -> depthwise conv
+    (no padding unless ``pad2``) with a 1e3 weight on channel 2 -> relu -> GAP -> Gemm."""
+    c = Chain(channels=3, hw=(6, 6), seed=7).conv(4).relu().conv(4, group=4, pad=pad2).relu()
+    model = c.gap().flatten().gemm(3).build()
+    edit(model, 0, 1, lambda w: (w.__setitem__(2, 0.0), w)[1])
+    edit(model, 0, 2, lambda b: (b.__setitem__(2, 0.7), b)[1])
+    edit(model, 2, 1, lambda w: (w.__setitem__(2, 1000.0), w)[1])
+    return model
+
+
+def test_constant_channels_fold_into_the_bias():
+    model = constant_net()
+    x = inputs(model)
+    for stats, bounds, proven in ((relu_stats(model, x), None, 0), (None, (-1.0, 1.0), 1)):
+        work, result = run_pass(model, stats, bounds)
+        # channel 2 of the depthwise output is constant too (a constant in, no padding)
+        assert result.info["constant channels"] == 2 and result.info["proven"] == 2 * proven
+        assert "1 constant, folded into the bias" in result.changes[0].detail
+        w = consumer_weight(work)
+        assert not w[2].any() and max(s.max_abs for s in weight_stats(work)) < 10
+        assert verify.compare(model, work, {"input": x}).rel <= 1e-5
+        wide = inputs(model, lo=-50, hi=50)  # still constant: proven for any input
+        assert verify.compare(model, work, {"input": wide}).rel <= 1e-5
+
+
+def test_constant_channel_into_a_padded_conv_is_kept_with_the_reason():
+    model = constant_net(pad2=1)
+    work, result = run_pass(model, relu_stats(model, inputs(model)))
+    assert not result.modified
+    assert any("read 0 at the border" in s.reason for s in result.skips)

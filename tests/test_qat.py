@@ -433,6 +433,15 @@ def test_bad_training_data_is_a_data_error():
         qat(model, iter([np.zeros((8, 1, 12, 12), np.float32)]))
 
 
+def test_one_shot_iterator_trains_one_epoch_with_separate_calibration():
+    model = _conv_bn_relu()
+    data = _tiny_data(96)
+    batches = ((data["input"][i:i + 32], data["labels"][i:i + 32]) for i in range(0, 96, 32))
+    result = qat_with_details(model, batches, config=QATConfig(batch_size=32),
+                              calib={"input": data["input"][:64]})
+    assert result.steps == 3 and result.history[0].accuracy is not None
+
+
 # ---- CLI ------------------------------------------------------------------------------------------
 
 def _files(tmp_path):

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphs import Chain, conv_relu_conv, depthwise_chain, mobileone_like
 from onnxrep import verify
 from onnxrep.cli import main
+from onnxrep.errors import InputError
 from onnxrep.quantize import (QuantizeConfig, correct_biases, layer_report, quantize,
                               quantize_with_details)
 from onnxrep.quantize.ptq import Quantizer, calibrate, fold_affine, prepare, quantized_nodes
@@ -422,6 +423,23 @@ def test_report_local_sqnr_matches_numpy_on_first_layer(tmp_path):
     report = layer_report(work, qdq, kept)
     first = next(e for e in report.layers if e.node == "first")
     assert first.sqnr_db == pytest.approx(first.cumulative_sqnr_db, abs=1e-6)
+
+
+def test_report_refuses_a_float_model_that_was_not_quantized(tmp_path):
+    """After CLE the original weights are rescaled: comparing them to the QDQ model would be
+    meaningless, so the report refuses; the model written by --save-float is accepted."""
+    model = mobileone_like()
+    x = _data(model, 32)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    np.savez(tmp_path / "c.npz", input=x)
+    assert main(["quantize", str(src), "--calib", str(tmp_path / "c.npz"), "-q",
+                 "--save-float", str(tmp_path / "f.onnx")]) == 0
+    qdq, fl = onnx.load(str(tmp_path / "m.int8.onnx")), onnx.load(str(tmp_path / "f.onnx"))
+    batches = [{"input": x}]
+    assert layer_report(fl, qdq, batches).layers
+    with pytest.raises(InputError, match="not the one this QDQ model was quantized from"):
+        layer_report(model, qdq, batches)
 
 
 # ---- bias correction --------------------------------------------------------------------------

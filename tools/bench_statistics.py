@@ -8,9 +8,11 @@ peak RSS (resource.getrusage ru_maxrss: the whole process, imports included; tra
 miss onnxruntime's allocations). The data is streamed from a generator, so neither side holds
 the samples: equal peaks at 256 and 4096 samples show that the pass's memory does not grow
 with the data. Uses models/mobileone_fmnist.onnx with models/fmnist_calib.npz (cycled) when
-present, else a small conv net with random inputs.
+present, else a small conv net with random inputs; --model/--data pick another model (data:
+an .npz with the samples under `input`).
 
 usage: python tools/bench_statistics.py [--batch-size 32] [--repeat 3] [--workers 1]
+                                        [--model M.onnx --data D.npz]
 """
 
 from __future__ import annotations
@@ -107,9 +109,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=1, help="processes for the statistics pass")
+    p.add_argument("--model", type=Path, help="model to measure (input named `input`)")
+    p.add_argument("--data", type=Path, help=".npz with its samples under `input`")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="onnxrep-bench-stats-") as tmp:
-        if SHIPPED.exists() and CALIB.exists():
+        if args.model and args.data:
+            model, data, what = args.model, args.data, f"{args.model.name} on {args.data.name}"
+        elif SHIPPED.exists() and CALIB.exists():
             model, data, what = SHIPPED, CALIB, f"{SHIPPED.name} on {CALIB.name} (cycled)"
         else:
             model, data = Path(tmp) / "tiny.onnx", Path(tmp) / "data.npz"

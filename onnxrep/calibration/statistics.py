@@ -184,9 +184,11 @@ def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | No
             raise DataError("the calibration data holds no samples")
         zero = {p.shift: np.zeros((1, 1), p.dtype) for p in plan}
         shifts = _shifts(plan, runner.run(first, zero))
+        rows = _Rows(plan, shifts, result)
         for feeds, raw in runner.map(_chain(first, batches), shifts):
-            result = result.merge(_batch_stats(plan, raw, shifts, _rows(feeds)))
+            rows.add(raw, _rows(feeds))
             bar.update(_rows(feeds))
+        rows.flush()
     return result
 
 
@@ -404,19 +406,44 @@ def _shifts(plan: list[_Probe], raw: dict) -> dict[str, np.ndarray]:
     return shifts
 
 
-def _batch_stats(plan: list[_Probe], raw: dict, shifts: dict, rows: int) -> Statistics:
-    tensors, skipped = {}, {}
-    for p in plan:
-        s1, s2, lo, hi, dims = (raw[o] for o in p.outputs)
-        if int(dims[2]) == 0:
-            skipped[p.tensor] = "it is empty"
-            continue
-        k = shifts[p.shift][:, 0]
-        if k.size != s1.shape[1]:
-            raise DataError(f"tensor '{p.tensor}' has {k.size} channels in the first batch and "
-                            f"{s1.shape[1]} in a later one")
-        tensors[p.tensor] = ChannelStats.from_rows(s1, s2, lo, hi, int(dims[2]), k)
-    return Statistics(tensors, rows, 1, skipped)
+class _Rows:
+    """Per-row sums of every tensor, buffered and merged into ``stats`` in blocks of up to
+    ``limit`` numbers: numpy then works on large blocks (per-batch merging cost more than the
+    onnxruntime run on small models) while memory stays bounded. Rows of one block share
+    their length L; inputs of varying size start a block per length."""
+
+    def __init__(self, plan: list[_Probe], shifts: dict, stats: Statistics,
+                 limit: int = 1 << 20):
+        self.plan, self.shifts, self.stats, self.limit = plan, shifts, stats, limit
+        self.buffer: dict[tuple[str, int], list[tuple]] = {}
+        self.size = 0
+
+    def add(self, raw: dict, rows: int) -> None:
+        for p in self.plan:
+            s1, s2, lo, hi, dims = (raw[o] for o in p.outputs)
+            length = int(dims[2])
+            if length == 0:
+                self.stats.skipped.setdefault(p.tensor, "it is empty")
+                continue
+            if s1.shape[1] != self.shifts[p.shift].shape[0]:
+                raise DataError(f"tensor '{p.tensor}' has {self.shifts[p.shift].shape[0]} "
+                                f"channels in the first batch and {s1.shape[1]} in a later one")
+            self.buffer.setdefault((p.tensor, length), []).append((s1, s2, lo, hi))
+            self.size += 4 * s1.size
+        self.stats.samples += rows
+        self.stats.batches += 1
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        shift = {p.tensor: self.shifts[p.shift][:, 0] for p in self.plan}
+        for (tensor, length), parts in self.buffer.items():
+            block = ChannelStats.from_rows(*(np.concatenate(a) for a in zip(*parts)), length,
+                                           shift[tensor])
+            have = self.stats.tensors.get(tensor)
+            self.stats.tensors[tensor] = block if have is None else have.merge(block)
+            self.stats.skipped.pop(tensor, None)
+        self.buffer, self.size = {}, 0
 
 
 class _Runner:

@@ -119,9 +119,11 @@ def summary(result: Optimized, out) -> str:
         lines.append(f"folded {r.info['folded']} BatchNormalization node(s), {len(r.skips)} left")
     if "dead-inputs" in passes:
         r = passes["dead-inputs"]
-        lines.append(f"dead inputs: {r.info['dead channels']} channel(s) never fire "
-                     f"({r.info['proven']} proven, {r.info['observed']} observed only); "
-                     f"zeroed their weights in {len(r.changes)} layer(s)")
+        seen = f" on {r.info['samples']} samples" if "samples" in r.info else ""
+        lines.append(f"dead inputs: {r.info['dead channels']} dead and "
+                     f"{r.info['constant channels']} constant channel(s) ({r.info['proven']} "
+                     f"proven, {r.info['observed']} observed only{seen}); their weights "
+                     f"zeroed (constants folded into biases) in {len(r.changes)} layer(s)")
     if "absorb-bias" in passes:
         r = passes["absorb-bias"]
         lines.append(f"absorbed high biases of {r.info['channels']} channel(s) in "

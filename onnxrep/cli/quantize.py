@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from pathlib import Path
 
 from onnxrep.calibration.readers import load_data
 from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json,
                                 output_path, parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.evaluate import evaluate
-from onnxrep.model import load, save
+from onnxrep.model import check_output_path, load, save
 from onnxrep.optimize import OptimizeConfig
 from onnxrep.progress import log
 from onnxrep.quantize.ptq import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig,
@@ -65,6 +66,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
                    help="print the per-layer SQNR report, worst first")
     p.add_argument("--eval", metavar="DATA", help="labelled data: print FP32 vs INT8 accuracy")
+    p.add_argument("--save-float", type=Path, metavar="PATH",
+                   help="also write the FP32 model that was quantized (optimized, prepared, "
+                        "bias-corrected): the reference a per-layer report needs later")
     p.add_argument("--calibration-chunk", type=int, default=_D.calibration_chunk, metavar="N",
                    help="batches per calibrator call; bounds entropy/percentile memory "
                         "(default %(default)s)")
@@ -77,6 +81,10 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = output_path(args)
+    if args.save_float is not None:
+        check_output_path(args.model, args.save_float, args.force)
+        if args.save_float.resolve() == out.resolve():
+            raise InputError("--save-float must differ from the output path")
     config = _config(args)
     model = load(args.model)
     calib = load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
@@ -89,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if evaluation is not None:
         scores = (evaluate(model, evaluation), evaluate(result.model, evaluation, reference=model))
     save(result.model, out, force=args.force)
+    if args.save_float is not None:
+        save(result.float_model, args.save_float, force=args.force)
     if args.json:
         emit_json("quantize", as_json(result, args.model, out, scores))
         return 0
@@ -148,9 +158,9 @@ def accuracy_table(fp32, int8) -> str:
     for k in sorted(set(fp32.accuracy) | set(int8.accuracy)):
         a, b = fp32.accuracy.get(k), int8.accuracy.get(k)
         rows.append([f"top-{k}", _pct(a), _pct(b),
-                     f"{100 * (a - b):+.2f} pp" if a is not None and b is not None else "-"])
+                     f"{100 * (b - a):+.2f} pp" if a is not None and b is not None else "-"])
     fid = next(iter(int8.fidelity.values())) if int8.fidelity else None
-    text = table(["", "FP32", "INT8", "drop"], rows, "lrrr") if rows else \
+    text = table(["", "FP32", "INT8", "INT8 - FP32"], rows, "lrrr") if rows else \
         "accuracy: " + "; ".join(int8.skipped)
     if fid is not None:
         agree = (f", top-1 agreement {100 * fid.top1_agreement:.2f}%"

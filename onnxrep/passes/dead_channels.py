@@ -1,4 +1,4 @@
-"""Zero the weights that only ever multiply a dead channel.
+"""Zero the weights that only ever multiply a dead (or constant) channel.
 
 A channel c of a ReLU's input z is dead when z_c never exceeds 0, so Relu(z)_c is exactly 0
 (ReLU6 as Clip(z, 0, 6) too):
@@ -16,10 +16,19 @@ input-channel slice W[:, c] of c's group; Gemm/MatMul: the rows of c's features)
 On merged Rep models those slices are where the outliers live: a dead input drives a merged
 branch's BN variance to ~0, so its folded weights become ~gamma * w / sqrt(eps) (max |w| 1155
 in a MobileOne trained here), which ruins per-tensor INT8 of the whole tensor while FP32 never
-notices. The function is unchanged wherever the deadness holds (on the data when observed, on
-the input range when proven).
+notices.
 
-Choice: only the consumer slice is zeroed. The producer's weights and bias for the channel are
+The same collapse leaves channels that are *constant* but not zero (a depthwise unit fed by a
+dead channel outputs Relu(bias)); the next unit's identity branch then carries a ~1/sqrt(eps)
+weight on it. A constant channel k (min = max over the data, or lo = hi proven) reaching a
+consumer through shift-free ops (ReLU, max/global pooling, Identity, Flatten) is folded:
+b[o] += sum over taps of W[o, c, ...] * k (times alpha for a Gemm) and the slice is zeroed,
+exact only where the consumer does not pad (a padded border reads 0, not k), so padded
+consumers and MatMul (no bias) keep those slices, with the reason. The function is unchanged
+wherever the deadness or constancy holds (on the data when observed, on the input range when
+proven).
+
+Choice: only the consumer side is edited. The producer's weights and bias for the channel are
 kept: zeroing them is exact only where its pre-activation bound is proven, and it would move a
 negative pre-activation to 0, which the statistics of later passes then no longer describe.
 """
@@ -32,13 +41,18 @@ import numpy as np
 import onnx
 
 from onnxrep.calibration.statistics import Statistics
-from onnxrep.model import GraphIndex, attr
+from onnxrep.model import GraphIndex, attr, set_attr
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
+from onnxrep.passes.fold_batchnorm import write_const_input
 from onnxrep.shapes import infer_shapes
 
 # ops that map a zero channel to a zero channel at the same position
 ZERO_KEEPING = {"Relu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
                 "GlobalMaxPool", "Identity", "Dropout", "Pad", "Clip"}
+# ops that map a channel constant at k to the same constant k (no padding of their own)
+CONSTANT_KEEPING = {"Relu", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Identity",
+                    "Dropout"}
+FLAT_OPS = {"Relu", "LeakyRelu", "Identity", "Dropout"}  # elementwise, after a Flatten
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -68,6 +82,31 @@ class Interval:
 InputBounds = tuple[float, float] | dict[str, Interval]
 
 
+@dataclass(frozen=True)
+class Constant:
+    """Per channel of an activation's output: ``value`` where it is constant (NaN elsewhere;
+    0 for a dead channel) and whether that is ``proven`` or only ``observed``."""
+
+    value: np.ndarray
+    proven: np.ndarray
+
+    @property
+    def found(self) -> np.ndarray:
+        return ~np.isnan(self.value)
+
+    @property
+    def dead(self) -> np.ndarray:
+        return self.value == 0
+
+    def describe(self, mask: np.ndarray) -> str:
+        p = int((mask & self.proven).sum())
+        o = int((mask & ~self.proven).sum())
+        nz = int((mask & ~self.dead).sum())
+        parts = [f"{p} proven" if p else "", f"{o} observed" if o else "",
+                 f"{nz} constant, folded into the bias" if nz else ""]
+        return ", ".join(part for part in parts if part)
+
+
 class ZeroDeadInputs(Pass):
     """``stats``: measured statistics of the ReLU inputs (observed deadness); ``input_range``:
     (lo, hi) for every float input, or {input name: Interval} (proven deadness). Either or
@@ -85,40 +124,57 @@ class ZeroDeadInputs(Pass):
         bounds = (propagate_intervals(model, _input_intervals(model, self.input_range, shapes),
                                       index, shapes) if self.input_range is not None else {})
         changes, skips = [], []
-        totals = {"proven": 0, "observed": 0}
+        totals = {"dead channels": 0, "constant channels": 0, "proven": 0, "observed": 0}
         for i, node in enumerate(model.graph.node):
             if not zero_below(index, node):
                 continue
-            proven, observed = self._dead(node.input[0], bounds)
-            dead = proven | observed
-            if not dead.any():
+            const = self._constants(index, node, bounds)
+            found = const.found
+            if not found.any():
                 continue
-            consumers, problems = zero_consumers(index, node.output[0], shapes)
             label = index.labels[i]
-            skips += [Skip(label, p) for p in problems]
-            totals["proven"] += int(proven.sum())
-            totals["observed"] += int((observed & ~proven).sum())
-            for consumer in consumers:
-                problem = consumer.mismatch(index, dead.size)
+            totals["dead channels"] += int((found & const.dead).sum())
+            totals["constant channels"] += int((found & ~const.dead).sum())
+            totals["proven"] += int((found & const.proven).sum())
+            totals["observed"] += int((found & ~const.proven).sum())
+            for consumer, mask, problem in _plan(index, node.output[0], shapes, const):
                 if problem:
-                    skips.append(Skip(label, f"{index.labels[consumer.node]}: {problem}"))
+                    skips.append(Skip(label, problem))
+                if not mask.any():
                     continue
-                removed = consumer.zero(index, dead)
+                removed = consumer.fold(index, mask, np.where(mask, const.value, 0.0))
                 if removed > 0:
                     changes.append(Change(
                         "zeroed", (label, index.labels[consumer.node]),
-                        f"input channels {_channels(np.flatnonzero(dead))} "
-                        f"({_how(proven, observed)}); max |w| removed {removed:.3g}"))
-        info = {"dead channels": totals["proven"] + totals["observed"], **totals}
-        return PassResult(model, changes, skips, info)
+                        f"input channels {_channels(np.flatnonzero(mask))} "
+                        f"({const.describe(mask)}); max |w| removed {removed:.3g}"))
+        if self.stats is not None:
+            totals["samples"] = self.stats.samples
+        return PassResult(model, changes, skips, totals)
 
-    def _dead(self, z: str, bounds: dict[str, Interval]) -> tuple[np.ndarray, np.ndarray]:
+    def _constants(self, index: GraphIndex, node: onnx.NodeProto,
+                   bounds: dict[str, Interval]) -> Constant:
+        """Constant output channels of activation ``node`` from its input's bounds/stats."""
+        z = node.input[0]
         s = self.stats.get(z) if self.stats is not None else None
         iv = bounds.get(z)
         n = s.channels if s is not None else (iv.hi.size if iv is not None else 0)
-        proven = (iv.hi <= 0) if iv is not None and iv.hi.size == n else np.zeros(n, bool)
-        observed = (s.max <= 0) if s is not None else np.zeros(n, bool)
-        return proven, observed
+        cap = _clip_bounds(index, node)[1] if node.op_type == "Clip" else np.inf
+        proven = (_constant_output(iv.lo, iv.hi, cap) if iv is not None and iv.hi.size == n
+                  else np.full(n, np.nan))
+        observed = _constant_output(s.min, s.max, cap) if s is not None else np.full(n, np.nan)
+        value = np.where(np.isnan(proven), observed, proven)
+        return Constant(value, ~np.isnan(proven))
+
+
+def _constant_output(lo: np.ndarray, hi: np.ndarray, cap: float) -> np.ndarray:
+    """Clip(z, 0, cap) per channel when it is constant over z in [lo, hi], else NaN."""
+    out = np.full(lo.shape, np.nan)
+    out[hi <= 0] = 0.0
+    out[lo >= cap] = cap
+    same = (lo == hi) & np.isnan(out)
+    out[same] = np.clip(lo[same], 0.0, cap)
+    return out
 
 
 def zero_below(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -132,12 +188,6 @@ def zero_below(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return bounds is not None and bounds[0] == 0 and bounds[1] >= 0
 
 
-def _how(proven: np.ndarray, observed: np.ndarray) -> str:
-    p, o = int(proven.sum()), int((observed & ~proven).sum())
-    return ", ".join(part for part in (f"{p} proven" if p else "", f"{o} observed" if o else "")
-                     if part)
-
-
 def _channels(idx: np.ndarray, limit: int = 12) -> str:
     text = ", ".join(str(int(c)) for c in idx[:limit])
     return text + (f", ... ({idx.size} in all)" if idx.size > limit else "")
@@ -147,55 +197,99 @@ def _channels(idx: np.ndarray, limit: int = 12) -> str:
 
 @dataclass(frozen=True)
 class Consumer:
-    """A weight layer reading the zero channels; ``features`` per channel (H*W after a
-    Flatten, 1 for a Conv or a rank-2 input)."""
+    """A weight layer reading the channels; ``features`` per channel (H*W after a Flatten,
+    1 for a Conv or a rank-2 input)."""
 
     node: int
     features: int
 
-    def mismatch(self, index: GraphIndex, channels: int) -> str | None:
-        """Why the weight does not read ``channels`` channels, or None."""
+    def channels(self, index: GraphIndex) -> int:
         node = index.node(self.node)
-        w = index.const(node.input[1])
+        shape = index.const_info(node.input[1])[1]
         if node.op_type == "Conv":
-            have = w.shape[1] * int(attr(node, "group", 1))
-        else:
-            have = w.shape[0] if not (node.op_type == "Gemm" and attr(node, "transB", 0)) \
-                else w.shape[1]
-            have //= self.features
-        return None if have == channels else f"reads {have} channels, the ReLU has {channels}"
+            return shape[1] * int(attr(node, "group", 1))
+        transposed = node.op_type == "Gemm" and attr(node, "transB", 0)
+        return (shape[1] if transposed else shape[0]) // self.features
 
-    def zero(self, index: GraphIndex, dead: np.ndarray) -> float:
-        """Zero the weight slice reading the ``dead`` channels; returns the max |w| removed."""
+    def fold(self, index: GraphIndex, mask: np.ndarray, values: np.ndarray) -> float:
+        """Zero the weight slice reading the ``mask`` channels, adding their constant
+        ``values`` times the weights to the bias; returns the max |w| removed."""
         node = index.node(self.node)
         w = index.const(node.input[1]).copy()
+        w64 = w.astype(np.float64)
         if node.op_type == "Conv":
             g = int(attr(node, "group", 1))
-            cin_g, cout_g = w.shape[1], w.shape[0] // g
-            view = w.reshape((g, cout_g, cin_g) + w.shape[2:])
-            mask = dead.reshape(g, cin_g)
-            region = view[np.arange(g)[:, None], :, np.arange(cin_g)[None, :]]  # [g, cin_g, ...]
-            removed = float(np.abs(region[mask]).max(initial=0.0))
-            for gi, j in zip(*np.nonzero(mask)):
+            cout, cin_g = w.shape[0], w.shape[1]
+            view = w.reshape((g, cout // g, cin_g) + w.shape[2:])
+            taps = w64.reshape(g, cout // g, cin_g, -1)
+            m = mask.reshape(g, cin_g)
+            removed = max((float(np.abs(taps[gi, :, j]).max(initial=0.0))
+                           for gi, j in zip(*np.nonzero(m))), default=0.0)
+            delta = np.einsum("goj,gj->go", taps.sum(axis=3),
+                              values.reshape(g, cin_g)).reshape(cout)
+            for gi, j in zip(*np.nonzero(m)):
                 view[gi, :, j] = 0
         else:
-            rows = np.repeat(dead, self.features)
+            rows = np.repeat(mask, self.features)
             transposed = node.op_type == "Gemm" and attr(node, "transB", 0)
-            part = w[:, rows] if transposed else w[rows]
-            removed = float(np.abs(part).max(initial=0.0))
+            wk = w64.T if transposed else w64  # [K, N]
+            removed = float(np.abs(wk[rows]).max(initial=0.0))
+            delta = float(attr(node, "alpha", 1.0)) * (np.repeat(values, self.features) @ wk)
             if transposed:
                 w[:, rows] = 0
             else:
                 w[rows] = 0
         if removed > 0:
             index.set_const(node.input[1], w)
+        if np.any(delta != 0):
+            _add_to_bias(index, node, delta)
         return removed
 
 
-def zero_consumers(index: GraphIndex, tensor: str, shapes: dict
+def _add_to_bias(index: GraphIndex, node: onnx.NodeProto, delta: np.ndarray) -> None:
+    b = np.zeros(delta.size)
+    if len(node.input) > 2 and node.input[2]:
+        b = np.broadcast_to(index.const(node.input[2]).astype(np.float64).reshape(-1),
+                            delta.shape)
+    if node.op_type == "Gemm":
+        b = b * float(attr(node, "beta", 1.0))
+        set_attr(node, "beta", 1.0)
+    write_const_input(index, node, 2, b + delta, f"{node.output[0]}_bias")
+
+
+def _plan(index: GraphIndex, tensor: str, shapes: dict, const: Constant
+          ) -> list[tuple[Consumer, np.ndarray, str | None]]:
+    """(consumer, channels to fold into it, why some were left) for every weight layer the
+    constant channels of ``tensor`` reach."""
+    found = const.found
+    zero = found & const.dead
+    nonzero = found & ~const.dead
+    plans: dict[int, list] = {}
+    problems: list[str] = []
+    for strict, mask in ((False, zero), (True, nonzero)):
+        if not mask.any():
+            continue
+        consumers, why = zero_consumers(index, tensor, shapes, strict=strict)
+        problems += why
+        for c in consumers:
+            entry = plans.setdefault(c.node, [c, np.zeros(found.size, bool)])
+            entry[1] = entry[1] | mask
+    out = [(None, np.zeros(found.size, bool), p) for p in problems]
+    for c, mask in plans.values():
+        have = c.channels(index)
+        if have != found.size:
+            out.append((c, np.zeros(found.size, bool), f"{index.labels[c.node]} reads {have} "
+                        f"channels, the activation has {found.size}"))
+        else:
+            out.append((c, mask, None))
+    return out
+
+
+def zero_consumers(index: GraphIndex, tensor: str, shapes: dict, strict: bool = False
                    ) -> tuple[list[Consumer], list[str]]:
-    """Weight layers a zero channel of ``tensor`` reaches through zero-keeping ops, and the
-    reasons for layers it reaches that cannot be edited."""
+    """Weight layers a zero channel (``strict``: a constant one) of ``tensor`` reaches through
+    ops that keep it, and the reasons for layers it reaches that cannot be edited."""
+    keeping = CONSTANT_KEEPING if strict else ZERO_KEEPING
     found: dict[int, Consumer] = {}
     problems: list[str] = []
     stack = [(tensor, 1, False)]
@@ -211,7 +305,7 @@ def zero_consumers(index: GraphIndex, tensor: str, shapes: dict
             if node.domain not in ("", "ai.onnx"):
                 continue
             if node.op_type in WEIGHT_OPS:
-                problem = _consumer_problem(index, r, t, flat, shapes)
+                problem = _consumer_problem(index, r, t, flat, shapes, strict)
                 if problem:
                     problems.append(f"{label}: {problem}")
                 else:
@@ -220,13 +314,15 @@ def zero_consumers(index: GraphIndex, tensor: str, shapes: dict
                 hw = _flatten_features(node, t, shapes)
                 if hw is not None:
                     stack.append((node.output[0], hw, True))
-            elif node.op_type in ZERO_KEEPING and _keeps_zero(index, node) and not (
-                    flat and node.op_type not in ("Relu", "Identity", "Dropout", "LeakyRelu")):
+            elif (node.op_type in keeping and (not flat or node.op_type in FLAT_OPS)
+                  and _keeps(index, node, strict)):
                 stack.append((node.output[0], features, flat))
     return sorted(found.values(), key=lambda c: c.node), problems
 
 
-def _keeps_zero(index: GraphIndex, node: onnx.NodeProto) -> bool:
+def _keeps(index: GraphIndex, node: onnx.NodeProto, strict: bool) -> bool:
+    if strict:  # CONSTANT_KEEPING ops map k >= 0 to k (MaxPool's padding is -inf)
+        return True
     if node.op_type == "Clip":
         bounds = _clip_bounds(index, node)
         return bounds is not None and bounds[0] <= 0 <= bounds[1]
@@ -257,8 +353,8 @@ def _flatten_features(node: onnx.NodeProto, tensor: str, shapes: dict) -> int | 
     return hw
 
 
-def _consumer_problem(index: GraphIndex, i: int, tensor: str, flat: bool, shapes: dict
-                      ) -> str | None:
+def _consumer_problem(index: GraphIndex, i: int, tensor: str, flat: bool, shapes: dict,
+                      strict: bool) -> str | None:
     node = index.node(i)
     if node.input[0] != tensor:
         return "reads the channel as its weight"
@@ -268,13 +364,25 @@ def _consumer_problem(index: GraphIndex, i: int, tensor: str, flat: bool, shapes
         return f"its weight is shared by {len(index.readers(node.input[1]))} nodes"
     w = index.const(node.input[1])
     if node.op_type == "Conv":
-        return "reads flattened features" if flat else None
-    if node.op_type == "Gemm" and attr(node, "transA", 0):
+        if flat:
+            return "reads flattened features"
+    elif node.op_type == "Gemm" and attr(node, "transA", 0):
         return "transA=1"
-    if w.ndim != 2:
+    elif w.ndim != 2:
         return "its weight is not a matrix"
-    if not flat and len(shapes.get(tensor, ())) != 2:
+    elif not flat and len(shapes.get(tensor, ())) != 2:
         return "does not contract the channel axis (no Flatten before it)"
+    if not strict:
+        return None
+    if node.op_type == "MatMul":
+        return "constant channels need a bias to fold into; MatMul has none"
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and (not index.is_const(bias) or index.shared(bias)):
+        return "constant channels need a bias of its own to fold into"
+    pads = attr(node, "pads", None) if node.op_type == "Conv" else None
+    if node.op_type == "Conv" and ((pads is not None and any(pads)) or attr(
+            node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")):
+        return "pads its input: a constant channel would read 0 at the border, so it is kept"
     return None
 
 

@@ -8,9 +8,10 @@ by ``1/s_i`` and input channel ``i`` of ``W2`` by ``s_i`` leaves ``y`` unchanged
 reads channel ``i``, ``s_i = sqrt(r1_i / r2_i)`` makes both ranges ``sqrt(r1_i * r2_i)``.
 
 Pairs chain (conv -> depthwise -> conv is the paper's triplet), so rounds repeat until no
-channel moves by more than ``tolerance``. Ranges are tracked in float64 on the reduced
-matrices ``R[o, i] = max |W[o, i, ...]|`` (scaling commutes with the max), and each weight is
-rewritten once at the end. Grouped and depthwise convolutions (any depth multiplier) map input
+channel moves by more than ``tolerance``; each chain's uniform mismatch is first removed in one
+linear solve, the mode plain rounds are slowest on. Scales accumulate in float64 over
+the reduced matrices ``R[o, i] = max |W[o, i, ...]|`` (scaling commutes with the max), and
+each weight is rewritten once at the end. Grouped and depthwise convolutions (any depth multiplier) map input
 channel ``c`` to the rows of its group; a Flatten/Reshape into Gemm/MatMul maps channel ``c``
 to its ``H*W`` features. Dead or near-dead channels (a range of zero) are left unscaled.
 """
@@ -54,15 +55,16 @@ class EqualizeConfig:
     every scale is within a factor 1 + tolerance of 1; ``threshold``: leave a channel
     unscaled when r1 + r2 is below it (TinyNeuralNetwork's knob against blowing small
     activations up); ``max_scale``: clamp on each round's scale, s in [1/max_scale,
-    max_scale]; ``relaxation``: apply s ** relaxation (successive over-relaxation: a chain
-    of L layers converges in O(L) rounds at 1.5 instead of O(L^2) at 1.0; 1.0 makes a
-    single pair exact in one round)."""
+    max_scale]; ``relaxation``: apply s ** relaxation (successive over-relaxation; 1.0 makes
+    a single pair exact in one round). Defaults measured on a 26-layer 3x3 chain and the
+    shipped models: chain balancing plus 1.3 converges in 9-17 rounds, against 115 for plain
+    rounds."""
 
     iterations: int = 100
     tolerance: float = 1e-2
     threshold: float = 0.0
     max_scale: float = 1e4
-    relaxation: float = 1.5
+    relaxation: float = 1.3
 
     def __post_init__(self):
         if self.iterations < 0 or self.tolerance < 0 or self.threshold < 0 or self.max_scale < 1:
@@ -322,6 +324,8 @@ def _reduce(index: GraphIndex, i: int, features: int) -> _Layer:
 def _equalize(layers: dict[int, _Layer], pairs: list[ChainPair], config: EqualizeConfig
               ) -> tuple[list[np.ndarray], int, bool]:
     totals = [np.ones(layers[p.first].R.shape[0]) for p in pairs]
+    for chain in _chains(pairs):
+        _balance(layers, [pairs[k] for k in chain], config, [totals[k] for k in chain])
     log_tol = math.log1p(config.tolerance)
     rounds, converged = 0, not pairs
     while rounds < config.iterations and not converged:
@@ -340,16 +344,64 @@ def _equalize(layers: dict[int, _Layer], pairs: list[ChainPair], config: Equaliz
     return totals, rounds, converged
 
 
+def _chains(pairs: list[ChainPair]) -> list[list[int]]:
+    """Pair indices grouped into maximal chains (a pair's second layer is the next's first)."""
+    by_first = {p.first: k for k, p in enumerate(pairs)}
+    seconds = {p.second for p in pairs}
+    chains = []
+    for k, p in enumerate(pairs):
+        if p.first in seconds:
+            continue
+        chain = [k]
+        while pairs[chain[-1]].second in by_first:
+            chain.append(by_first[pairs[chain[-1]].second])
+        chains.append(chain)
+    return chains
+
+
+def _balance(layers: dict[int, _Layer], chain: list[ChainPair], config: EqualizeConfig,
+             totals: list[np.ndarray]) -> None:
+    """Remove a chain's uniform mismatch in one step, before the per-channel rounds.
+
+    With d_k = log(max r1 / max r2) over the equalizable channels of boundary k, one scalar
+    x_k per boundary shifts d_k by -2 x_k and both neighbours by +x_k (all ranges scale
+    exactly under uniform scales), so solving the tridiagonal system
+    2 x_k - x_(k-1) - x_(k+1) = d_k zeroes every d at once. Plain rounds diffuse this mode
+    along the chain and need O(L^2) of them. Skipped when every d is within what the rounds
+    accept (so a converged model is left alone and a second run changes nothing)."""
+    d = np.zeros(len(chain))
+    for k, pair in enumerate(chain):
+        r1, r2 = layers[pair.first].out_ranges(), layers[pair.second].in_ranges()
+        ok = _equalizable(r1, r2, config)
+        if ok.any():
+            d[k] = math.log(float(r1[ok].max()) / float(r2[ok].max()))
+    if np.abs(d).max(initial=0.0) <= 2 * math.log1p(config.tolerance):
+        return  # every boundary within tolerance, as in a converged model
+    n = len(chain)
+    laplacian = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    limit = math.log(config.max_scale)
+    for pair, total, x in zip(chain, totals, np.linalg.solve(laplacian, d)):
+        scale = math.exp(float(np.clip(x, -limit, limit)))
+        layers[pair.first].out_factor /= scale
+        layers[pair.second].in_factor *= scale
+        total *= scale
+
+
 def channel_scales(r1: np.ndarray, r2: np.ndarray, config: EqualizeConfig) -> np.ndarray:
     """``s = sqrt(r1 / r2)`` per channel in float64; 1 where a channel is dead, below the
     threshold or not finite; clamped to ``[1/max_scale, max_scale]``."""
     r1 = np.asarray(r1, np.float64)
     r2 = np.asarray(r2, np.float64)
-    finite = np.isfinite(r1) & np.isfinite(r2)
-    ok = finite & ~_dead(r1, finite) & ~_dead(r2, finite) & (r1 + r2 >= config.threshold)
+    ok = _equalizable(r1, r2, config)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.where(ok, np.sqrt(r1 / np.where(ok, r2, 1.0)), 1.0)
     return np.clip(s, 1.0 / config.max_scale, config.max_scale)
+
+
+def _equalizable(r1: np.ndarray, r2: np.ndarray, config: EqualizeConfig) -> np.ndarray:
+    """Channels with finite, live ranges on both sides and r1 + r2 above the threshold."""
+    finite = np.isfinite(r1) & np.isfinite(r2)
+    return finite & ~_dead(r1, finite) & ~_dead(r2, finite) & (r1 + r2 >= config.threshold)
 
 
 def _dead(r: np.ndarray, finite: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import enum
 import hashlib
+import itertools
 import math
 import os
 import time
@@ -324,6 +325,7 @@ class TrainData:
                 self.arrays = [np.concatenate([p[n] for p in parts]) for n in self.names]
                 self.labels = ds.labels
         self._head: tuple | None = None
+        self._pending: Iterator | None = None  # a peeked one-shot source, head first
         self._used = False
 
     @property
@@ -332,14 +334,10 @@ class TrainData:
             return self.labels is not None
         return self._peek()[1] is not None
 
-    @property
-    def num_samples(self) -> int | None:
-        return len(self.arrays[0]) if self.arrays is not None else _len(self.source, None)
-
     def batches_per_epoch(self) -> int | None:
         if self.arrays is not None:
             return -(-len(self.arrays[0]) // self.batch_size)
-        return _len(self.source, None)
+        return _len(self.source)
 
     def head(self, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` samples as feeds (for calibration)."""
@@ -371,19 +369,26 @@ class TrainData:
 
     def _peek(self):
         if self._head is None:
-            self._head = next(iter(self._iterate()), None)
+            stream = self._iterate()
+            self._head = next(stream, None)
             if self._head is None:
                 raise DataError("the training data holds no samples")
+            if iter(self.source) is self.source:
+                self._pending = itertools.chain([self._head], stream)
+            else:
+                stream.close()
         return self._head
 
     def _iterate(self):
+        if self._pending is not None:
+            stream, self._pending = self._pending, None
+            yield from stream
+            return
         one_shot = iter(self.source) is self.source
         if one_shot and self._used:
             raise DataError("the training data is a one-shot iterator and was already read; "
                             "pass a list, a DataLoader or a file to train more than one epoch")
         self._used = self._used or one_shot
-        if one_shot and self._head is not None:
-            yield self._head
         offset = 0
         for i, item in enumerate(self.source):
             inputs, labels = self._parse(item, i, offset)
@@ -435,11 +440,11 @@ def _is_dataset_source(source) -> bool:
         getattr(source, "get_next", None))
 
 
-def _len(source, default):
+def _len(source) -> int | None:
     try:
         return len(source)
     except TypeError:
-        return default
+        return None
 
 
 # ---- distributed ------------------------------------------------------------------------------

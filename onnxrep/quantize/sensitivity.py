@@ -27,7 +27,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxrep import verify
-from onnxrep.model import GraphIndex
+from onnxrep.errors import InputError
+from onnxrep.model import GraphIndex, attr
 from onnxrep.passes.base import Skip
 from onnxrep.quantize.ptq import quantized_nodes
 from onnxrep.report import fmt, table
@@ -211,11 +212,13 @@ class _Combined:
         kinds = [self._quantized_input(x) if x else None for x in qn.input]
         has_weight = any(k and k[0] == "weight" for k in kinds)
         has_activation = out_qdq is not None or any(k and k[0] == "activation" for k in kinds)
-        for x, k in zip(qn.input, kinds):
+        for slot, (x, k) in enumerate(zip(qn.input, kinds)):
             if x and k is None and x not in self.f_tensors:
                 return f"input '{x}' has no FP32 counterpart"
             if k and k[0] == "activation" and k[1].input[0] not in self.f_tensors:
                 return f"quantized input '{k[1].input[0]}' has no FP32 counterpart"
+            if k and k[0] == "weight" and slot == 1:
+                self._check_weight(qn.name, fn.input[1], self._dq(x))
         noise = {}
         for variant in VARIANTS:
             result = self._local_copy(qn, fn, variant, kinds, out_qdq, act)
@@ -228,6 +231,26 @@ class _Combined:
         self.probes.append(_Probe(qn.name, qn.op_type, self._signal(reference), noise,
                                   has_weight, has_activation))
         return None
+
+    def _check_weight(self, node: str, float_weight: str, dq: onnx.NodeProto) -> None:
+        """The float model must be the one the QDQ model was quantized from: its weight within
+        one quantization step of the dequantized weight (CLE, for one, rescales channels)."""
+        w = self.f.const(float_weight)
+        q, scale = self.q.const(dq.input[0]), self.q.const(dq.input[1])
+        zero = self.q.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if w is None or q is None or scale is None or w.shape != q.shape:
+            raise InputError(f"node '{node}': the FP32 weight does not match the QDQ model's")
+        shape = [1] * q.ndim
+        if scale.size > 1:
+            shape[int(attr(dq, "axis", 1))] = scale.size
+        scale = scale.astype(np.float64).reshape(shape)
+        zero = 0 if zero is None else zero.astype(np.float64).reshape(shape)
+        error = np.abs(w.astype(np.float64) - (q.astype(np.float64) - zero) * scale)
+        if np.any(error > scale * 0.51 + 1e-6 * np.abs(w)):
+            raise InputError(
+                f"node '{node}': the FP32 model is not the one this QDQ model was quantized "
+                "from (weights differ by more than one quantization step); use the FP32 model "
+                "`onnxrep quantize --save-float` wrote")
 
     def _local_copy(self, qn, fn, variant, kinds, out_qdq, act) -> str:
         inputs = []
