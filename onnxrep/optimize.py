@@ -223,7 +223,7 @@ def _dataset(calib, model: onnx.ModelProto, config: OptimizeConfig):
 def _replayable(dataset) -> bool:
     """Whether the data can be read more than once (a generator cannot: then only its first
     batch is used, for verification, and the data-dependent passes do not run)."""
-    return bool(getattr(dataset, "replayable", getattr(dataset, "_replayable", True)))
+    return bool(getattr(dataset, "replayable", True))
 
 
 def _feeds(model: onnx.ModelProto, config: OptimizeConfig, dataset) -> dict:

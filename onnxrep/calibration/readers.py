@@ -98,7 +98,7 @@ class Dataset:
         self.ignored = ignored  # keys of an .npz/dict that are neither inputs nor used extras
         self.dropped = 0
         self._chunks, self._specs, self._fixed, self._limit = chunks, specs, fixed_batch, limit
-        self._replayable = replayable
+        self.replayable = replayable  # False for one-shot sources (generators, readers)
         self._head: tuple[Feeds, Iterator[Feeds]] | None = None  # peeked from a one-shot source
 
     def batches(self) -> Iterator[Feeds]:
@@ -115,7 +115,7 @@ class Dataset:
             return self._head[0]
         stream = self._stream()
         first = next(stream)
-        if self._replayable:
+        if self.replayable:
             stream.close()
         else:
             self._head = (first, stream)
