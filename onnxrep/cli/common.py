@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from onnxrep.calibration.readers import load_data
 from onnxrep.errors import InputError
 from onnxrep.model import check_output_path, default_output
 
@@ -30,6 +31,20 @@ def add_input_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DxDx...",
                    help="concrete shape for a symbolic input, e.g. input:1x3x224x224 "
                         "(repeatable); other symbolic dims: batch 2, others 64")
+
+
+def add_calib(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """--calib DATA, --calib-limit N, --batch-size N (the words `onnxrep quantize` uses)."""
+    p.add_argument("--calib", required=required, metavar="DATA",
+                   help="calibration data: .npz (arrays keyed by input name), .npy, or a folder "
+                        "of images")
+    p.add_argument("--calib-limit", type=int, metavar="N", help="use at most N samples")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="samples per onnxruntime run (default 32)")
+
+
+def calib_dataset(args: argparse.Namespace, model):
+    return load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:

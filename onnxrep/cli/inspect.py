@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from onnxrep.cli.common import add_reporting, emit_json
 from onnxrep.calibration.statistics import (COARSE_LEVELS, activation_ranges,
                                             collect_statistics)
+from onnxrep.cli.common import add_calib, add_reporting, calib_dataset, emit_json
 from onnxrep.cli.optimize import layer_table
-from onnxrep.cli.restore_bn import add_calib, calib_dataset
 from onnxrep.model import GraphIndex, load
 from onnxrep.passes.equalize import find_pairs
 from onnxrep.report import fmt, plot_ranges, table, weight_stats

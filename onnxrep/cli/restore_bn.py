@@ -14,27 +14,13 @@ from __future__ import annotations
 
 import argparse
 
-from onnxrep.calibration.readers import load_data
-from onnxrep.cli.common import add_output, add_reporting, emit_json, output_path
+from onnxrep.cli.common import (add_calib, add_output, add_reporting, calib_dataset,
+                                emit_json, output_path)
 from onnxrep.errors import InputError
 from onnxrep.model import load, save
 from onnxrep.passes.restore_batchnorm import Restored, restore_bn_with_details
 from onnxrep.progress import log
 from onnxrep.report import table
-
-
-def add_calib(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """--calib DATA, --calib-limit N, --batch-size N (the words `onnxrep quantize` uses)."""
-    p.add_argument("--calib", required=required, metavar="DATA",
-                   help="calibration data: .npz (arrays keyed by input name), .npy, or a folder "
-                        "of images")
-    p.add_argument("--calib-limit", type=int, metavar="N", help="use at most N samples")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N",
-                   help="samples per onnxruntime run (default 32)")
-
-
-def calib_dataset(args: argparse.Namespace, model):
-    return load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
 
 
 def register(p: argparse.ArgumentParser) -> None:
