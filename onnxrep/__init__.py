@@ -21,3 +21,12 @@ __all__ = [
     "InputError", "OnnxrepError", "OptimizeConfig", "UnsupportedModelError", "VerificationError",
     "compare", "evaluate", "load", "load_data", "optimize", "optimize_with_details", "save",
 ]
+
+
+def __getattr__(name: str):
+    """QAT needs torch; it is imported only when asked for, so ``import onnxrep`` stays light."""
+    if name in ("qat", "qat_with_details", "QATConfig"):
+        from onnxrep.quantize import qat as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'onnxrep' has no attribute '{name}'")

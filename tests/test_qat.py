@@ -26,7 +26,7 @@ from onnxrep import verify  # noqa: E402
 from onnxrep.cli import main  # noqa: E402
 from onnxrep.errors import DataError, UnsupportedModelError  # noqa: E402
 from onnxrep.quantize.export_qdq import export_qdq  # noqa: E402
-from onnxrep.quantize.fake_quant import FakeQuantConfig, Mode, QuantLayer, prepare  # noqa: E402
+from onnxrep.quantize.fake_quant import FakeQuantConfig, Mode, prepare  # noqa: E402
 from onnxrep.quantize.qat import QATConfig, qat, qat_with_details  # noqa: E402
 from onnxrep.quantize.torch_graph import to_torch, weights_to_onnx  # noqa: E402
 
@@ -269,7 +269,7 @@ def test_ppocr_detector_converts_exactly():
     _assert_exact(model, {"x": x})
 
 
-# ---- fake quantization vs onnxruntime --------------------------------------------------------------
+# ---- fake quantization vs onnxruntime ------------------------------------------------------------
 
 def _calibrated(model, per_channel=False, n=128, reduce_range=False):
     net = to_torch(model)
@@ -360,7 +360,7 @@ def test_conv_bn_trains_with_batch_statistics_and_evaluates_folded():
     assert verify.metrics(ref.detach().numpy(), layer(x).detach().numpy()).sqnr_db > 30
 
 
-# ---- training -------------------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------------
 
 def test_two_step_qat_exports_a_valid_qdq_model_without_bn():
     model = _conv_bn_relu()
@@ -442,7 +442,7 @@ def test_one_shot_iterator_trains_one_epoch_with_separate_calibration():
     assert result.steps == 3 and result.history[0].accuracy is not None
 
 
-# ---- CLI ------------------------------------------------------------------------------------------
+# ---- CLI -----------------------------------------------------------------------------------------
 
 def _files(tmp_path):
     model_path = tmp_path / "m.onnx"

@@ -1,7 +1,8 @@
 """Quantization-aware training: fine-tune with INT8 fake quantization, write a QDQ model.
 
-Cross-layer equalization, BatchNormalization restored after each Conv from the calibration
-statistics, conversion to torch (checked against onnxruntime to 1e-5), fake quantization
+onnxrep's equivalence-preserving passes (`onnxrep optimize`: CLE, ...), BatchNormalization
+restored after each Conv from the calibration statistics, conversion to torch (checked against
+onnxruntime, --rtol), fake quantization
 placed and rounded as onnxruntime's QDQ runs it (uint8 activations, int8 weights), training
 (cross-entropy on the data's labels; distillation from the FP32 model when it has none), BN
 folded back, QDQ export (onnxruntime fuses it into QLinearConv). --val prints FP32, PTQ and QAT
@@ -30,7 +31,7 @@ from onnxrep.report import table
 
 # The defaults of onnxrep.quantize.qat.QATConfig, written out so --help needs no torch
 # (tests/test_qat.py checks they agree).
-DEFAULTS = dict(epochs=1, lr=1e-3, batch_size=64, momentum=0.9, calib_samples=512, seed=0,
+DEFAULTS = dict(epochs=1, lr=1e-2, batch_size=128, momentum=0.9, calib_samples=512, seed=0,
                 rtol=1e-5)
 
 
@@ -62,7 +63,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restore-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="insert BNs after the Convs before training (default on)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
-                   help="cross-layer equalization first (default on)")
+                   help="run onnxrep's equivalence-preserving passes (CLE, ...) first "
+                        "(default on)")
     p.add_argument("--distill", choices=("kl", "mse"),
                    help="distillation loss when the data has no labels (default: kl for "
                         "[N, K] outputs, mse otherwise)")
@@ -77,6 +79,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=DEFAULTS["rtol"],
                    help="largest relative torch vs onnxruntime error accepted before training "
                         "(default %(default)g; deep nets on real data may need 1e-4)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: torch's choice; on a busy machine 1 per "
+                        "process is often much faster)")
     p.add_argument("--ptq", action=argparse.BooleanOptionalAction, default=True,
                    help="with --val, also score `onnxrep quantize` per-tensor (default on)")
     add_reporting(p)
@@ -85,7 +90,7 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = output_path(args)
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise InputError("qat needs torch: pip install 'onnxrep[qat]'") from None
     from onnxrep.calibration.readers import load_data
@@ -93,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.checkpoint:
         raise InputError("--resume needs --checkpoint DIR")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be at least 1, not {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         config = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                            momentum=args.momentum, per_channel=args.per_channel,
@@ -145,7 +154,8 @@ def summary(result, out) -> str:
         f"wrote {out}: {result.layers} layers with int8 weights, {result.activations} uint8 "
         f"activations, {result.restored_bn} BatchNormalization restored and folded",
         f"trained {result.steps} steps ({result.samples} samples) in "
-        f"{result.train_seconds:.1f} s ({result.samples_per_second:.0f} samples/s; {result.seconds:.1f} s in all)"
+        f"{result.train_seconds:.1f} s ({result.samples_per_second:.0f} samples/s; "
+        f"{result.seconds:.1f} s in all)"
         + (f"; last loss {last.loss:.4f}" if last else "")
         + (f", batch accuracy {100 * last.accuracy:.2f}%" if last and last.accuracy is not None
            else "")

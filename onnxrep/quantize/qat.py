@@ -2,8 +2,8 @@
 
 ``qat(model, train_data, loss_fn, config)``:
 
-1. CLE (:func:`onnxrep.optimize.optimize`, verified equivalent), opset 13 first when
-   per-channel;
+1. onnxrep's equivalence-preserving passes (:func:`onnxrep.optimize.optimize`: CLE, ...,
+   verified), opset 13 first when per-channel;
 2. BN restore on the calibration data (:func:`onnxrep.passes.restore_batchnorm.restore_bn`):
    a BN after each Conv with gamma = sqrt(var + eps), beta = mean, so the function is unchanged
    and training has batch statistics to normalize with;
@@ -76,7 +76,7 @@ class QATConfig:
     ``per_channel``/``reduce_range``: weight quantization (:class:`FakeQuantConfig`).
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
     statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
-    ``optimize``: CLE first. ``calib_samples``: training samples used for calibration when no
+    ``optimize``: :func:`onnxrep.optimize.optimize` first. ``calib_samples``: training samples used for calibration when no
     calibration data is given. ``distill``: distillation loss without labels (None: KL for
     [N, K] outputs, MSE otherwise). ``checkpoint_every``: also checkpoint every N steps (0:
     only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
@@ -85,8 +85,8 @@ class QATConfig:
     """
 
     epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 64
+    lr: float = 1e-2
+    batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
     per_channel: bool = False
@@ -232,7 +232,7 @@ def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
 
         work = convert_opset(work, 13)
     if config.optimize:
-        log("qat: cross-layer equalization")
+        log("qat: equivalence-preserving passes (CLE, ...)")
         work = optimize(work, OptimizeConfig(), calib=calib)
     restored = 0
     if config.restore_bn:
@@ -494,7 +494,6 @@ class _Trainer:
                                          weight_decay=config.weight_decay)
         per_epoch = data.batches_per_epoch()
         total = per_epoch * config.epochs if per_epoch else None
-        self.total = total
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
             if total else (lambda s: 1.0))
@@ -532,7 +531,7 @@ class _Trainer:
         if not path.exists():
             raise InputError(f"--resume: no checkpoint at {path}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise InputError(f"{path}: cannot read the checkpoint: {exc}") from None
         if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != \
@@ -590,6 +589,9 @@ class _Trainer:
     def _train_step(self, inputs, labels, bar: Progress) -> None:
         n = len(inputs[0])
         world, rank = _world(), _rank()
+        if n < world:
+            log(f"qat: skipped a batch of {n} samples, fewer than the {world} processes")
+            return
         lo, hi = rank * n // world, (rank + 1) * n // world
         local = [x[lo:hi] for x in inputs]
         target = labels[lo:hi] if labels is not None else None

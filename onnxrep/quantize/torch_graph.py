@@ -226,10 +226,6 @@ class GraphModule(nn.Module):
         key = self.tap_names.setdefault(tensor, f"t{len(self.tap_names)}")
         self.taps[key] = module
 
-    def tap(self, tensor: str) -> nn.Module | None:
-        key = self.tap_names.get(tensor)
-        return self.taps[key] if key is not None else None
-
     def fuse(self, first: int, last: int, module: nn.Module) -> None:
         """Replace steps ``first`` and ``last`` by ``module``, run where ``last`` ran, reading
         what ``first`` read and writing what ``last`` wrote (valid when only ``last`` reads
