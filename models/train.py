@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +336,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     onnx_path = out_dir / f"{args.arch}_fmnist.onnx"
+    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
     torch.onnx.export(
         deploy, torch.zeros(1, 1, 28, 28), str(onnx_path), dynamo=False, opset_version=17,
         input_names=["input"], output_names=["logits"], do_constant_folding=True,

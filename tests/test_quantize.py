@@ -475,9 +475,11 @@ def test_bias_correction_adds_missing_bias_and_skips_matmul(tmp_path):
 
 # ---- shipped models ---------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobileone_fmnist", "repvgg_fmnist"])
-def test_shipped_model_per_tensor_within_0_3_pp(name):
+@pytest.mark.parametrize("per_channel, budget", [(False, 0.3), (True, 0.2)])
+def test_shipped_model_int8_top1_within_budget(name, per_channel, budget):
+    """The issue's acceptance on fmnist_eval.npz: per-tensor within 0.3 points of FP32,
+    per-channel within 0.2 (about 5 s per case)."""
     from onnxrep.evaluate import evaluate
 
     path = MODELS / f"{name}.onnx"
@@ -485,6 +487,6 @@ def test_shipped_model_per_tensor_within_0_3_pp(name):
     if not (path.exists() and calib.exists() and data.exists()):
         pytest.skip("shipped models not present")
     model = onnx.load(str(path))
-    qdq = quantize(model, str(calib))
+    qdq = quantize(model, str(calib), QuantizeConfig(per_channel=per_channel))
     fp32, int8 = evaluate(model, str(data)).top1, evaluate(qdq, str(data)).top1
-    assert 100 * (fp32 - int8) <= 0.3, (fp32, int8)
+    assert 100 * (fp32 - int8) <= budget, (fp32, int8)

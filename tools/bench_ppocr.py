@@ -8,9 +8,10 @@ from different seeds), then on the detector fetched by tools/fetch_ppocr.py:
    quantize_static with its defaults: QDQ, uint8 activations, int8 weights, MinMax) and by
    `onnxrep quantize`;
 and prints a markdown table of probability-map SQNR vs FP32 (dB, over all test pixels), the
-share of pixels on the same side of the 0.3 text threshold PP-OCR uses, and latency.
+share of pixels on the same side of the 0.3 text threshold PP-OCR uses, and latency. onnxrep runs
+with its defaults (bias correction on, over --analysis images) and without bias correction.
 
-usage: python tools/bench_ppocr.py [--calib 24] [--test 12] [--size 480x640]
+usage: python tools/bench_ppocr.py [--calib 24] [--test 12] [--size 480x640] [--analysis 4]
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=24, help="calibration images (default 24)")
     p.add_argument("--test", type=int, default=12, help="test images (default 12)")
     p.add_argument("--size", default="480x640", help="HxW, multiples of 32 (default 480x640)")
+    p.add_argument("--analysis", type=int, default=4,
+                   help="--analysis-samples for onnxrep quantize: images used by bias "
+                        "correction, one model run per corrected layer (default 4)")
     args = p.parse_args(argv)
     h, w = (int(v) for v in args.size.lower().split("x"))
     src = fetch()
@@ -163,14 +167,19 @@ def main(argv=None) -> int:
             why = ort_alone(src, calib, q, per_channel)
             rows.append((f"onnxruntime alone, {mode}", *(probs(str(q), test) if why is None
                                                           else (None, None)), why))
-            q = tmp / f"onnxrep.{mode}.onnx"
-            cmd = ["quantize", str(src), "--calib", str(tmp / "calib.npz"), "-o", str(q),
-                   "--batch-size", "1", "--input-shape", shape]
-            done = _onnxrep(cmd + (["--per-channel"] if per_channel else []))
-            rows.append((f"onnxrep quantize, {mode}", *(probs(str(q), test)
-                                                        if done.returncode == 0
-                                                        else (None, None)),
-                         None if done.returncode == 0 else _last_line(done)))
+            for extra in ([], ["--no-bias-correction"]):
+                q = tmp / f"onnxrep.{mode}.onnx"
+                cmd = ["quantize", str(src), "--calib", str(tmp / "calib.npz"), "-o", str(q),
+                       "--force", "--batch-size", "1", "--input-shape", shape,
+                       "--analysis-samples", str(args.analysis), *extra]
+                start = time.perf_counter()
+                done = _onnxrep(cmd + (["--per-channel"] if per_channel else []))
+                took = time.perf_counter() - start
+                label = (f"onnxrep quantize, {mode}{', ' + extra[0] if extra else ''} "
+                         f"({took:.0f} s)")
+                rows.append((label, *(probs(str(q), test) if done.returncode == 0
+                                      else (None, None)),
+                             None if done.returncode == 0 else _last_line(done)))
     print(f"PP-OCRv4 det ({src.name}), {args.test} rendered test images {h}x{w}, "
           f"{args.calib} calibration images; SQNR of the probability map vs FP32; "
           f"'agree' = pixels on the same side of the {THRESHOLD} threshold; latency per "

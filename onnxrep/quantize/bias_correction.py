@@ -13,6 +13,11 @@ layers only the quantized model's int32 bias changes, round(b / s_b) with its ow
 one onnxruntime session serves all layers (the biases are fed as inputs). The corrected FP32
 biases are then quantized again with the same ranges; the mean error |E[y - y_q]| per channel is
 reported before and after, measured on the final model.
+
+Cost: one run of the quantized model over the analysis samples per corrected layer (seconds on
+the shipped models; about 3 minutes for PP-OCRv4's detector on four 480x640 images). Correcting
+all layers at once from one run and repeating (Jacobi rounds) diverged on the shipped models
+(logit SQNR 31 -> 14 dB after three rounds), so the order stays sequential.
 """
 
 from __future__ import annotations
