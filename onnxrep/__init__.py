@@ -12,6 +12,7 @@ from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
 from onnxrep.passes.fold_batchnorm import FoldBatchNorm, fold_bn
 from onnxrep.passes.restore_batchnorm import RestoreBatchNorm, restore_bn
 from onnxrep.evaluate import EvalResult, evaluate
+from onnxrep.quantize.ptq import QuantizeConfig, quantize
 from onnxrep.verify import compare
 
 __all__ = [
@@ -19,7 +20,7 @@ __all__ = [
     "ZeroDeadInputs", "collect_statistics", "fold_bn", "restore_bn",
     "DataError", "Dataset", "EqualizeConfig", "EqualizeCrossLayer", "EvalResult", "ImageOptions",
     "InputError", "OnnxrepError", "OptimizeConfig", "UnsupportedModelError", "VerificationError",
-    "compare", "evaluate", "load", "load_data", "optimize", "optimize_with_details", "save",
+    "QuantizeConfig", "quantize", "compare", "evaluate", "load", "load_data", "optimize", "optimize_with_details", "save",
 ]
 
 

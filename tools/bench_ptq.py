@@ -120,7 +120,8 @@ def ablation(src: Path, data: dict) -> list[tuple[str, float | str]]:
 
     model = onnx.load(str(src))
     rows = [("no passes (onnxrep prepare + onnxruntime)",
-             top1(quantize(model, str(CALIB), QuantizeConfig(optimize=False)), data))]
+             top1(quantize(model, str(CALIB), QuantizeConfig(optimize=False,
+                                                               bias_correction=False)), data))]
     try:
         from onnxrep.calibration.statistics import collect_statistics
         from onnxrep.passes.absorb_bias import AbsorbHighBias
