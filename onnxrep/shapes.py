@@ -1,4 +1,4 @@
-"""Static shapes by ONNX shape inference, run on a weight-less copy so it costs no memory."""
+"""Static shapes and types by ONNX shape inference, run on a weight-less copy (no memory cost)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ _KEEP_ELEMENTS = 64  # small constants (shapes, axes) keep their data: inference
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """``{tensor name: shape}`` with ints for known dims and None for unknown ones."""
+    return {name: shape for name, (_, shape) in infer_types(model).items() if shape is not None}
+
+
+def infer_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
+    """``{tensor name: (elem_type, shape or None)}`` for inputs, outputs, intermediate tensors
+    and initializers; where inference fails (unknown ops), what the model declares."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
@@ -22,17 +28,19 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
         copy = graph.node.add()
         copy.CopyFrom(node) if node.op_type != "Constant" else _light_constant(node, copy)
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception:
-        return {}
-    shapes = {}
-    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-            shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                   for d in v.type.tensor_type.shape.dim)
+        graph = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True).graph
+    except Exception:  # unknown ops or broken value infos: keep what is declared
+        pass
+    types = {}
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        tt = v.type.tensor_type
+        if v.type.HasField("tensor_type") and tt.elem_type:
+            shape = (tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+                     if tt.HasField("shape") else None)
+            types[v.name] = (tt.elem_type, shape)
     for t in model.graph.initializer:
-        shapes[t.name] = tuple(t.dims)
-    return shapes
+        types[t.name] = (t.data_type, tuple(t.dims))
+    return types
 
 
 def _dims_only(t: onnx.TensorProto) -> onnx.TensorProto:

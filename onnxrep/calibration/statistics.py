@@ -40,6 +40,7 @@ from onnxrep import verify
 from onnxrep.errors import DataError, UnsupportedModelError
 from onnxrep.model import GraphIndex, opset_version, write_to
 from onnxrep.progress import Progress
+from onnxrep.shapes import infer_types
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DIRECT = (TensorProto.FLOAT, TensorProto.DOUBLE)
@@ -349,39 +350,11 @@ def _unique(base: str, taken: set) -> str:
 
 
 def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """Element types and ranks from declared value infos and shape inference on a copy
-    without weight data (large constants keep only their dims)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    g = light.graph
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    g.initializer.extend(_light(t) for t in model.graph.initializer)
-    for node in model.graph.node:
-        copy = g.node.add()
-        copy.CopyFrom(node)
-        for a in copy.attribute:
-            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                a.t.CopyFrom(_light(a.t))
-    try:
-        g = onnx.shape_inference.infer_shapes(light, strict_mode=False).graph
-    except Exception:  # unknown ops or broken value infos: fall back on what is declared
-        pass
-    types, ranks = {}, {}
-    for v in (*g.input, *g.value_info, *g.output):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-            types[v.name] = v.type.tensor_type.elem_type
-            if v.type.tensor_type.HasField("shape"):
-                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    """Element types and ranks, declared or inferred."""
+    inferred = infer_types(model)
+    types = {name: elem for name, (elem, _) in inferred.items()}
+    ranks = {name: len(shape) for name, (_, shape) in inferred.items() if shape is not None}
     return types, ranks
-
-
-def _light(t: onnx.TensorProto) -> onnx.TensorProto:
-    if int(np.prod(t.dims, dtype=np.int64)) <= 64:
-        return t
-    return onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
 
 
 # ---- running ----------------------------------------------------------------------------------
