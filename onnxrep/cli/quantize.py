@@ -108,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print(accuracy_table(*scores))
     if result.bias is not None:
         print()
-        print(f"bias correction on {len(result.bias.layers)} layers: mean |E[y - y_q]| per "
-              f"channel {result.bias.before:.4g} -> {result.bias.after:.4g}")
+        print(result.bias.summary())
     if args.report and result.report is not None:
         print()
         print(result.report.table())
