@@ -450,7 +450,8 @@ def test_bias_correction_reduces_mean_channel_error(tmp_path):
     work, quantizer, kept = _prepared_pair(model, x, tmp=tmp_path)
     plain = quantizer(work)
     corrected, record = correct_biases(work, quantizer, kept)
-    assert record.layers and record.samples == 128
+    assert record.layers and record.samples == 128 and record.kept
+    assert record.sqnr_after > record.sqnr_before
     assert record.after < 0.5 * record.before
     for layer in record.layers:
         assert layer.after <= layer.before + 1e-6, layer
@@ -461,6 +462,22 @@ def test_bias_correction_reduces_mean_channel_error(tmp_path):
                                - next(iter(ref.values())), axis=(0, 2, 3))).mean()
            for name, m in (("plain", plain), ("corrected", corrected))}
     assert err["corrected"] < err["plain"]
+
+
+def test_bias_correction_discarded_when_output_sqnr_drops(tmp_path, monkeypatch):
+    from onnxrep.quantize import bias_correction
+
+    model = depthwise_chain()
+    work, quantizer, kept = _prepared_pair(model, _data(model, 64), tmp=tmp_path)
+    before = work.SerializeToString()
+    plain = quantizer(work)
+    monkeypatch.setattr(bias_correction, "_output_sqnr", lambda ref, models, b: [30.0, 20.0])
+    qdq, record = correct_biases(work, quantizer, kept)
+    assert not record.kept and "discarded" in record.summary()
+    assert work.SerializeToString() == before  # float model restored
+    feeds = {"input": _data(model, 8, seed=3)}
+    a, b = verify.run(plain, feeds), verify.run(qdq, feeds)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_bias_correction_adds_missing_bias_and_skips_matmul(tmp_path):

@@ -9,7 +9,9 @@ from different seeds), then on the detector fetched by tools/fetch_ppocr.py:
    `onnxrep quantize`;
 and prints a markdown table of probability-map SQNR vs FP32 (dB, over all test pixels), the
 share of pixels on the same side of the 0.3 text threshold PP-OCR uses, and latency. onnxrep runs
-with its defaults (bias correction on, over --analysis images) and without bias correction.
+with its defaults (bias correction on, over --analysis images), without bias correction, and with
+one more option each: per-tensor keeping the 8 most sensitive convs in FP32 (--exclude auto:8),
+per-channel with percentile calibration.
 
 usage: python tools/bench_ppocr.py [--calib 24] [--test 12] [--size 480x640] [--analysis 4]
 """
@@ -167,7 +169,9 @@ def main(argv=None) -> int:
             why = ort_alone(src, calib, q, per_channel)
             rows.append((f"onnxruntime alone, {mode}", *(probs(str(q), test) if why is None
                                                           else (None, None)), why))
-            for extra in ([], ["--no-bias-correction"]):
+            variants = [[], ["--no-bias-correction"]]
+            variants.append(["--method", "percentile"] if per_channel else ["--exclude", "auto:8"])
+            for extra in variants:
                 q = tmp / f"onnxrep.{mode}.onnx"
                 cmd = ["quantize", str(src), "--calib", str(tmp / "calib.npz"), "-o", str(q),
                        "--force", "--batch-size", "1", "--input-shape", shape,
@@ -175,8 +179,8 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 done = _onnxrep(cmd + (["--per-channel"] if per_channel else []))
                 took = time.perf_counter() - start
-                label = (f"onnxrep quantize, {mode}{', ' + extra[0] if extra else ''} "
-                         f"({took:.0f} s)")
+                label = f"onnxrep quantize, {mode}{', ' + ' '.join(extra) if extra else ''} " \
+                        f"({took:.0f} s)"
                 rows.append((label, *(probs(str(q), test) if done.returncode == 0
                                       else (None, None)),
                              None if done.returncode == 0 else _last_line(done)))
