@@ -1,9 +1,10 @@
 """Quantize a model to INT8 (QDQ) with onnxruntime, after onnxrep's equivalence-preserving passes.
 
 Runs the optimize passes (unless --no-optimize), calibrates on --calib data (streamed, a few
-batches at a time), optionally corrects biases and keeps the most sensitive nodes in FP32, then
-writes a QDQ model that onnxruntime runs with integer kernels (uint8 activations, int8 weights
-by default: onnxruntime's choice for x86, and the fastest pair measured on AVX2 without VNNI). --eval prints FP32 and INT8 accuracy side by
+batches at a time), corrects biases (kept only when that raises the output SQNR), optionally
+keeps the most sensitive nodes in FP32, then writes a QDQ model that onnxruntime runs with
+integer kernels (uint8 activations, int8 weights by default: onnxruntime's choice for x86 and
+the fastest pair measured on AVX2 without VNNI). --eval prints FP32 and INT8 accuracy side by
 side; --report prints the per-layer SQNR, worst first, split into weight and activation error.
 Data that does not match the model's inputs exits 2 and writes nothing.
 

@@ -339,12 +339,3 @@ def _renamed_graph(graph: onnx.GraphProto) -> onnx.GraphProto:
                 n.output[k] = _Q + x
     return out
 
-
-def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """10 log10(sum ref^2 / sum (ref - cand)^2), in float64."""
-    ref = np.asarray(reference, np.float64)
-    noise = float(np.sum((ref - np.asarray(candidate, np.float64)) ** 2))
-    signal = float(np.sum(ref ** 2))
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
