@@ -221,6 +221,15 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
+def unique_name(base: str, taken: set) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... whichever is not in ``taken``; records it."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """A stable human name: the node's name, or ``<op>#<index>`` when it has none."""
     return node.name or f"{node.op_type}#{index}"

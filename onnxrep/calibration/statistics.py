@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxrep import verify
 from onnxrep.errors import DataError, UnsupportedModelError
-from onnxrep.model import GraphIndex, opset_version, write_to
+from onnxrep.model import GraphIndex, opset_version, unique_name, write_to
 from onnxrep.progress import Progress
 from onnxrep.shapes import infer_types
 
@@ -289,8 +289,8 @@ def _probe_model(model: onnx.ModelProto, names: list[str]
     probe.CopyFrom(model)
     graph = probe.graph
     nodes, plan, skipped = [], [], {}
-    axes = _unique(f"{_PREFIX}_axes", taken)
-    shape = _unique(f"{_PREFIX}_shape", taken)
+    axes = unique_name(f"{_PREFIX}_axes", taken)
+    shape = unique_name(f"{_PREFIX}_shape", taken)
     graph.initializer.extend([numpy_helper.from_array(np.array([2], np.int64), axes),
                               numpy_helper.from_array(np.array([0, 0, -1], np.int64), shape)])
     for k, name in enumerate(names):
@@ -314,7 +314,7 @@ def _probe_model(model: onnx.ModelProto, names: list[str]
 def _add_probe(nodes: list, graph: onnx.GraphProto, name: str, k: int, elem: int | None,
                axes: str, shape: str, opset: int, taken: set) -> _Probe:
     pre = f"{_PREFIX}{k}"
-    new = {s: _unique(f"{pre}_{s}", taken) for s in
+    new = {s: unique_name(f"{pre}_{s}", taken) for s in
            ("cast", "r", "k", "d", "sq", "sum", "sumsq", "min", "max", "dims")}
     src = name
     if elem in _WIDENED:
@@ -339,14 +339,6 @@ def _reduce(op: str, x: str, out: str, axes: str, opset: int, axes_input_since: 
     if opset >= axes_input_since:
         return helper.make_node(op, [x, axes], [out], keepdims=0)
     return helper.make_node(op, [x], [out], axes=[2], keepdims=0)
-
-
-def _unique(base: str, taken: set) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:

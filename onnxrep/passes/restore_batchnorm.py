@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from onnxrep.calibration.statistics import Statistics, as_dataset, collect_statistics
 from onnxrep.errors import InputError
-from onnxrep.model import GraphIndex, check_opset
+from onnxrep.model import GraphIndex, check_opset, unique_name
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
 
@@ -55,13 +55,14 @@ class RestoreBatchNorm(Pass):
                 skips.append(Skip(label, reason))
                 continue
             s = self.stats[y]
-            pre = _unique(f"{y}_prebn", taken)
+            pre = unique_name(f"{y}_prebn", taken)
             params = _bn_params(s, self.eps, _dtype(index, node))
-            names = [_unique(f"{label}_bn_{p}", taken) for p in ("scale", "bias", "mean", "var")]
+            names = [unique_name(f"{label}_bn_{p}", taken)
+                     for p in ("scale", "bias", "mean", "var")]
             graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(params, names))
             node.output[0] = pre
             bn = helper.make_node("BatchNormalization", [pre, *names], [y],
-                                  name=_unique(f"{label}_bn", taken), epsilon=self.eps)
+                                  name=unique_name(f"{label}_bn", taken), epsilon=self.eps)
             inserts.append((i, bn))
             dead = int(np.sum(s.var == 0))
             changes.append(Change("restored", (label,), f"{s.channels} channels, std in "
@@ -122,14 +123,6 @@ def _bn_params(s, eps: float, dtype: np.dtype) -> list[np.ndarray]:
     scale = np.sqrt(var + dtype.type(eps)).astype(dtype)
     mean = s.mean.astype(dtype)
     return [scale, mean, mean.copy(), var]
-
-
-def _unique(base: str, taken: set) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
 
 
 @dataclass

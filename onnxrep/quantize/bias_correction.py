@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxrep import verify
-from onnxrep.model import GraphIndex, attr, opset_version
+from onnxrep.model import GraphIndex, attr, opset_version, unique_name
 from onnxrep.passes.base import Skip
 from onnxrep.progress import Progress
 from onnxrep.report import table
@@ -206,7 +206,7 @@ def _candidates(model: onnx.ModelProto, skips: list[Skip]) -> list[_Layer]:
                 skips.append(Skip(node.name, "bias shared with another node"))
                 continue
         else:
-            bias = _unique(f"{node.name}_bias", names)
+            bias = unique_name(f"{node.name}_bias", names)
             names.add(bias)
             model.graph.initializer.append(numpy_helper.from_array(
                 np.zeros(channels, w.dtype), bias))
@@ -226,13 +226,6 @@ def _channels(node: onnx.NodeProto, w: np.ndarray) -> int:
     if node.op_type == "ConvTranspose":
         return w.shape[1] * int(attr(node, "group", 1))
     return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
-
-
-def _unique(base: str, names: set) -> str:
-    name, k = base, 1
-    while name in names:
-        name, k = f"{base}_{k}", k + 1
-    return name
 
 
 def _init(graph: onnx.GraphProto, name: str) -> onnx.TensorProto:
