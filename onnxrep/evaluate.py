@@ -6,7 +6,8 @@ k >= K (k > 1) is trivially 1 and is skipped.
 
 Fidelity to a reference (e.g. the FP32 model of an INT8 one) uses the definitions of
 :func:`onnxrep.verify.metrics`, accumulated over every sample of every batch (not averaged per
-batch): max |ref - cand|; rel = max |ref - cand| / max |ref|;
+batch): max |ref - cand|; rel = max |ref - cand| / max |ref| (at least the output's range when a
+bounded activation such as Sigmoid produces it: :func:`onnxrep.verify.output_bounds`);
 SQNR = 10 log10(sum ref^2 / sum (ref - cand)^2); cosine = sum ref*cand / (||ref|| ||cand||);
 top-1 agreement = share of samples whose argmax matches ([N, K] outputs).
 
@@ -27,7 +28,7 @@ from onnxrep.calibration.readers import Dataset, load_data
 from onnxrep.errors import DataError, InputError
 from onnxrep.model import load
 from onnxrep.progress import Progress
-from onnxrep.verify import ModelLike, OutputMetrics, run, session
+from onnxrep.verify import ModelLike, OutputMetrics, output_bounds, run, session
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ def evaluate(model: ModelLike, data, *, reference: ModelLike | None = None,
     dataset = data if isinstance(data, Dataset) else load_data(data, proto, batch_size=batch_size)
     sess = session(proto, optimized=True)
     outputs = [o.name for o in sess.get_outputs()]
-    ref_sess = _reference_session(reference, sess) if reference is not None else None
-    fidelity = {name: _Fidelity() for name in outputs} if ref_sess is not None else None
+    ref_sess, bounds = (_reference_session(reference, sess) if reference is not None
+                        else (None, {}))
+    fidelity = ({name: _Fidelity(bounds.get(name, 0.0)) for name in outputs}
+                if ref_sess is not None else None)
     scorer = _TopK(dataset.labels, top_k) if dataset.labels is not None else None
     done, seconds = 0, 0.0
     with Progress(dataset.num_samples, "evaluating") as bar:
@@ -97,7 +100,8 @@ def evaluate(model: ModelLike, data, *, reference: ModelLike | None = None,
                       tuple(skipped))
 
 
-def _reference_session(reference: ModelLike, sess):
+def _reference_session(reference: ModelLike, sess) -> tuple[object, dict[str, float]]:
+    """The reference's session and its output bounds, after checking it fits the model."""
     proto = reference if isinstance(reference, onnx.ModelProto) else load(reference)
     ref = session(proto, optimized=True)
     want = sorted(i.name for i in sess.get_inputs())
@@ -109,7 +113,7 @@ def _reference_session(reference: ModelLike, sess):
     missing = [o.name for o in sess.get_outputs() if o.name not in ref_outputs]
     if missing:
         raise InputError(f"the reference model has no output {', '.join(missing)}")
-    return ref
+    return ref, output_bounds(proto)
 
 
 class _TopK:
@@ -161,7 +165,8 @@ class _TopK:
 class _Fidelity:
     """Running sums behind verify.metrics' definitions, over all batches of one output."""
 
-    def __init__(self):
+    def __init__(self, bound: float = 0.0):
+        self.bound = bound
         self.max_abs = self.ref_max = self.noise = self.signal = self.dot = self.cand_sq = 0.0
         self.agree = self.rows = 0
         self.classifier = True
@@ -186,7 +191,8 @@ class _Fidelity:
 
     def result(self) -> OutputMetrics:
         m = self.max_abs
-        rel = m / self.ref_max if self.ref_max > 0 else (0.0 if m == 0 else math.inf)
+        scale = max(self.ref_max, self.bound)
+        rel = m / scale if scale > 0 else (0.0 if m == 0 else math.inf)
         if self.noise == 0:
             sqnr = math.inf
         else:

@@ -108,13 +108,14 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
         work, original = model, work  # keep the copy as the reference for data checks
     feeds = _feeds(work, config, dataset) if config.verify else None
     reference = verify.run(work, feeds) if config.verify else None
+    bounds = verify.output_bounds(work)
     comparison = verify.compare_outputs(reference, reference) if config.verify else None
     data_comparison, stale = None, False
     replay = dataset is not None and _replayable(dataset)
 
     def check(p: Pass) -> None:
         nonlocal comparison, data_comparison, stale
-        comparison = verify.compare_outputs(reference, verify.run(work, feeds))
+        comparison = verify.compare_outputs(reference, verify.run(work, feeds), bounds)
         verify.check(comparison, config.rtol, f"pass '{p.name}'")
         stale = stale or data_comparison is not None
         if p.contract is Contract.EQUIVALENT_ON_DATA and replay:
@@ -141,6 +142,7 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
         model = load(src)
         dataset = _dataset(calib, model, config)
         before = weight_stats(model)
+        bounds = verify.output_bounds(model)
         feeds = reference = comparison = data_comparison = None
         if config.verify:
             feeds = _feeds(model, config, dataset)
@@ -154,7 +156,7 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
         del model  # onnxruntime reads the written file; the proto's memory goes back first
         verify.release_memory()
         if config.verify:
-            comparison = verify.compare_outputs(reference, verify.run(tmp, feeds))
+            comparison = verify.compare_outputs(reference, verify.run(tmp, feeds), bounds)
             changed = [name for name, r in results if r.modified]
             verify.check(comparison, config.rtol, f"passes {', '.join(changed) or '(none)'}")
             on_data = [name for name, r in results

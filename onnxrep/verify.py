@@ -4,6 +4,11 @@ Both run with graph optimizations off, so what is compared is the graph as writt
 output: max absolute error, relative error (max |a - b| / max |reference|), SQNR in dB and
 cosine similarity; for classifier-shaped outputs ([N, K]) also top-1 agreement. The relative
 error is also "the tolerance that would have been needed", which a failed check reports.
+
+An output produced by a bounded activation (Sigmoid, HardSigmoid, Softmax: [0, 1]; Tanh:
+[-1, 1]) is measured against that range when its values are smaller: on random inputs a
+detector's sigmoid map saturates to ~1e-6 everywhere, and 1e-7 of float rounding would
+otherwise read as a 10% change (:func:`output_bounds`).
 """
 
 from __future__ import annotations
@@ -118,6 +123,17 @@ def resolve_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple] | None
     return shapes
 
 
+_BOUNDED_OPS = {"Sigmoid": 1.0, "HardSigmoid": 1.0, "Softmax": 1.0, "Tanh": 1.0}
+
+
+def output_bounds(model: onnx.ModelProto) -> dict[str, float]:
+    """Graph outputs produced by a bounded activation -> the largest |value| it can take."""
+    producers = {out: n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")
+                 for out in n.output}
+    return {o.name: _BOUNDED_OPS[producers[o.name]] for o in model.graph.output
+            if producers.get(o.name) in _BOUNDED_OPS}
+
+
 def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple] | None = None,
                   seed: int = 0) -> dict:
     """Seeded inputs of the model's own shapes: standard normal floats, small ints, bools."""
@@ -138,7 +154,7 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple] | None = N
 @dataclass(frozen=True)
 class OutputMetrics:
     max_abs: float
-    rel: float  # max |a - b| / max |reference|
+    rel: float  # max |a - b| / max(max |reference|, the output's bound if bounded)
     sqnr_db: float
     cosine: float
     top1_agreement: float | None = None
@@ -166,14 +182,17 @@ class Comparison:
         return text + (f", top-1 agreement {min(top1):.4f}" if top1 else "")
 
 
-def metrics(reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
+def metrics(reference: np.ndarray, candidate: np.ndarray, bound: float = 0.0
+            ) -> OutputMetrics:
+    """``bound``: the output's activation range (:func:`output_bounds`), a floor for the
+    relative error's denominator."""
     ref = np.asarray(reference, np.float64)
     cand = np.asarray(candidate, np.float64)
     if ref.shape != cand.shape:
         raise VerificationError(f"output shapes differ: {ref.shape} vs {cand.shape}")
     diff = np.abs(ref - cand)
     max_abs = float(diff.max(initial=0.0))
-    scale = float(np.abs(ref).max(initial=0.0))
+    scale = max(float(np.abs(ref).max(initial=0.0)), bound)
     rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     noise = float(np.sum(diff**2))
     signal = float(np.sum(ref**2))
@@ -187,17 +206,23 @@ def metrics(reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
 
 
 def compare_outputs(reference: Mapping[str, np.ndarray],
-                    candidate: Mapping[str, np.ndarray]) -> Comparison:
+                    candidate: Mapping[str, np.ndarray],
+                    bounds: Mapping[str, float] | None = None) -> Comparison:
+    """Every output of ``reference`` against ``candidate``; ``bounds`` from
+    :func:`output_bounds` of the reference model."""
+    bounds = bounds or {}
     missing = set(reference) - set(candidate)
     if missing:
         raise VerificationError(f"outputs missing from the candidate: {', '.join(sorted(missing))}")
-    return Comparison({name: metrics(reference[name], candidate[name]) for name in reference})
+    return Comparison({name: metrics(reference[name], candidate[name], bounds.get(name, 0.0))
+                       for name in reference})
 
 
 def compare(reference: ModelLike, candidate: ModelLike,
             feeds: Mapping[str, np.ndarray]) -> Comparison:
     """Run both models on ``feeds`` (optimizations off) and compare every output."""
-    return compare_outputs(run(reference, feeds), run(candidate, feeds))
+    bounds = output_bounds(reference) if isinstance(reference, onnx.ModelProto) else None
+    return compare_outputs(run(reference, feeds), run(candidate, feeds), bounds)
 
 
 def check(comparison: Comparison, rtol: float, what: str) -> None:

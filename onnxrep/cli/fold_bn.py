@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         reference = verify.run(model, feeds)
     result = FoldBatchNorm()(model)  # in place: the file on disk is the original
     if args.verify:
-        comparison = verify.compare_outputs(reference, verify.run(model, feeds))
+        comparison = verify.compare_outputs(reference, verify.run(model, feeds),
+                                            verify.output_bounds(model))
         verify.check(comparison, args.rtol, "fold-bn")
     save(model, out, force=args.force)
     if args.json:
