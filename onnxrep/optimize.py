@@ -97,21 +97,23 @@ def optimize(model: onnx.ModelProto, config: OptimizeConfig | None = None,
 def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None = None, *,
                           calib=None, copy: bool = True, progress=None) -> Optimized:
     """Like :func:`optimize`, also returning per-pass results, weight statistics before and
-    after, and the verification comparisons. ``copy=False`` optimizes ``model`` in place."""
+    after, and the verification comparisons. ``copy=False`` optimizes ``model`` in place; a
+    copy is then made only when the result will be compared with it on calibration data."""
     config = config or OptimizeConfig()
     check_opset(model)
     dataset = _dataset(calib, model, config)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    original = model
-    if not copy:
-        work, original = model, work  # keep the copy as the reference for data checks
+    replay = dataset is not None and _replayable(dataset)
+    work, original = model, model
+    if copy or (config.verify and replay):
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        if not copy:
+            work, original = model, work
     feeds = _feeds(work, config, dataset) if config.verify else None
     reference = verify.run(work, feeds) if config.verify else None
     bounds = verify.output_bounds(work)
     comparison = verify.compare_outputs(reference, reference) if config.verify else None
     data_comparison, stale = None, False
-    replay = dataset is not None and _replayable(dataset)
 
     def check(p: Pass) -> None:
         nonlocal comparison, data_comparison, stale
@@ -124,7 +126,7 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
             stale = False
 
     before = weight_stats(work)
-    results = _run_passes(work, config, dataset, progress, check if config.verify else None)
+    results, _ = _run_passes(work, config, dataset, progress, check if config.verify else None)
     if stale:
         data_comparison = compare_on_data(original, work, dataset, rtol=config.rtol,
                                           what="the passes")
@@ -149,7 +151,7 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
             reference = verify.run(ref_session.result(), feeds)
             ref_session = None
             verify.release_memory()
-        results = _run_passes(model, config, dataset, progress, None)
+        results, on_data = _run_passes(model, config, dataset, progress, None)
     after = weight_stats(model)
     with atomic_output(dst, force=force) as tmp:
         write_to(model, tmp)
@@ -159,8 +161,6 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
             comparison = verify.compare_outputs(reference, verify.run(tmp, feeds), bounds)
             changed = [name for name, r in results if r.modified]
             verify.check(comparison, config.rtol, f"passes {', '.join(changed) or '(none)'}")
-            on_data = [name for name, r in results
-                       if r.modified and name in ("dead-inputs", "absorb-bias")]
             if on_data and dataset is not None and _replayable(dataset):
                 data_comparison = compare_on_data(Path(src), tmp, dataset, rtol=config.rtol,
                                                   what=f"passes {', '.join(changed)}")
@@ -201,17 +201,21 @@ def relu_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def _run_passes(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress, check
-                ) -> list[tuple[str, PassResult]]:
-    results = []
+                ) -> tuple[list[tuple[str, PassResult]], list[str]]:
+    """(name, result) per pass in order, and the names of the passes that changed the model
+    under the equivalent-on-data contract (to be checked on the calibration data)."""
+    results, on_data = [], []
     for name, make in _stages(model, config, dataset):
         if progress:
             progress(f"{name}...")
         p = make(model)
         result = p(model)
         results.append((p.name, result))
+        if result.modified and p.contract is Contract.EQUIVALENT_ON_DATA:
+            on_data.append(p.name)
         if check and result.modified:
             check(p)
-    return results
+    return results, on_data
 
 
 def _dataset(calib, model: onnx.ModelProto, config: OptimizeConfig):

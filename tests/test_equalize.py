@@ -337,3 +337,11 @@ def test_property_one_round_equalizes_a_single_pair(seed, cout, group, k):
     r1, r2 = ranges_of_pair(result.model, pair)
     np.testing.assert_allclose(r1, r2, rtol=1e-5)
     assert_equivalent(model, result.model, rtol=1e-5)
+
+
+def test_optimize_in_place_copies_only_for_a_data_check():
+    model = conv_relu_conv()
+    assert optimize_with_details(model, copy=False).model is model
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    result = optimize_with_details(model, calib={"input": x}, copy=False)
+    assert result.model is model

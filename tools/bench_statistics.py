@@ -2,14 +2,17 @@
 
 For 256 and 4096 samples, each measured in its own child process:
   plain  = onnxruntime inference (graph optimizations on, as users run it) over all batches
+  floor  = the same inference with one GlobalAveragePool added on every Conv output: the
+           least any collector pays that reads pre-activations inside onnxruntime (the outputs
+           can no longer be fused with their ReLU); no statistics are computed
   stats  = onnxrep's collect_statistics over the same batches (every Conv/Gemm output)
-and prints time ratio = stats / plain (best of --repeat runs after a warm-up) and each child's
+and prints time ratios to plain (best of --repeat runs after a warm-up) and each child's
 peak RSS (resource.getrusage ru_maxrss: the whole process, imports included; tracemalloc would
 miss onnxruntime's allocations). The data is streamed from a generator, so neither side holds
 the samples: equal peaks at 256 and 4096 samples show that the pass's memory does not grow
 with the data. Uses models/mobileone_fmnist.onnx with models/fmnist_calib.npz (cycled) when
-present, else a small conv net with random inputs; --model/--data pick another model (data:
-an .npz with the samples under `input`).
+present, else a small conv net with random inputs; --model/--data pick another one-input model
+(data: an .npz with the samples under the input's name, or as its only array).
 
 usage: python tools/bench_statistics.py [--batch-size 32] [--repeat 3] [--workers 1]
                                         [--model M.onnx --data D.npz]
@@ -43,19 +46,33 @@ from onnxrep.model import load
 path, data, mode, samples, batch, repeat, workers = sys.argv[1:8]
 samples, batch, repeat, workers = int(samples), int(batch), int(repeat), int(workers)
 model = load(path)
-pool = np.load(data)["input"]
+name = model.graph.input[0].name
+with np.load(data) as arrays:
+    pool = arrays[name] if name in arrays else arrays[arrays.files[0]]
 
 def batches():
     for start in range(0, samples, batch):
         idx = np.arange(start, min(start + batch, samples)) % len(pool)
-        yield {"input": pool[idx]}
+        yield {name: pool[idx]}
+
+def floor_model():
+    from onnx import helper
+    outs = []
+    for i, node in enumerate([n for n in model.graph.node if n.op_type == "Conv"]):
+        outs.append(f"floor_gap{i}")
+        model.graph.node.append(helper.make_node("GlobalAveragePool", [node.output[0]],
+                                                 [outs[-1]]))
+    model.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outs)
+    return model.SerializeToString()
+
+source = floor_model() if mode == "floor" else path
 
 def once():
     t = time.perf_counter()
-    if mode == "plain":
+    if mode in ("plain", "floor"):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         for feeds in batches():
             sess.run(None, feeds)
     else:
@@ -109,8 +126,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=1, help="processes for the statistics pass")
-    p.add_argument("--model", type=Path, help="model to measure (input named `input`)")
-    p.add_argument("--data", type=Path, help=".npz with its samples under `input`")
+    p.add_argument("--model", type=Path, help="model to measure (one input)")
+    p.add_argument("--data", type=Path,
+                   help=".npz with the samples under the input's name (else its first array)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="onnxrep-bench-stats-") as tmp:
         if args.model and args.data:
@@ -125,12 +143,14 @@ def main() -> None:
             what = "a 5-conv test net on random inputs (shipped model absent)"
         print(f"{what}; batch {args.batch_size}, best of {args.repeat}, "
               f"statistics workers {args.workers}")
-        print(f"{'samples':>8} {'plain s':>9} {'stats s':>9} {'ratio':>6} "
+        print(f"{'samples':>8} {'plain s':>9} {'floor':>6} {'stats s':>9} {'ratio':>6} "
               f"{'plain MB':>9} {'stats MB':>9}")
         for samples in (256, 4096):
             plain = child(model, data, "plain", samples, args)
+            floor = child(model, data, "floor", samples, args)
             stats = child(model, data, "stats", samples, args)
-            print(f"{samples:>8} {plain['seconds']:>9.3f} {stats['seconds']:>9.3f} "
+            print(f"{samples:>8} {plain['seconds']:>9.3f} "
+                  f"{floor['seconds'] / plain['seconds']:>6.2f} {stats['seconds']:>9.3f} "
                   f"{stats['seconds'] / plain['seconds']:>6.2f} {plain['peak_mb']:>9.1f} "
                   f"{stats['peak_mb']:>9.1f}")
 
