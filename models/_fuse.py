@@ -1,4 +1,5 @@
-"""Helpers shared by the RepVGG / MobileOne definitions for re-parameterization.
+"""Helpers shared by the RepVGG / MobileOne definitions: the classifier skeleton and the
+re-parameterization arithmetic.
 
 All fusion arithmetic is done in float64 and cast back to the parameter dtype at
 the end, so the deploy form matches the train form (in eval mode) to within
@@ -77,3 +78,31 @@ def reparameterize_model(model: nn.Module) -> nn.Module:
         if m is not model and hasattr(m, "reparameterize"):
             m.reparameterize()
     return model.eval()
+
+
+class RepClassifier(nn.Module):
+    """stem -> stages of blocks -> global average pool -> linear. ``block(cin, cout,
+    stride)`` builds one block; the first block of a stage takes its stride."""
+
+    def __init__(self, stem: nn.Module, stem_width: int, block, depths, widths, strides,
+                 num_classes: int):
+        super().__init__()
+        self.stem = stem
+        stages, cin = [], stem_width
+        for depth, width, stride in zip(depths, widths, strides):
+            blocks = []
+            for i in range(depth):
+                blocks.append(block(cin, width, stride if i == 0 else 1))
+                cin = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.linear(torch.flatten(self.gap(x), 1))
+
+    def reparameterize(self) -> "RepClassifier":
+        """Convert every block to the deploy form in place; returns self (eval mode)."""
+        return reparameterize_model(self)

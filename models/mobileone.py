@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._fuse import ConvBN, fuse_convbn, fuse_identity_bn, make_deploy_conv, reparameterize_model
+from ._fuse import ConvBN, RepClassifier, fuse_convbn, fuse_identity_bn, make_deploy_conv
 
 DEFAULT_CFG = dict(
     stem_width=16,         # S0: 48, stride 2
@@ -88,32 +88,15 @@ class MobileOneBlock(nn.Module):
         return self.pw(self.dw(x))
 
 
-class MobileOne(nn.Module):
+class MobileOne(RepClassifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, stem_width: int = 16,
                  stem_stride: int = 1, depths=(1, 2, 2, 1), widths=(16, 32, 64, 96),
                  strides=(2, 2, 2, 1), num_branches: int = 4):
-        super().__init__()
         # As in the reference S0 code the stem is a dense 3x3 unit with a single conv branch.
-        self.stem = MobileOneUnit(in_channels, stem_width, 3, stem_stride, groups=1, num_branches=1)
-        stages = []
-        cin = stem_width
-        for depth, width, stride in zip(depths, widths, strides):
-            blocks = []
-            for i in range(depth):
-                blocks.append(MobileOneBlock(cin, width, stride if i == 0 else 1, num_branches))
-                cin = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return self.linear(torch.flatten(self.gap(x), 1))
-
-    def reparameterize(self) -> "MobileOne":
-        """Convert all units to the deploy form in place; returns self (eval mode)."""
-        return reparameterize_model(self)
+        stem = MobileOneUnit(in_channels, stem_width, 3, stem_stride, groups=1, num_branches=1)
+        super().__init__(stem, stem_width,
+                         lambda cin, cout, stride: MobileOneBlock(cin, cout, stride, num_branches),
+                         depths, widths, strides, num_classes)
 
 
 def mobileone_fmnist(**overrides) -> MobileOne:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._fuse import ConvBN, fuse_convbn, fuse_identity_bn, make_deploy_conv, reparameterize_model
+from ._fuse import ConvBN, RepClassifier, fuse_convbn, fuse_identity_bn, make_deploy_conv
 
 # Default shrunk configuration (see models/README.md).
 DEFAULT_CFG = dict(
@@ -60,31 +60,12 @@ class RepVGGBlock(nn.Module):
         self.rbr_identity = None
 
 
-class RepVGG(nn.Module):
+class RepVGG(RepClassifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, stem_width: int = 16,
                  stem_stride: int = 1, depths=(1, 2, 2, 1), widths=(16, 32, 64, 96),
                  strides=(2, 2, 2, 1)):
-        super().__init__()
-        self.stem = RepVGGBlock(in_channels, stem_width, stem_stride)
-        stages = []
-        cin = stem_width
-        for depth, width, stride in zip(depths, widths, strides):
-            blocks = []
-            for i in range(depth):
-                blocks.append(RepVGGBlock(cin, width, stride if i == 0 else 1))
-                cin = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return self.linear(torch.flatten(self.gap(x), 1))
-
-    def reparameterize(self) -> "RepVGG":
-        """Convert all blocks to the deploy form in place; returns self (eval mode)."""
-        return reparameterize_model(self)
+        super().__init__(RepVGGBlock(in_channels, stem_width, stem_stride), stem_width,
+                         RepVGGBlock, depths, widths, strides, num_classes)
 
 
 def repvgg_fmnist(**overrides) -> RepVGG:
