@@ -12,7 +12,7 @@ from graphs import Chain
 from onnxrep import verify
 from onnxrep.cli import main
 from onnxrep.optimize import OptimizeConfig, optimize_with_details
-from onnxrep.passes.fold_batchnorm import FoldBatchNorm, fold_bn
+from onnxrep.passes.fold_batchnorm import FoldAffine, FoldBatchNorm, fold_bn
 
 
 def fout(name, rank=4):
@@ -171,6 +171,91 @@ def test_fold_property(cin, mult, k, bias, grouped, op, seed):
     folded, result = fold(model)
     assert result.info["folded"] == 1
     assert_same_function(model, folded, seed=seed)
+
+
+def layer_affine(op, cout, group, bias, chain, rng):
+    """input -> op -> the affine ops ``chain`` (bn, mul, add, sub, rsub = k - y, div, scalar)."""
+    cin, inits, nodes = 4, [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    if op == "Gemm":
+        w = rng.normal(0, 0.5, (cout, cin))
+        attrs, x_shape, per_channel = dict(transB=1), [2, cin], (cout,)
+    else:
+        shape = (cin, cout // group) if op == "ConvTranspose" else (cout, cin // group)
+        w = rng.normal(0, 0.5, shape + (3, 3))
+        attrs, x_shape, per_channel = dict(group=group, pads=[1] * 4), [2, cin, 5, 5], (cout, 1, 1)
+    inputs = ["input", const("W", w)] + ([const("B", rng.normal(0, 0.3, cout))] if bias else [])
+    nodes.append(helper.make_node(op, inputs, ["t0"], name="layer", **attrs))
+    for k, kind in enumerate(chain):
+        x, y = f"t{k}", f"t{k + 1}"
+        value = rng.uniform(0.5, 2.0, per_channel)
+        if kind == "bn":
+            names = [const(f"{p}{k}", v) for p, v in zip("gbmv", bn_params(rng, cout))]
+            nodes.append(helper.make_node("BatchNormalization", [x, *names], [y], name=f"n{k}",
+                                          epsilon=1e-3))
+        elif kind == "scalar":
+            nodes.append(helper.make_node("Mul", [const(f"c{k}", [1.7]), x], [y], name=f"n{k}"))
+        elif kind == "rsub":
+            nodes.append(helper.make_node("Sub", [const(f"c{k}", value), x], [y], name=f"n{k}"))
+        else:
+            value = value.reshape(1, *value.shape) if kind == "add" else value  # [1, C, ...]
+            nodes.append(helper.make_node(kind.capitalize(), [x, const(f"c{k}", value)], [y],
+                                          name=f"n{k}"))
+    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info(
+        "input", TensorProto.FLOAT, x_shape)], [fout(f"t{len(chain)}", len(x_shape))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@settings(max_examples=40, deadline=None)
+@given(op=st.sampled_from(["Conv", "ConvTranspose", "Gemm"]), cout=st.sampled_from([2, 4, 6]),
+       group=st.sampled_from([1, 2]), bias=st.booleans(),
+       chain=st.lists(st.sampled_from(["bn", "mul", "add", "sub", "rsub", "div", "scalar"]),
+                      min_size=1, max_size=3),
+       seed=st.integers(0, 10_000))
+def test_fold_affine_is_equivalent(op, cout, group, bias, chain, seed):
+    model = layer_affine(op, cout, group, bias, chain, np.random.default_rng(seed))
+    onnx.checker.check_model(model)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    result = FoldAffine()(folded)
+    assert result.info["folded"] == len(chain) and not result.skips
+    assert ops(folded) == [op]
+    onnx.checker.check_model(folded)
+    assert_same_function(model, folded, seed=seed)
+
+
+def test_fold_bn_leaves_arithmetic_ops_to_fold_affine():
+    model = layer_affine("Conv", 4, 1, True, ["mul", "bn"], np.random.default_rng(0))
+    bn_only, result = fold(model)
+    assert ops(bn_only) == ["Conv", "Mul", "BatchNormalization"]
+    assert "its input comes from Mul 'n0'" in result.skips[0].reason
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert FoldAffine()(folded).info["folded"] == 2 and ops(folded) == ["Conv"]
+
+
+def test_fold_affine_leaves_a_fanned_out_conv_and_non_affine_ops():
+    c = Chain(channels=3, seed=2).conv(4)
+    conv_out = c.tensor
+    c.node("Mul", [c.const(np.full((4, 1, 1), 2.0, np.float32))])
+    mul_out = c.tensor
+    c.nodes.append(helper.make_node("Add", [mul_out, conv_out], ["sum"], name="residual"))
+    c.tensor = "sum"
+    c.conv(4).node("Mul", [c.const(np.full((1, 1, 8, 8), 2.0, np.float32))])  # per pixel
+    c.conv(4).node("Div", [c.const(np.array([1.0, 0.0, 2.0, 3.0], np.float32).reshape(4, 1, 1))])
+    c.conv(4)
+    c.nodes.append(helper.make_node("Div", [c.const(np.full((4, 1, 1), 2.0, np.float32)),
+                                            c.tensor], ["out"], name="k_over_y"))
+    c.tensor = "out"
+    model = c.build()
+    result = FoldAffine()(model)
+    assert not result.modified and not result.skips  # arithmetic ops left are not reported
 
 
 def test_optimize_folds_bn_first_so_cle_can_pair():

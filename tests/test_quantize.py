@@ -19,7 +19,7 @@ from onnxrep.cli import main
 from onnxrep.errors import InputError
 from onnxrep.quantize import (QuantizeConfig, correct_biases, layer_report, quantize,
                               quantize_with_details)
-from onnxrep.quantize.ptq import Quantizer, calibrate, fold_affine, prepare, quantized_nodes
+from onnxrep.quantize.ptq import Quantizer, calibrate, prepare, quantized_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -196,68 +196,25 @@ def test_histogram_methods_stream_a_one_shot_source(method, monkeypatch):
     assert verify.compare(model, result.model, {"input": x[:8]}).sqnr_db > 20
 
 
-# ---- affine folding (prepare) -----------------------------------------------------------------
+# ---- affine folding (prepare; the pass itself: test_fold_bn.py) -------------------------------
 
-@settings(max_examples=30, deadline=None)
-@given(cout=st.sampled_from([2, 4, 6]), group=st.sampled_from([1, 2]),
-       transpose=st.booleans(), ops=st.lists(st.sampled_from(["bn", "mul", "add", "sub",
-                                                              "div", "scalar"]),
-                                             min_size=1, max_size=3),
-       bias=st.booleans(), seed=st.integers(0, 10_000))
-def test_fold_affine_is_equivalent(cout, group, transpose, ops, bias, seed):
-    rng = np.random.default_rng(seed)
-    cin = 4
-    inits, nodes = [], []
-
-    def const(name, value):
-        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
-
-    w = rng.normal(0, 0.5, (cin, cout // group, 3, 3) if transpose else (cout, cin // group, 3, 3))
-    inputs = ["input", const("W", w)] + ([const("B", rng.normal(0, 0.3, cout))] if bias else [])
-    nodes.append(helper.make_node("ConvTranspose" if transpose else "Conv", inputs, ["t0"],
-                                  name="conv", group=group, pads=[1] * 4))
-    for k, op in enumerate(ops):
-        x, y = f"t{k}", f"t{k + 1}"
-        per_channel = rng.uniform(0.5, 2.0, (cout, 1, 1))
-        if op == "bn":
-            nodes.append(helper.make_node(
-                "BatchNormalization", [x, const(f"g{k}", rng.uniform(0.5, 2, cout)),
-                                       const(f"be{k}", rng.normal(0, 1, cout)),
-                                       const(f"m{k}", rng.normal(0, 1, cout)),
-                                       const(f"v{k}", rng.uniform(0.1, 2, cout))], [y],
-                name=f"n{k}", epsilon=1e-3))
-        elif op == "scalar":
-            nodes.append(helper.make_node("Mul", [const(f"c{k}", [1.7]), x], [y], name=f"n{k}"))
-        else:
-            shape = per_channel if op != "add" else per_channel.reshape(1, cout, 1, 1)
-            nodes.append(helper.make_node(op.capitalize(), [x, const(f"c{k}", shape)], [y],
-                                          name=f"n{k}"))
-    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info(
-        "input", TensorProto.FLOAT, [2, cin, 5, 5])], [helper.make_tensor_value_info(
-            f"t{len(ops)}", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    count, left = fold_affine(folded.graph)
-    assert count == len(ops) and not left
-    assert [n.op_type for n in folded.graph.node] == [nodes[0].op_type]
-    feeds = {"input": rng.standard_normal((2, cin, 5, 5)).astype(np.float32)}
-    cmp = verify.compare(model, folded, feeds)
-    verify.check(cmp, 1e-5, "fold_affine")
-
-
-def test_fold_affine_leaves_a_fanned_out_conv():
+def test_prepare_folds_affine_ops_and_notes_the_bns_left():
     c = Chain(channels=3, seed=2).conv(4)
-    conv_out = c.tensor
     c.node("Mul", [c.const(np.full((4, 1, 1), 2.0, np.float32))])
-    mul_out = c.tensor
-    c.nodes.append(helper.make_node("Add", [mul_out, conv_out], ["sum"], name="residual"))
-    c.tensor = "sum"
+    bn = [c.const(v.astype(np.float32)) for v in (np.full(4, 1.5), np.full(4, 0.1),
+                                                  np.zeros(4), np.ones(4))]
+    c.node("BatchNormalization", bn).relu()
+    c.node("BatchNormalization", bn, name="bn_after_relu")
     model = c.build()
-    count, _ = fold_affine(model.graph)
-    assert count == 0
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    notes = prepare(work, per_channel=False)
+    assert [n.op_type for n in work.graph.node] == ["Conv", "Relu", "BatchNormalization"]
+    assert any(n.startswith("2 per-channel affine ops") for n in notes)
+    assert any(n.startswith("BatchNormalization bn_after_relu left in float: its input comes "
+                            "from Relu") for n in notes)
+    feeds = {"input": _data(model, 2)}
+    verify.check(verify.compare(model, work, feeds), 1e-5, "prepare")
 
 
 # ---- data errors (CLI) ------------------------------------------------------------------------

@@ -42,8 +42,9 @@ from onnx import numpy_helper
 from onnxrep.calibration.readers import Dataset, load_data
 from onnxrep.evaluate import evaluate
 from onnxrep.errors import DataError, InputError, OnnxrepError, UnsupportedModelError
-from onnxrep.model import GraphIndex, attr, check_opset, opset_version, write_to
+from onnxrep.model import GraphIndex, check_opset, opset_version, write_to
 from onnxrep.optimize import OptimizeConfig, optimize_with_details
+from onnxrep.passes.fold_batchnorm import FoldAffine
 from onnxrep.progress import Progress, log
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -239,8 +240,9 @@ def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
 
     - ``Constant`` nodes become initializers: onnxruntime treats a Conv weight produced by a
       Constant node as an activation (quantized per-tensor with calibrated ranges, uint8).
-    - Per-channel affine ops right after a Conv (BatchNormalization, Mul/Add by a constant)
-      are folded into it (:func:`fold_affine`); unused initializers are dropped.
+    - Per-channel affine ops right after a Conv/ConvTranspose/Gemm (BatchNormalization,
+      Mul/Add/Sub/Div by a constant) are folded into it (:class:`FoldAffine`); unused
+      initializers are dropped.
     - Every node gets a unique name: exclusion and the reports address nodes by name.
     - Per-channel on opset < 13: converted to opset 13 (onnx.version_converter); onnxruntime
       otherwise writes an invalid model without an error.
@@ -249,12 +251,12 @@ def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
     lifted = lift_constants(model.graph)
     if lifted:
         notes.append(f"{lifted} Constant nodes turned into initializers")
-    folded, left = fold_affine(model.graph)
-    if folded:
-        notes.append(f"{folded} per-channel affine ops (BatchNormalization, Mul/Add by a "
-                     "constant) folded into the Conv before them")
-    for name, reason in left:
-        notes.append(f"BatchNormalization {name} left in float: {reason}")
+    folded = FoldAffine()(model)
+    if folded.changes:
+        notes.append(f"{len(folded.changes)} per-channel affine ops (BatchNormalization, "
+                     "Mul/Add/Sub/Div by a constant) folded into the layer before them")
+    for skip in folded.skips:
+        notes.append(f"BatchNormalization {skip.node} left in float: {skip.reason}")
     dropped = drop_unused_initializers(model.graph)
     if dropped:
         notes.append(f"{dropped} unused initializers dropped")
@@ -267,109 +269,6 @@ def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
         model.CopyFrom(converted)
         notes.append(f"opset {version} converted to {PER_CHANNEL_MIN_OPSET} for per-channel")
     return notes
-
-
-AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
-
-
-def fold_affine(graph: onnx.GraphProto) -> tuple[int, list[tuple[str, str]]]:
-    """Fold per-channel affine ops that alone read a Conv/ConvTranspose output into its weight
-    and bias: y' = a * y + d with a, d per output channel, so W'[o] = a[o] W[o] and
-    b' = a b + d. BatchNormalization: a = gamma / sqrt(var + eps), d = beta - mean * a;
-    Mul/Div/Add/Sub by a constant scalar or [C, 1, ...] tensor (the bias Add of a Paddle
-    ConvTranspose, the scalar affine pairs of PP-LCNetV3). Left in float, onnxruntime would run
-    them between a DequantizeLinear and a QuantizeLinear, which blocks its integer Conv kernels.
-    Returns (folded, [(BatchNormalization left, why)]).
-    """
-    folded, left = 0, []
-    while True:
-        index = GraphIndex(graph)
-        for i, node in enumerate(graph.node):
-            if node.op_type not in AFFINE_OPS:
-                continue
-            reason = _fold_one(graph, index, i)
-            if reason is None:
-                folded += 1
-                break
-            if node.op_type == "BatchNormalization" and (node.name, reason) not in left:
-                left.append((node.name, reason))
-        else:
-            return folded, left
-
-
-def _fold_one(graph: onnx.GraphProto, index: GraphIndex, i: int) -> str | None:
-    node = graph.node[i]
-    data = next((x for x in node.input[:2] if not index.is_const(x)), None)
-    producer = index.producer.get(data) if data else None
-    conv = graph.node[producer] if producer is not None else None
-    if conv is None or conv.op_type not in ("Conv", "ConvTranspose"):
-        return "no Conv/ConvTranspose right before it"
-    if len(index.readers(data)) > 1 or data in index.graph_outputs:
-        return "the Conv output is also read elsewhere"
-    w = index.const(conv.input[1])
-    if w is None or index.shared(conv.input[1]):
-        return "the Conv weight is not constant or is shared"
-    has_bias = len(conv.input) > 2 and bool(conv.input[2])
-    if has_bias and (index.const(conv.input[2]) is None or index.shared(conv.input[2])):
-        return "the Conv bias is not constant or is shared"
-    channels = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * int(attr(conv, "group", 1))
-    affine = _affine(node, index, data, channels, w.ndim)
-    if isinstance(affine, str):
-        return affine
-    a, d = affine
-    w64 = w.astype(np.float64)
-    if conv.op_type == "Conv":
-        w64 = w64 * a.reshape(-1, *([1] * (w.ndim - 1)))
-    else:  # ConvTranspose weight [Cin, Cout/g, k...]; output channel = group * Cout/g + j
-        g = int(attr(conv, "group", 1))
-        shaped = w64.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
-        w64 = (shaped * a.reshape(g, 1, w.shape[1], *([1] * (w.ndim - 2)))).reshape(w.shape)
-    b = index.const(conv.input[2]).astype(np.float64) if has_bias else np.zeros(channels)
-    index.set_const(conv.input[1], w64)
-    if has_bias:
-        index.set_const(conv.input[2], a * b + d)
-    else:
-        name = f"{conv.name}_bias"
-        while name in index.initializers or name in index.producer:
-            name += "_"
-        graph.initializer.append(numpy_helper.from_array((a * b + d).astype(w.dtype), name))
-        while len(conv.input) < 3:
-            conv.input.append("")
-        conv.input[2] = name
-    conv.output[0] = node.output[0]
-    del graph.node[i]
-    return None
-
-
-def _affine(node, index: GraphIndex, data: str, channels: int, rank: int):
-    """(a, d) per channel in float64 for y' = a * y + d, or why the node is not one."""
-    if node.op_type == "BatchNormalization":
-        params = [index.const(x) for x in node.input[1:5]]
-        if (len(node.output) > 1 and any(node.output[1:])) or attr(node, "training_mode", 0):
-            return "in training mode"
-        if len(params) < 4 or any(p is None for p in params):
-            return "its scale, bias, mean or variance is not constant"
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        a = gamma / np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
-        return a, beta - mean * a
-    other = node.input[1] if node.input[0] == data else node.input[0]
-    c = index.const(other)
-    if c is None or not np.issubdtype(c.dtype, np.floating) or c.ndim > rank:
-        return "not an op with a constant per-channel operand"
-    shape = (1,) * (rank - c.ndim) + c.shape
-    if any(s != 1 for k, s in enumerate(shape) if k != 1) or shape[1] not in (1, channels):
-        return "its constant is not per channel"
-    c = np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
-    first = node.input[0] == data
-    if node.op_type == "Mul":
-        return c, np.zeros(channels)
-    if node.op_type == "Add":
-        return np.ones(channels), c
-    if node.op_type == "Sub" and first:
-        return np.ones(channels), -c
-    if node.op_type == "Div" and first and np.all(c != 0):
-        return 1.0 / c, np.zeros(channels)
-    return "not y * c, y / c, y + c or y - c"
 
 
 def lift_constants(graph: onnx.GraphProto) -> int:
