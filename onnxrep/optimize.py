@@ -1,6 +1,7 @@
 """The main job: passes that make a deploy-form Rep model quantize well, each one verified.
 
-Pipeline: fold BatchNormalization -> zero dead inputs -> cross-layer equalization -> high-bias
+Pipeline: fold per-channel affine ops (BatchNormalization, Mul/Add/Sub/Div by a constant) into
+the layer before them -> zero dead inputs -> cross-layer equalization -> high-bias
 absorption. Folding and CLE are EQUIVALENT. Dead-input cleanup runs with calibration data
 (channels observed dead) or a stated ``input_range`` (channels proven dead by interval
 arithmetic); absorption needs calibration data. Those two are EQUIVALENT_ON_DATA: the function
@@ -36,7 +37,7 @@ from onnxrep.passes.absorb_bias import AbsorbHighBias
 from onnxrep.passes.base import Contract, Pass, PassResult
 from onnxrep.passes.dead_channels import ZeroDeadInputs, input_bounds_from_stats, zero_below
 from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
-from onnxrep.passes.fold_batchnorm import FoldBatchNorm
+from onnxrep.passes.fold_batchnorm import FoldAffine
 from onnxrep.report import WeightStats, weight_stats
 
 
@@ -44,8 +45,8 @@ from onnxrep.report import WeightStats, weight_stats
 class OptimizeConfig:
     """``rtol``: largest relative output error accepted (max |a - b| / max |reference|);
     ``input_shapes``: concrete shapes for symbolic inputs, e.g. ``{"input": (1, 3, 224, 224)}``;
-    ``fold_bn``, ``dead_inputs``, ``absorb_bias``: switch those passes (absorption needs
-    calibration data); ``input_range``: (lo, hi) bounding every float input, which proves dead
+    ``fold_bn`` (BatchNormalization and the other per-channel affine ops), ``dead_inputs``,
+    ``absorb_bias``: switch those passes (absorption needs calibration data); ``input_range``: (lo, hi) bounding every float input, which proves dead
     channels without data and bounds the random verification inputs; ``batch_size`` and
     ``calib_limit``: how ``calib`` is read when it is not already a Dataset."""
 
@@ -170,12 +171,13 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
 def _stages(model: onnx.ModelProto, config: OptimizeConfig, dataset
             ) -> list[tuple[str, Callable[[onnx.ModelProto], Pass]]]:
     """(name, pass factory) in pipeline order; a factory sees the model as the earlier
-    passes left it (statistics are measured on that model). fold-bn runs when there is a BN."""
+    passes left it (statistics are measured on that model). fold-affine runs when there is
+    something it could fold."""
     stages: list[tuple[str, Callable[[onnx.ModelProto], Pass]]] = []
     if dataset is not None and not _replayable(dataset):
         dataset = None
-    if config.fold_bn and any(n.op_type == "BatchNormalization" for n in model.graph.node):
-        stages.append(("fold-bn", lambda m: FoldBatchNorm()))
+    if config.fold_bn and any(n.op_type in FoldAffine.ops for n in model.graph.node):
+        stages.append(("fold-affine", lambda m: FoldAffine()))
     if config.dead_inputs and (dataset is not None or config.input_range is not None):
         stages.append(("dead-inputs", lambda m: _dead_inputs(m, config, dataset)))
     stages.append(("equalize", lambda m: EqualizeCrossLayer(config.equalize)))

@@ -258,7 +258,7 @@ def test_fold_affine_leaves_a_fanned_out_conv_and_non_affine_ops():
     assert not result.modified and not result.skips  # arithmetic ops left are not reported
 
 
-def test_optimize_folds_bn_first_so_cle_can_pair():
+def test_optimize_folds_bn_and_mul_first_so_cle_can_pair():
     c = Chain(channels=3, hw=(8, 8)).conv(8, outliers={1: 50.0})
     model = c.build()
     rng = np.random.default_rng(0)
@@ -268,14 +268,18 @@ def test_optimize_folds_bn_first_so_cle_can_pair():
     y = model.graph.node[0].output[0]
     w2 = rng.normal(0, 0.5, (4, 8, 3, 3)).astype(np.float32)
     model.graph.initializer.append(numpy_helper.from_array(w2, "W2"))
+    model.graph.initializer.append(numpy_helper.from_array(
+        rng.uniform(0.5, 2, (1, 8, 1, 1)).astype(np.float32), "k"))
     model.graph.node.extend([
         helper.make_node("BatchNormalization", [y, *names], ["bn"]),
-        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("Mul", ["bn", "k"], ["scaled"]),
+        helper.make_node("Relu", ["scaled"], ["r"]),
         helper.make_node("Conv", ["r", "W2"], ["out"], kernel_shape=[3, 3], pads=[1] * 4)])
     model.graph.output[0].CopyFrom(fout("out"))
     result = optimize_with_details(model, OptimizeConfig())
     passes = dict(result.results)
-    assert passes["fold-bn"].info["folded"] == 1
+    assert passes["fold-affine"].info["folded"] == 2
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Relu", "Conv"]
     assert passes["equalize"].info["pairs"] == 1 and passes["equalize"].changes
     assert result.comparison.rel < 1e-4
     no_fold = optimize_with_details(model, OptimizeConfig(fold_bn=False))

@@ -47,7 +47,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="bounds of every float input (write --input-range=-1,1): proves dead "
                         "channels without data (default with --calib: the data's min/max)")
-    for name, what in (("fold-bn", "fold BatchNormalization first"),
+    for name, what in (("fold-bn", "fold BatchNormalization and Mul/Add/Sub/Div by per-channel "
+                                   "constants into the layer before them first"),
                        ("dead-inputs", "zero weights reading dead channels"),
                        ("absorb-bias", "absorb high biases (needs --calib)")):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True,
@@ -113,9 +114,11 @@ def summary(result: Optimized, out) -> str:
     if result.data_comparison:
         verified += f"; on all calibration data: {result.data_comparison.summary()}"
     lines = []
-    if "fold-bn" in passes:
-        r = passes["fold-bn"]
-        lines.append(f"folded {r.info['folded']} BatchNormalization node(s), {len(r.skips)} left")
+    if "fold-affine" in passes:
+        r = passes["fold-affine"]
+        lines.append(f"folded {r.info['folded']} per-channel affine op(s) (BatchNormalization, "
+                     f"Mul/Add/Sub/Div by a constant) into the layer before them; "
+                     f"{len(r.skips)} BatchNormalization left")
     if "dead-inputs" in passes:
         r = passes["dead-inputs"]
         seen = f" on {r.info['samples']} samples" if "samples" in r.info else ""
