@@ -1,7 +1,7 @@
 """Make a deploy-form Rep model quantize well; every pass is verified before anything is written.
 
-Folds BatchNormalization into the layers before it, equalizes Conv/Gemm/MatMul weights across
-layers (CLE) and checks with onnxruntime that the outputs did not change beyond --rtol (exit 3
+Folds BatchNormalization and Mul/Add/Sub/Div by per-channel constants into the layers before
+them, equalizes Conv/Gemm/MatMul weights across layers (CLE) and checks with onnxruntime that the outputs did not change beyond --rtol (exit 3
 and nothing written otherwise). With --calib it also measures every ReLU's pre-activation:
 weights that only ever multiply a channel that never fires are zeroed (the huge merged weights
 of dead channels), and channels that never go negative have their bias absorbed into the next
