@@ -1,6 +1,6 @@
 """Benchmark the statistics pass against plain onnxruntime inference over the same data.
 
-For 256 and 4096 samples, each measured in its own child process:
+For each --samples count (default 256 and 4096), each measured in its own child process:
   plain  = onnxruntime inference (graph optimizations on, as users run it) over all batches
   floor  = the same inference with one GlobalAveragePool added on every Conv output: the
            least any collector pays that reads pre-activations inside onnxruntime (the outputs
@@ -15,7 +15,7 @@ present, else a small conv net with random inputs; --model/--data pick another o
 (data: an .npz with the samples under the input's name, or as its only array).
 
 usage: python tools/bench_statistics.py [--batch-size 32] [--repeat 3] [--workers 1]
-                                        [--model M.onnx --data D.npz]
+                                        [--samples 256,4096] [--model M.onnx --data D.npz]
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=1, help="processes for the statistics pass")
+    p.add_argument("--samples", default="256,4096",
+                   help="comma-separated sample counts (default %(default)s)")
     p.add_argument("--model", type=Path, help="model to measure (one input)")
     p.add_argument("--data", type=Path,
                    help=".npz with the samples under the input's name (else its first array)")
@@ -145,7 +147,7 @@ def main() -> None:
               f"statistics workers {args.workers}")
         print(f"{'samples':>8} {'plain s':>9} {'floor':>6} {'stats s':>9} {'ratio':>6} "
               f"{'plain MB':>9} {'stats MB':>9}")
-        for samples in (256, 4096):
+        for samples in map(int, args.samples.split(",")):
             plain = child(model, data, "plain", samples, args)
             floor = child(model, data, "floor", samples, args)
             stats = child(model, data, "stats", samples, args)
