@@ -46,9 +46,10 @@ class OptimizeConfig:
     """``rtol``: largest relative output error accepted (max |a - b| / max |reference|);
     ``input_shapes``: concrete shapes for symbolic inputs, e.g. ``{"input": (1, 3, 224, 224)}``;
     ``fold_bn`` (BatchNormalization and the other per-channel affine ops), ``dead_inputs``,
-    ``absorb_bias``: switch those passes (absorption needs calibration data); ``input_range``: (lo, hi) bounding every float input, which proves dead
-    channels without data and bounds the random verification inputs; ``batch_size`` and
-    ``calib_limit``: how ``calib`` is read when it is not already a Dataset."""
+    ``absorb_bias``: switch those passes (absorption needs calibration data);
+    ``input_range``: (lo, hi) bounding every float input, which proves dead channels without
+    data and bounds the random verification inputs; ``batch_size`` and ``calib_limit``: how
+    ``calib`` is read when it is not already a Dataset."""
 
     equalize: EqualizeConfig = field(default_factory=EqualizeConfig)
     verify: bool = True
