@@ -73,6 +73,18 @@ def test_large_mean_small_spread_keeps_precision():
         assert_stats_close(stats[name], ChannelStats.of(ref[name]))
 
 
+def test_fixed_batch_model_is_probed_with_whole_batches():
+    c = Chain(channels=3, hw=(8, 8), seed=1, batch=4).conv(6).relu().conv(5, k=1, pad=0)
+    model = c.build()
+    x = np.random.default_rng(2).standard_normal((12, 3, 8, 8)).astype(np.float32)
+    names = layer_outputs(model)
+    stats = collect_statistics(model, x, names, optimized=False, batch_size=4)
+    parts = [outputs_of(model, names, x[i:i + 4]) for i in range(0, 12, 4)]
+    for name in names:
+        ref = np.concatenate([p[name] for p in parts])
+        assert_stats_close(stats[name], ChannelStats.of(ref))
+
+
 def test_optimized_session_gives_the_same_statistics():
     model = mobileone_like()
     x = np.random.default_rng(2).standard_normal((40, 1, 16, 16)).astype(np.float32)

@@ -262,7 +262,7 @@ def variant_table(calib: Path, threads: int, calls: int) -> None:
     baseline = "FP32, ORT_ENABLE_ALL (baseline)"
     sessions = {baseline: session(fp32, threads),
                 "FP32, ORT_ENABLE_EXTENDED (no NCHWc conv)": session(
-                    fp32, threads, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
+                    fp32, threads, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
                 **{label: session(model, threads) for label, model in int8.items()}}
     calls_of = runs(sessions, {"input": batch_of(data)})
     median = interleaved(calls_of, budget_calls(calls_of, calls))

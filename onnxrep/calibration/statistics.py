@@ -3,7 +3,7 @@
 For every tensor T (axis 1 = channel; every other axis is reduced) a copy of the graph gets
 
     R = Reshape(T, [0, 0, -1])          # [N, C, L]
-    D = R - K                           # K: per-channel shift, the first batch's channel means
+    D = R - K                           # K: per-channel shift, the first sample's channel means
     S1 = ReduceSum(D, 2), S2 = ReduceSum(D * D, 2), lo = ReduceMin(R, 2), hi = ReduceMax(R, 2)
 
 as extra outputs, so only 4 * N * C numbers per tensor leave onnxruntime and the session keeps
@@ -184,7 +184,7 @@ def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | No
         if first is None:
             raise DataError("the calibration data holds no samples")
         zero = {p.shift: np.zeros((1, 1), p.dtype) for p in plan}
-        shifts = _shifts(plan, runner.run(first, zero))
+        shifts = _shifts(plan, runner.run(_head(first, model), zero))
         rows = _Rows(plan, shifts, result)
         for feeds, raw in runner.map(_chain(first, batches), shifts):
             rows.add(raw, _rows(feeds))
@@ -360,8 +360,17 @@ def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
     yield from rest
 
 
+def _head(feeds: dict, model: onnx.ModelProto) -> dict:
+    """The first sample of a batch, or the whole batch when the model fixes its size: enough to
+    place the shift K near the data (it only conditions the sums), at a sample's cost."""
+    if any(isinstance(s.shape[0], int) and s.shape[0] > 0 for s in verify.input_specs(model)
+           if s.shape):
+        return feeds
+    return {name: value[:1] for name, value in feeds.items()}
+
+
 def _shifts(plan: list[_Probe], raw: dict) -> dict[str, np.ndarray]:
-    """K per tensor: the channel means of the first batch (computed unshifted)."""
+    """K per tensor: the channel means of the first sample (computed unshifted)."""
     shifts = {}
     for p in plan:
         s1, _, _, _, dims = (raw[o] for o in p.outputs)
