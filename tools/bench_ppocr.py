@@ -9,9 +9,9 @@ from different seeds), then on the detector fetched by tools/fetch_ppocr.py:
    `onnxrep quantize`;
 and prints a markdown table of probability-map SQNR vs FP32 (dB, over all test pixels), the
 share of pixels on the same side of the 0.3 text threshold PP-OCR uses, and latency. onnxrep runs
-with its defaults (bias correction on, over --analysis images), without bias correction, and with
-one more option each: per-tensor keeping the 8 most sensitive convs in FP32 (--exclude auto:8),
-per-channel with percentile calibration.
+with its defaults (bias correction on, over --analysis images), without bias correction, with
+percentile calibration, and per-tensor keeping the 8 most sensitive convs in FP32
+(--exclude auto:8).
 
 usage: python tools/bench_ppocr.py [--calib 24] [--test 12] [--size 480x640] [--analysis 4]
 """
@@ -170,7 +170,9 @@ def main(argv=None) -> int:
             rows.append((f"onnxruntime alone, {mode}", *(probs(str(q), test) if why is None
                                                           else (None, None)), why))
             variants = [[], ["--no-bias-correction"]]
-            variants.append(["--method", "percentile"] if per_channel else ["--exclude", "auto:8"])
+            variants.append(["--method", "percentile"])
+            if not per_channel:
+                variants.append(["--exclude", "auto:8"])
             for extra in variants:
                 q = tmp / f"onnxrep.{mode}.onnx"
                 cmd = ["quantize", str(src), "--calib", str(tmp / "calib.npz"), "-o", str(q),
