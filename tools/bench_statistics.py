@@ -16,6 +16,7 @@ present, else a small conv net with random inputs; --model/--data pick another o
 
 usage: python tools/bench_statistics.py [--batch-size 32] [--repeat 3] [--workers 1]
                                         [--samples 256,4096] [--model M.onnx --data D.npz]
+       python tools/bench_statistics.py --ppocr --batch-size 8 --samples 64,256 --repeat 2
 """
 
 from __future__ import annotations
@@ -111,6 +112,17 @@ def tiny_model(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+def ppocr(tmp: Path) -> tuple[Path, Path]:
+    """The fetched PP-OCRv4 detector and an .npz of 64 rendered text images for it."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_ppocr import preprocess, render
+    from fetch_ppocr import fetch
+
+    data = tmp / "ppocr.npz"
+    np.savez(data, x=preprocess([render(1000 + i, (160, 224)) for i in range(64)]))
+    return fetch(), data
+
+
 def child(model: Path, data: Path, mode: str, samples: int, args) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(data), mode, str(samples),
                           str(args.batch_size), str(args.repeat), str(args.workers)],
@@ -131,9 +143,15 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="model to measure (one input)")
     p.add_argument("--data", type=Path,
                    help=".npz with the samples under the input's name (else its first array)")
+    p.add_argument("--ppocr", action="store_true",
+                   help="PP-OCRv4's detector (tools/fetch_ppocr.py) on 64 rendered 160x224 text "
+                        "images, cycled")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="onnxrep-bench-stats-") as tmp:
-        if args.model and args.data:
+        if args.ppocr:
+            model, data = ppocr(Path(tmp))
+            what = f"{model.name} on 64 rendered 160x224 text images (cycled)"
+        elif args.model and args.data:
             model, data, what = args.model, args.data, f"{args.model.name} on {args.data.name}"
         elif SHIPPED.exists() and CALIB.exists():
             model, data, what = SHIPPED, CALIB, f"{SHIPPED.name} on {CALIB.name} (cycled)"
