@@ -2,9 +2,10 @@
 
 For each --samples count (default 256 and 4096), each measured in its own child process:
   plain  = onnxruntime inference (graph optimizations on, as users run it) over all batches
-  floor  = the same inference with one GlobalAveragePool added on every Conv output: the
-           least any collector pays that reads pre-activations inside onnxruntime (the outputs
-           can no longer be fused with their ReLU); no statistics are computed
+  floor  = the same inference with one GlobalAveragePool added on every Conv output, the
+           cheapest reduction there is: a lower bound for any collector that reads every
+           pre-activation inside onnxruntime (the outputs can no longer be fused with their
+           ReLU); no statistics are computed
   stats  = onnxrep's collect_statistics over the same batches (every Conv/Gemm output)
 and prints time ratios to plain (best of --repeat runs after a warm-up) and each child's
 peak RSS (resource.getrusage ru_maxrss: the whole process, imports included; tracemalloc would
