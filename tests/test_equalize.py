@@ -3,7 +3,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from graphs import Chain, conv_relu_conv, depthwise_chain, mobileone_like
 from onnxrep import verify

@@ -9,8 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import Chain, conv_relu_conv, depthwise_chain, mobileone_like
