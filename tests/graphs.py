@@ -108,6 +108,12 @@ class Chain:
         return model
 
 
+def batch_for(model: onnx.ModelProto, n: int = 48, seed: int = 0) -> np.ndarray:
+    """Seeded standard-normal inputs for ``model``'s first input, ``n`` on its free dims."""
+    shape = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
 def conv_relu_conv(**kw) -> onnx.ModelProto:
     return Chain(**kw).conv(8, outliers={2: 40.0}).relu().conv(6).build()
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from graphs import Chain
+from graphs import Chain, batch_for
 from onnxrep import verify
 from onnxrep.calibration.statistics import collect_statistics
 from onnxrep.model import GraphIndex, set_attr
@@ -20,10 +20,6 @@ def raise_biases(model, nodes, by=3.0):
         index.set_const(name, index.const(name) + by)
     return model
 
-
-def inputs(model, n=48, seed=0):
-    shape = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def absorb(model, x):
@@ -45,7 +41,7 @@ def pointwise_net(group=2, bias2=True):
 
 def test_absorbed_exactly_on_data_and_range_shrinks():
     model = pointwise_net()
-    x = inputs(model)
+    x = batch_for(model)
     work, result = absorb(model, x)
     names = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     assert [c.nodes for c in result.changes] == [tuple(names[:2]), tuple(names[1:])]
@@ -63,16 +59,16 @@ def test_absorbed_exactly_on_data_and_range_shrinks():
 
 def test_changes_off_the_data_only_below_the_minimum():
     model = pointwise_net()
-    x = inputs(model)
+    x = batch_for(model)
     work, _ = absorb(model, x)
-    far = inputs(model, seed=1) * 4  # pre-activations below the calibration minimum
+    far = batch_for(model, seed=1) * 4  # pre-activations below the calibration minimum
     assert verify.compare(model, work, {"input": far}).rel > 1e-4
 
 
 def test_padded_conv_is_refused_with_the_reason():
     c = Chain(channels=3, hw=(8, 8)).conv(8, scale=0.1).relu().conv(6, k=3, pad=1)
     model = raise_biases(c.build(), [0])
-    work, result = absorb(model, inputs(model))
+    work, result = absorb(model, batch_for(model))
     assert not result.modified
     (skip,) = result.skips
     assert "pads its input" in skip.reason and "border pixels" in skip.reason
@@ -81,7 +77,7 @@ def test_padded_conv_is_refused_with_the_reason():
     set_attr(model.graph.node[2], "auto_pad", b"SAME_UPPER")
     del model.graph.node[2].attribute[[a.name for a in model.graph.node[2].attribute].index(
         "pads")]
-    _, result = absorb(model, inputs(model))
+    _, result = absorb(model, batch_for(model))
     assert "auto_pad SAME_UPPER" in result.skips[0].reason
 
 
@@ -96,7 +92,7 @@ def test_into_gemm_after_flatten(trans_b, gap):
     gemm = model.graph.node[-1]
     set_attr(gemm, "alpha", 0.7)
     set_attr(gemm, "beta", 1.5)
-    x = inputs(model)
+    x = batch_for(model)
     work, result = absorb(model, x)
     assert result.changes and result.changes[0].nodes[1].startswith("Gemm")
     assert_exact_on(model, work, x)
@@ -106,7 +102,7 @@ def test_layers_without_bias_get_one():
     c = Chain(channels=3, hw=(6, 6), seed=4).conv(4, scale=0.1, bias=False).relu()
     c.conv(3, k=1, pad=0, bias=False)
     model = c.build()
-    x = np.abs(inputs(model)) + 1.0  # positive inputs through positive weights: z > 0
+    x = np.abs(batch_for(model)) + 1.0  # positive inputs through positive weights: z > 0
     index = GraphIndex(model.graph)
     w = model.graph.node[0].input[1]
     index.set_const(w, np.abs(index.const(w)))
@@ -122,7 +118,7 @@ def test_fan_out_and_missing_statistics_are_skipped():
     relu_out = model.graph.node[1].output[0]
     model.graph.node.append(helper.make_node("Relu", [relu_out], ["extra"]))
     model.graph.output.append(helper.make_empty_tensor_value_info("extra"))
-    x = inputs(model)
+    x = batch_for(model)
     result = AbsorbHighBias(collect_statistics(model, x))(onnx.ModelProto.FromString(
         model.SerializeToString()))
     assert "read by 2 nodes" in result.skips[0].reason
@@ -139,14 +135,14 @@ def test_absorption_property(cin, groups, mult, shift, seed):
     c = Chain(channels=cin, hw=(5, 5), seed=seed).conv(cout, scale=0.2).relu()
     c.conv(3 * groups, k=1, pad=0, group=groups).relu().gap().flatten().gemm(2)
     model = raise_biases(c.build(), [0], shift)
-    x = inputs(model, 16, seed)
+    x = batch_for(model, 16, seed)
     work, _ = absorb(model, x)
     assert_exact_on(model, work, x)
 
 
 def test_optimize_with_calib_runs_absorption_verified_on_all_data():
     model = pointwise_net()
-    x = inputs(model, 70)
+    x = batch_for(model, 70)
     result = optimize_with_details(model, OptimizeConfig(batch_size=16), calib=x)
     passes = dict(result.results)
     assert passes["absorb-bias"].modified

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import Chain, conv_relu_conv, depthwise_chain, mobileone_like
+from graphs import Chain, batch_for, conv_relu_conv, depthwise_chain, mobileone_like
 from onnxrep import verify
 from onnxrep.cli import main
 from onnxrep.errors import InputError
@@ -22,10 +22,6 @@ from onnxrep.quantize.ptq import Quantizer, calibrate, prepare, quantized_nodes
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
-
-def _data(model: onnx.ModelProto, n: int = 64, seed: int = 0) -> np.ndarray:
-    shape = verify.resolve_shapes(model, batch=n)["input"]
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def _producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
@@ -100,7 +96,7 @@ def test_config_rejects(kwargs, words):
 def test_output_is_qdq_with_int8_weights_and_input_untouched():
     model = conv_relu_conv()
     before = model.SerializeToString()
-    qdq = quantize(model, _data(model))
+    qdq = quantize(model, batch_for(model, 64))
     assert model.SerializeToString() == before
     ops = [n.op_type for n in qdq.graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
@@ -116,12 +112,12 @@ def test_output_is_qdq_with_int8_weights_and_input_untouched():
 
 def test_constant_node_weights_quantized_as_weights():
     model = constant_weight_model()
-    result = quantize_with_details(model, _data(model), QuantizeConfig(optimize=False))
+    result = quantize_with_details(model, batch_for(model, 64), QuantizeConfig(optimize=False))
     assert any("Constant" in n for n in result.notes)
     for name in ("conv1", "conv2"):
         w = _weight_source(result.model, name)
         assert w is not None and w.dtype == np.int8, name
-    feeds = {"input": _data(model, 16, seed=1)}
+    feeds = {"input": batch_for(model, 16, seed=1)}
     assert verify.compare(model, result.model, feeds).sqnr_db > 25
 
 
@@ -134,7 +130,7 @@ def test_onnxruntime_fuses_integer_conv(tmp_path):
                                   c.const(np.zeros(8, np.float32)),
                                   c.const(np.ones(8, np.float32))])
     model = c.relu().conv(4).relu().build()
-    qdq = quantize(model, _data(model))
+    qdq = quantize(model, batch_for(model, 64))
     assert "BatchNormalization" not in {n.op_type for n in qdq.graph.node}
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
@@ -146,7 +142,7 @@ def test_onnxruntime_fuses_integer_conv(tmp_path):
 
 def test_per_channel_converts_old_opset():
     model = Chain(channels=3, opset=12).conv(6).relu().conv(4).build()
-    result = quantize_with_details(model, _data(model), QuantizeConfig(per_channel=True))
+    result = quantize_with_details(model, batch_for(model, 64), QuantizeConfig(per_channel=True))
     assert any("opset 12 converted to 13" in n for n in result.notes)
     onnx.checker.check_model(result.model)
     for conv in (n for n in result.model.graph.node if n.op_type == "Conv"):
@@ -155,12 +151,12 @@ def test_per_channel_converts_old_opset():
               and _init(result.model, n.input[0]) is not None
               and _init(result.model, n.input[0]).dtype == np.int8]
     assert any(_init(result.model, n.input[1]).size > 1 for n in scales)  # per-channel scales
-    verify.run(result.model, {"input": _data(model, 4)})
+    verify.run(result.model, {"input": batch_for(model, 4)})
 
 
 def test_minmax_chunking_does_not_change_the_model():
     model = mobileone_like()
-    x = _data(model, 96)
+    x = batch_for(model, 96)
     a = quantize(model, x, QuantizeConfig(calibration_chunk=1, optimize=False))
     b = quantize(model, x, QuantizeConfig(calibration_chunk=50, optimize=False))
     feeds = {"input": x[:8]}
@@ -184,7 +180,7 @@ def test_histogram_methods_stream_a_one_shot_source(method, monkeypatch):
 
     monkeypatch.setattr(HistogramCalibrater, "collect_data", counting)
     model = conv_relu_conv()
-    x = _data(model, 44)
+    x = batch_for(model, 44)
     batches = ({"input": x[i:i + 8]} for i in range(0, 44, 8))  # a generator: read once
     result = quantize_with_details(model, batches, QuantizeConfig(method=method,
                                                                   calibration_chunk=2),
@@ -211,7 +207,7 @@ def test_prepare_folds_affine_ops_and_notes_the_bns_left():
     assert any(n.startswith("2 per-channel affine ops") for n in notes)
     assert any(n.startswith("BatchNormalization bn_after_relu left in float: its input comes "
                             "from Relu") for n in notes)
-    feeds = {"input": _data(model, 2)}
+    feeds = {"input": batch_for(model, 2)}
     verify.check(verify.compare(model, work, feeds), 1e-5, "prepare")
 
 
@@ -222,7 +218,7 @@ def toy(tmp_path):
     model = conv_relu_conv()
     path = tmp_path / "toy.onnx"
     onnx.save(model, str(path))
-    x = _data(model, 40)
+    x = batch_for(model, 40)
     np.savez(tmp_path / "calib.npz", input=x)
     return path, x
 
@@ -290,7 +286,7 @@ def test_cli_eval_report_and_auto_exclude(toy, tmp_path, capsys):
 def test_exclude_keeps_node_in_float():
     model = mobileone_like()
     target = next(n.name for n in model.graph.node if n.op_type == "Conv")
-    result = quantize_with_details(model, _data(model), QuantizeConfig(exclude=(target,)))
+    result = quantize_with_details(model, batch_for(model, 64), QuantizeConfig(exclude=(target,)))
     assert result.excluded == (target,)
     assert target not in quantized_nodes(result.model)
     node = next(n for n in result.model.graph.node if n.name == target)
@@ -301,7 +297,7 @@ def test_exclude_keeps_node_in_float():
 
 def test_auto_exclude_takes_the_worst_nodes_of_the_report():
     model = mobileone_like()
-    x = _data(model)
+    x = batch_for(model, 64)
     result = quantize_with_details(model, x, QuantizeConfig(auto_exclude=2, optimize=False))
     worst = [e.node for e in result.report.layers[:2]]
     assert result.excluded == tuple(worst)
@@ -310,7 +306,7 @@ def test_auto_exclude_takes_the_worst_nodes_of_the_report():
 
 def test_max_drop_excludes_until_the_budget_holds():
     model = mobileone_like()
-    x = _data(model, 96)
+    x = batch_for(model, 96)
     labels = verify.run(model, {"input": x})[model.graph.output[0].name].argmax(1)
     data = {"input": x, "labels": labels}
     loose = quantize_with_details(model, x, QuantizeConfig(max_drop=100.0, optimize=False),
@@ -357,7 +353,7 @@ def test_report_worst_first_and_blames_weights(tmp_path):
     big = numpy_helper.to_array(w).copy()
     big[:, 0] *= 300.0
     w.CopyFrom(numpy_helper.from_array(big, w.name))
-    work, quantizer, kept = _prepared_pair(model, _data(model), tmp=tmp_path)
+    work, quantizer, kept = _prepared_pair(model, batch_for(model, 64), tmp=tmp_path)
     report = layer_report(work, quantizer(work), kept)
     sqnrs = [e.sqnr_db for e in report.layers]
     assert sqnrs == sorted(sqnrs)
@@ -373,7 +369,7 @@ def test_report_local_sqnr_matches_numpy_on_first_layer(tmp_path):
     """The local W+A number of the first conv equals a direct numpy computation on the QDQ
     model's own tensors (first conv: its input is the graph input, so local == cumulative)."""
     model = Chain(channels=2, hw=(6, 6), seed=5).conv(4, name="first").relu().conv(3).build()
-    work, quantizer, kept = _prepared_pair(model, _data(model, 32), tmp=tmp_path)
+    work, quantizer, kept = _prepared_pair(model, batch_for(model, 32), tmp=tmp_path)
     qdq = quantizer(work)
     report = layer_report(work, qdq, kept)
     first = next(e for e in report.layers if e.node == "first")
@@ -384,7 +380,7 @@ def test_report_refuses_a_float_model_that_was_not_quantized(tmp_path):
     """After CLE the original weights are rescaled: comparing them to the QDQ model would be
     meaningless, so the report refuses; the model written by --save-float is accepted."""
     model = mobileone_like()
-    x = _data(model, 32)
+    x = batch_for(model, 32)
     src = tmp_path / "m.onnx"
     onnx.save(model, str(src))
     np.savez(tmp_path / "c.npz", input=x)
@@ -401,7 +397,7 @@ def test_report_refuses_a_float_model_that_was_not_quantized(tmp_path):
 
 def test_bias_correction_reduces_mean_channel_error(tmp_path):
     model = depthwise_chain()
-    x = _data(model, 128)
+    x = batch_for(model, 128)
     work, quantizer, kept = _prepared_pair(model, x, tmp=tmp_path)
     plain = quantizer(work)
     corrected, record = correct_biases(work, quantizer, kept)
@@ -411,7 +407,7 @@ def test_bias_correction_reduces_mean_channel_error(tmp_path):
     for layer in record.layers:
         assert layer.after <= layer.before + 1e-6, layer
     # the corrected model is closer to FP32 on held-out data
-    feeds = {"input": _data(model, 64, seed=9)}
+    feeds = {"input": batch_for(model, 64, seed=9)}
     ref = verify.run(model, feeds)
     err = {name: np.abs(np.mean(next(iter(verify.run(m, feeds).values()))
                                - next(iter(ref.values())), axis=(0, 2, 3))).mean()
@@ -423,21 +419,21 @@ def test_bias_correction_discarded_when_output_sqnr_drops(tmp_path, monkeypatch)
     from onnxrep.quantize import bias_correction
 
     model = depthwise_chain()
-    work, quantizer, kept = _prepared_pair(model, _data(model, 64), tmp=tmp_path)
+    work, quantizer, kept = _prepared_pair(model, batch_for(model, 64), tmp=tmp_path)
     before = work.SerializeToString()
     plain = quantizer(work)
     monkeypatch.setattr(bias_correction, "_output_sqnr", lambda ref, models, b: [30.0, 20.0])
     qdq, record = correct_biases(work, quantizer, kept)
     assert not record.kept and "discarded" in record.summary()
     assert work.SerializeToString() == before  # float model restored
-    feeds = {"input": _data(model, 8, seed=3)}
+    feeds = {"input": batch_for(model, 8, seed=3)}
     a, b = verify.run(plain, feeds), verify.run(qdq, feeds)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_bias_correction_adds_missing_bias_and_skips_matmul(tmp_path):
     model = Chain(channels=3, seed=6).conv(6, bias=False).relu().flatten().matmul(5).build()
-    work, quantizer, kept = _prepared_pair(model, _data(model), tmp=tmp_path)
+    work, quantizer, kept = _prepared_pair(model, batch_for(model, 64), tmp=tmp_path)
     _, record = correct_biases(work, quantizer, kept)
     conv = next(n for n in work.graph.node if n.op_type == "Conv")
     assert len(conv.input) == 3 and conv.input[2]

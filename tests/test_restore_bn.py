@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from graphs import Chain, mobileone_like
+from graphs import Chain, batch_for, mobileone_like
 from onnxrep import verify
 from onnxrep.calibration.statistics import ChannelStats
 from onnxrep.cli import main
@@ -23,10 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mobileone_fmnist.onnx"
 CALIB = ROOT / "models" / "fmnist_calib.npz"
 
-
-def data(model, n=48, seed=0):
-    shape = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def conv_outputs(model, x):
@@ -49,7 +45,7 @@ def bn_of(model, conv_output_name):
 
 def test_one_bn_per_conv_carrying_exact_statistics():
     model = mobileone_like()
-    x = data(model)
+    x = batch_for(model)
     restored = restore_bn(model, x)
     assert sum(n.op_type == "BatchNormalization" for n in restored.graph.node) == 7
     onnx.checker.check_model(restored)
@@ -69,7 +65,7 @@ def test_one_bn_per_conv_carrying_exact_statistics():
 
 def test_restore_is_identity_and_fold_returns_the_original():
     model = mobileone_like()
-    x = data(model)
+    x = batch_for(model)
     before = model.SerializeToString()
     details = restore_bn_with_details(model, x)
     assert model.SerializeToString() == before
@@ -93,7 +89,7 @@ def test_restore_is_identity_and_fold_returns_the_original():
 
 def test_layers_select_and_validate():
     model = mobileone_like()
-    x = data(model, 16)
+    x = batch_for(model, 16)
     names = [n.name for n in model.graph.node if n.op_type == "Conv"]
     one = restore_bn(model, x, layers=[names[2]])
     bns = [n for n in one.graph.node if n.op_type == "BatchNormalization"]
@@ -107,7 +103,7 @@ def test_layers_select_and_validate():
 
 def test_conv_already_followed_by_bn_is_skipped():
     model = mobileone_like()
-    x = data(model, 16)
+    x = batch_for(model, 16)
     once = restore_bn(model, x)
     twice = restore_bn_with_details(once, x)
     assert not twice.result.changes
@@ -119,7 +115,7 @@ def test_unnamed_nodes_and_constant_channels():
     model = c.build()
     for node in model.graph.node:
         node.name = ""
-    x = data(model, 10)
+    x = batch_for(model, 10)
     details = restore_bn_with_details(model, x, layers=["Conv#0"])
     assert "1 constant" in details.result.changes[0].detail
     assert details.comparison.rel <= 1e-6
@@ -135,7 +131,7 @@ def test_restore_property(cin, cout, k, depthwise, bias, shift, seed):
         cin = group = cout
     c = Chain(channels=cin, hw=(5, 5), seed=seed).conv(cout, k=k, group=group, bias=bias)
     model = c.relu().conv(3, k=1, pad=0).build()
-    x = data(model, 12, seed) + np.float32(shift)
+    x = batch_for(model, 12, seed) + np.float32(shift)
     details = restore_bn_with_details(model, x)
     assert details.comparison.rel <= 1e-5
     folded = onnx.ModelProto()
@@ -154,7 +150,7 @@ def files(tmp_path):
     src = tmp_path / "net.onnx"
     onnx.save(model, src)
     calib = tmp_path / "calib.npz"
-    np.savez(calib, input=data(model, 40))
+    np.savez(calib, input=batch_for(model, 40))
     return src, calib
 
 
@@ -221,7 +217,7 @@ def test_shipped_mobileone_restore_matches_numpy_statistics():
 @pytest.mark.parametrize("opset", [11, 14, 21])
 def test_restore_and_fold_across_opsets(opset):
     model = Chain(channels=2, hw=(6, 6), opset=opset).conv(4).relu().conv(3, group=1).build()
-    x = data(model, 20)
+    x = batch_for(model, 20)
     details = restore_bn_with_details(model, x)
     onnx.checker.check_model(details.model)
     assert details.result.info["restored"] == 2 and details.comparison.rel <= 1e-6
