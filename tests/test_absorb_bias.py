@@ -7,9 +7,9 @@ from onnx import helper
 
 from graphs import Chain, batch_for
 from onnxrep import verify
-from onnxrep.calibration.statistics import collect_statistics
-from onnxrep.model import GraphIndex, set_attr
-from onnxrep.optimize import OptimizeConfig, optimize_with_details
+from onnxrep.analysis.statistics import collect_statistics
+from onnxrep.ir.graph import GraphIndex, set_attr
+from onnxrep.pipeline import OptimizeConfig, optimize_with_details
 from onnxrep.passes.absorb_bias import AbsorbHighBias
 
 

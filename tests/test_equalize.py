@@ -7,11 +7,10 @@ from onnx import helper
 
 from graphs import Chain, conv_relu_conv, depthwise_chain, mobileone_like
 from onnxrep import verify
-from onnxrep.model import GraphIndex
-from onnxrep.optimize import OptimizeConfig, optimize_with_details
-from onnxrep.passes.equalize import (EqualizeConfig, EqualizeCrossLayer, channel_scales,
-                                     find_pairs)
-from onnxrep.report import weight_stats
+from onnxrep.ir.graph import GraphIndex
+from onnxrep.pipeline import OptimizeConfig, optimize_with_details
+from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer, channel_scales, find_pairs
+from onnxrep.analysis.weights import weight_stats
 
 
 def equalize(model, **kw):

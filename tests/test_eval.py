@@ -11,10 +11,10 @@ import pytest
 from onnx import numpy_helper
 
 from graphs import Chain
-from onnxrep.calibration import load_data
+from onnxrep.data import load_data
 from onnxrep.cli import main
 from onnxrep.errors import DataError, InputError
-from onnxrep.evaluate import evaluate
+from onnxrep.evaluation import evaluate
 from onnxrep.verify import metrics, run
 
 ROOT = Path(__file__).resolve().parent.parent

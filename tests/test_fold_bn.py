@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphs import Chain
 from onnxrep import verify
 from onnxrep.cli import main
-from onnxrep.optimize import OptimizeConfig, optimize_with_details
-from onnxrep.passes.fold_batchnorm import FoldAffine, FoldBatchNorm, fold_bn
+from onnxrep.pipeline import OptimizeConfig, optimize_with_details
+from onnxrep.passes.fold_affine import FoldAffine, FoldBatchNorm, fold_bn
 
 
 def fout(name, rank=4):

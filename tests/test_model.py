@@ -4,9 +4,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 from graphs import Chain, conv_relu_conv
-from onnxrep import model as model_io
+from onnxrep.ir import model as model_io
 from onnxrep.errors import InputError, UnsupportedModelError
-from onnxrep.model import GraphIndex, attr, load, save
+from onnxrep.ir.graph import GraphIndex, attr
+from onnxrep.ir.model import load, save
 
 
 def test_load_rejects_missing_empty_truncated_and_non_onnx(tmp_path):

@@ -15,9 +15,11 @@ from graphs import Chain, batch_for, conv_relu_conv, depthwise_chain, mobileone_
 from onnxrep import verify
 from onnxrep.cli import main
 from onnxrep.errors import InputError
-from onnxrep.quantize import (QuantizeConfig, correct_biases, layer_report, quantize,
-                              quantize_with_details)
-from onnxrep.quantize.ptq import Quantizer, calibrate, prepare, quantized_nodes
+from onnxrep.ptq.quantizer import QuantizeConfig, quantize, quantize_with_details
+from onnxrep.ptq.bias_correction import correct_biases
+from onnxrep.ptq.sensitivity import layer_report
+from onnxrep.ptq.quantizer import Quantizer, calibrate, prepare
+from onnxrep.analysis.qdq import quantized_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -336,7 +338,7 @@ def _prepared_pair(model, x, config=QuantizeConfig(optimize=False), tmp=None):
 
 
 def _dataset(x, model):
-    from onnxrep.calibration.readers import load_data
+    from onnxrep.data.readers import load_data
 
     return load_data(x, model, batch_size=16)
 
@@ -416,7 +418,7 @@ def test_bias_correction_reduces_mean_channel_error(tmp_path):
 
 
 def test_bias_correction_discarded_when_output_sqnr_drops(tmp_path, monkeypatch):
-    from onnxrep.quantize import bias_correction
+    from onnxrep.ptq import bias_correction
 
     model = depthwise_chain()
     work, quantizer, kept = _prepared_pair(model, batch_for(model, 64), tmp=tmp_path)
@@ -448,7 +450,7 @@ def test_bias_correction_adds_missing_bias_and_skips_matmul(tmp_path):
 def test_shipped_model_int8_top1_within_budget(name, per_channel, budget):
     """The issue's acceptance on fmnist_eval.npz: per-tensor within 0.3 points of FP32,
     per-channel within 0.2 (about 5 s per case)."""
-    from onnxrep.evaluate import evaluate
+    from onnxrep.evaluation import evaluate
 
     path = MODELS / f"{name}.onnx"
     calib, data = MODELS / "fmnist_calib.npz", MODELS / "fmnist_eval.npz"

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from graphs import Chain
-from onnxrep.calibration import ImageOptions, load_data
-from onnxrep.calibration.readers import _FileRows, _npz_members
+from onnxrep.data import ImageOptions, load_data
+from onnxrep.data.readers import _FileRows, _npz_members
 from onnxrep.errors import DataError, InputError
 
 

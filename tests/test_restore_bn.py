@@ -11,13 +11,13 @@ from onnx import helper
 
 from graphs import Chain, batch_for, mobileone_like
 from onnxrep import verify
-from onnxrep.calibration.statistics import ChannelStats
+from onnxrep.analysis.statistics import ChannelStats
 from onnxrep.cli import main
 from onnxrep.errors import InputError
-from onnxrep.model import GraphIndex
-from onnxrep.passes import restore_batchnorm
-from onnxrep.passes.fold_batchnorm import FoldBatchNorm
-from onnxrep.passes.restore_batchnorm import restore_bn, restore_bn_with_details
+from onnxrep.ir.graph import GraphIndex
+from onnxrep.passes import restore_bn as restore_module
+from onnxrep.passes.fold_affine import FoldBatchNorm
+from onnxrep.passes.restore_bn import restore_bn, restore_bn_with_details
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mobileone_fmnist.onnx"
@@ -190,8 +190,8 @@ def test_cli_restore_bn_errors(files, capsys, monkeypatch):
         scale, bias, mean, var = real(s, eps, dtype)
         return [scale * 2, bias, mean, var]
 
-    real = restore_batchnorm._bn_params
-    monkeypatch.setattr(restore_batchnorm, "_bn_params", wrong)
+    real = restore_module._bn_params
+    monkeypatch.setattr(restore_module, "_bn_params", wrong)
     assert main(["restore-bn", str(src), "--calib", str(calib)]) == 3
     assert "relative error" in capsys.readouterr().err and not out.exists()
 

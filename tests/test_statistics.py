@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphs import Chain, mobileone_like
 from onnxrep import verify
-from onnxrep.calibration.readers import load_data
-from onnxrep.calibration.statistics import (ChannelStats, Statistics, activation_ranges,
-                                            collect_statistics, compare_on_data, layer_outputs)
+from onnxrep.data.readers import load_data
+from onnxrep.analysis.statistics import (ChannelStats, Statistics, activation_ranges, collect_statistics, layer_outputs)
+from onnxrep.verify import compare_on_data
 from onnxrep.cli import main
 from onnxrep.errors import DataError, VerificationError
 

@@ -5,7 +5,7 @@ import pytest
 
 from graphs import Chain
 from onnxrep import verify
-from onnxrep.optimize import OptimizeConfig, optimize_with_details
+from onnxrep.pipeline import OptimizeConfig, optimize_with_details
 
 
 def saturated_detector(offset: float = -16.0):

@@ -194,7 +194,7 @@ def widths(scale: int) -> str:
 
 def chain_table(calib: Path, threads: int, calls: int) -> None:
     """FP32 vs onnxrep's default INT8 of rep_chain at each SWEEP point, batch 32."""
-    from onnxrep.quantize import quantize
+    from onnxrep.ptq.quantizer import quantize
 
     print("| RepVGG chain widths | input | GMAC / image | FP32 ms | INT8 ms | INT8 speed-up |")
     print("|---|---|---:|---:|---:|---:|")
@@ -228,7 +228,7 @@ def ort_qoperator(model: onnx.ModelProto, data: np.ndarray, **options) -> onnx.M
     unless ``options`` say otherwise."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from onnxrep.quantize.ptq import _ListReader, quiet_onnxruntime
+    from onnxrep.ptq.quantizer import _ListReader, quiet_onnxruntime
 
     reader = _ListReader([{"input": data[i:i + BATCH]} for i in range(0, len(data), BATCH)])
     with tempfile.TemporaryDirectory() as tmp, quiet_onnxruntime():
@@ -244,7 +244,7 @@ def variant_table(calib: Path, threads: int, calls: int) -> None:
     """Other INT8 formats and a weaker FP32 baseline on one chain, all calls alternating."""
     from onnxruntime.quantization import QuantType
 
-    from onnxrep.quantize import QuantizeConfig, quantize
+    from onnxrep.ptq.quantizer import QuantizeConfig, quantize
 
     fp32, data = rep_chain(VARIANT_SCALE, 28), sweep_data(calib, 28)
     onnxrep = functools.partial(quantize, fp32, {"input": data})
@@ -285,7 +285,7 @@ def sweep(args) -> int:
 
 
 def main(argv=None) -> int:
-    from onnxrep.quantize import quantize
+    from onnxrep.ptq.quantizer import quantize
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -67,8 +67,8 @@ def child(variant: str, src: str, dst: str) -> None:
     if variant.startswith("ort"):
         _ort_alone(src, dst, per_channel)
     else:
-        from onnxrep.model import load, save
-        from onnxrep.quantize import QuantizeConfig, quantize
+        from onnxrep.ir.model import load, save
+        from onnxrep.ptq.quantizer import QuantizeConfig, quantize
 
         save(quantize(load(src), str(CALIB), QuantizeConfig(per_channel=per_channel)), dst)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -110,22 +110,22 @@ def run_child(variant: str, src: Path, dst: Path) -> dict:
 # ---- parent ------------------------------------------------------------------------------------
 
 def top1(model, data: dict) -> float:
-    from onnxrep.evaluate import evaluate
+    from onnxrep.evaluation import evaluate
 
     return 100 * evaluate(model, data, batch_size=250).top1
 
 
 def ablation(src: Path, data: dict) -> list[tuple[str, float | str]]:
-    from onnxrep.quantize import QuantizeConfig, quantize
+    from onnxrep.ptq.quantizer import QuantizeConfig, quantize
 
     model = onnx.load(str(src))
     rows = [("no passes (onnxrep prepare + onnxruntime)",
              top1(quantize(model, str(CALIB), QuantizeConfig(optimize=False,
                                                                bias_correction=False)), data))]
     try:
-        from onnxrep.calibration.statistics import collect_statistics
+        from onnxrep.analysis.statistics import collect_statistics
         from onnxrep.passes.absorb_bias import AbsorbHighBias
-        from onnxrep.passes.dead_channels import ZeroDeadInputs
+        from onnxrep.passes.dead_inputs import ZeroDeadInputs
     except ImportError as exc:
         collect_statistics = None
         why = f"not present ({exc.name})"

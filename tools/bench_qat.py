@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 
 from models import fmnist  # noqa: E402
-from onnxrep.evaluate import evaluate  # noqa: E402
-from onnxrep.model import load  # noqa: E402
+from onnxrep.evaluation import evaluate  # noqa: E402
+from onnxrep.ir.model import load  # noqa: E402
 from onnxrep.progress import log  # noqa: E402
-from onnxrep.quantize.ptq import QuantizeConfig, quantize  # noqa: E402
+from onnxrep.ptq.quantizer import QuantizeConfig, quantize  # noqa: E402
 from onnxrep.verify import metrics, run, session  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from onnxrep.quantize.qat import QATConfig, qat_with_details
+    from onnxrep.qat.train import QATConfig, qat_with_details
 
     if args.threads:
         torch.set_num_threads(args.threads)

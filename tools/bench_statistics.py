@@ -41,9 +41,9 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 import onnxruntime as ort
-from onnxrep.calibration.readers import load_data
-from onnxrep.calibration.statistics import collect_statistics
-from onnxrep.model import load
+from onnxrep.data.readers import load_data
+from onnxrep.analysis.statistics import collect_statistics
+from onnxrep.ir.model import load
 
 path, data, mode, samples, batch, repeat, workers = sys.argv[1:8]
 samples, batch, repeat, workers = int(samples), int(batch), int(repeat), int(workers)

@@ -8,9 +8,9 @@ import math
 import sys
 from pathlib import Path
 
-from onnxrep.calibration.readers import load_data
+from onnxrep.data.readers import load_data
 from onnxrep.errors import InputError
-from onnxrep.model import check_output_path, default_output
+from onnxrep.ir.model import check_output_path, default_output
 
 SCHEMA_VERSION = 1
 

@@ -17,11 +17,11 @@ import argparse
 import math
 from pathlib import Path
 
-from onnxrep.calibration.readers import ImageOptions, load_data
+from onnxrep.data.readers import ImageOptions, load_data
 from onnxrep.cli.common import add_reporting, emit_json
 from onnxrep.errors import InputError
-from onnxrep.evaluate import EvalResult, evaluate
-from onnxrep.model import load
+from onnxrep.evaluation import EvalResult, evaluate
+from onnxrep.ir.model import load
 from onnxrep.progress import log
 from onnxrep.report import fmt, table
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 
 from onnxrep import verify
-from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json,
-                                output_path, parse_input_shapes)
-from onnxrep.model import load, save
-from onnxrep.passes.fold_batchnorm import FoldBatchNorm
+from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
+from onnxrep.ir.model import load, save
+from onnxrep.passes.fold_affine import FoldBatchNorm
 from onnxrep.report import table
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from onnxrep.calibration.statistics import (COARSE_LEVELS, activation_ranges,
-                                            collect_statistics)
+from onnxrep.analysis.statistics import COARSE_LEVELS, activation_ranges, collect_statistics
 from onnxrep.cli.common import add_calib, add_reporting, calib_dataset, emit_json
 from onnxrep.cli.optimize import layer_table
-from onnxrep.model import GraphIndex, load
+from onnxrep.ir.graph import GraphIndex
+from onnxrep.ir.model import load
 from onnxrep.passes.equalize import find_pairs
-from onnxrep.report import fmt, plot_ranges, table, weight_stats
+from onnxrep.analysis.weights import plot_ranges, weight_stats
+from onnxrep.report import fmt, table
 
 
 def register(p: argparse.ArgumentParser) -> None:

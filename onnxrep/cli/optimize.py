@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting,
-                                emit_json, output_path, parse_input_shapes)
+from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
-from onnxrep.optimize import Optimized, OptimizeConfig, optimize_file
+from onnxrep.pipeline import Optimized, OptimizeConfig, optimize_file
 from onnxrep.passes.equalize import EqualizeConfig
 from onnxrep.progress import log
 from onnxrep.report import fmt, table

@@ -25,7 +25,7 @@ import argparse
 
 from onnxrep.cli.common import add_output, add_reporting, emit_json, output_path
 from onnxrep.errors import InputError
-from onnxrep.model import load, save
+from onnxrep.ir.model import load, save
 from onnxrep.progress import log
 from onnxrep.report import table
 
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
     except ImportError:
         raise InputError("qat needs torch: pip install 'onnxrep[qat]'") from None
-    from onnxrep.calibration.readers import load_data
-    from onnxrep.quantize.qat import Distill, QATConfig, is_main_process, qat_with_details
+    from onnxrep.data.readers import load_data
+    from onnxrep.qat.train import Distill, QATConfig, is_main_process, qat_with_details
 
     if args.resume and not args.checkpoint:
         raise InputError("--resume needs --checkpoint DIR")
@@ -135,11 +135,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _scores(model, result, val, args) -> dict:
-    from onnxrep.evaluate import evaluate
+    from onnxrep.evaluation import evaluate
 
     scores = {"FP32": evaluate(model, val)}
     if args.ptq:
-        from onnxrep.quantize.ptq import QuantizeConfig, quantize
+        from onnxrep.ptq.quantizer import QuantizeConfig, quantize
 
         log("qat: PTQ per-tensor for comparison")
         scores["PTQ per-tensor"] = evaluate(

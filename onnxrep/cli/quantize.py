@@ -20,16 +20,15 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from onnxrep.calibration.readers import load_data
-from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json,
-                                output_path, parse_input_shapes)
+from onnxrep.data.readers import load_data
+from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
-from onnxrep.evaluate import evaluate
-from onnxrep.model import check_output_path, load, save
-from onnxrep.optimize import OptimizeConfig
+from onnxrep.evaluation import evaluate
+from onnxrep.ir.model import check_output_path, load, save
+from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
-from onnxrep.quantize.ptq import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig,
-                                  Quantized, quantize_with_details, quantized_nodes)
+from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig, Quantized, quantize_with_details)
+from onnxrep.analysis.qdq import quantized_nodes
 from onnxrep.report import table
 
 _D = QuantizeConfig()

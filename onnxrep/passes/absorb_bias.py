@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnxrep.calibration.statistics import Statistics
-from onnxrep.model import GraphIndex, attr, set_attr
+from onnxrep.analysis.statistics import Statistics
+from onnxrep.ir.graph import GraphIndex, attr, set_attr
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
-from onnxrep.passes.fold_batchnorm import write_const_input
-from onnxrep.shapes import infer_shapes
+from onnxrep.passes.fold_affine import write_const_input
+from onnxrep.ir.shapes import infer_shapes
 
 SHIFT_OPS = {"MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Identity", "Dropout"}
 _MIN_SHIFT = 1e-6  # relative to the channel's max: smaller minima are rounding, not bias

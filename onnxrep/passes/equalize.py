@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxrep.model import GraphIndex, attr
+from onnxrep.ir.graph import GraphIndex, attr
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
-from onnxrep.shapes import infer_shapes
+from onnxrep.ir.shapes import infer_shapes
 
 # Ops through which a positive per-channel scale passes unchanged (f(s*x) = s*f(x)).
 CHANNEL_OPS = {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",

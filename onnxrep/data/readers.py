@@ -182,6 +182,20 @@ def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
                     "an array, a dict of arrays, an iterable of feeds or a CalibrationDataReader")
 
 
+def as_dataset(source: Any, model: onnx.ModelProto | str | os.PathLike, *,
+               batch_size: int = 32, limit: int | None = None,
+               image_options: ImageOptions | None = None) -> Dataset:
+    """The one entry from user data to a :class:`Dataset`: ``source`` itself when it already is
+    one, else :func:`load_data` over it for ``model``'s inputs (a proto, or a path whose graph
+    is read without its external weights)."""
+    if isinstance(source, Dataset):
+        return source
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    return load_data(source, model, batch_size=batch_size, limit=limit,
+                     image_options=image_options)
+
+
 # ---- checks -----------------------------------------------------------------------------------
 
 def check_feeds(feeds: Mapping[str, Any], specs: list[InputSpec], where: str,

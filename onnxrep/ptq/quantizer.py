@@ -39,13 +39,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxrep.calibration.readers import Dataset, load_data
-from onnxrep.evaluate import evaluate
+from onnxrep.data import Dataset, as_dataset
+from onnxrep.evaluation import evaluate
 from onnxrep.errors import DataError, InputError, OnnxrepError, UnsupportedModelError
-from onnxrep.model import GraphIndex, check_opset, opset_version, write_to
-from onnxrep.optimize import OptimizeConfig, optimize_with_details
-from onnxrep.passes.fold_batchnorm import FoldAffine
+from onnxrep.ir.model import check_opset, opset_version, write_to
+from onnxrep.pipeline import OptimizeConfig, optimize_with_details
+from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.progress import Progress, log
+from onnxrep.ptq import bias_correction, sensitivity
 
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("uint8", "int8")
@@ -164,12 +165,11 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     ``Quantized.report`` is the per-layer report of the final model with ``config.report``,
     else the report that ranked nodes for ``auto_exclude``/``max_drop`` (None without them).
     """
-    from onnxrep.quantize import bias_correction, sensitivity  # they import this module
 
     config = config or QuantizeConfig()
     start = time.monotonic()
     check_opset(model)
-    dataset = as_dataset(calib, model, batch_size)
+    dataset = as_dataset(calib, model, batch_size=batch_size)
     if config.max_drop is not None and evaluation is None:
         raise InputError("max_drop needs labelled evaluation data")
     work = _copy(model)
@@ -210,13 +210,6 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
             report = sensitivity.layer_report(final_float, qdq, kept)
     return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
                      trials, time.monotonic() - start)
-
-
-def as_dataset(source, model: onnx.ModelProto, batch_size: int = 32) -> Dataset:
-    """``source`` itself when it is a Dataset, else ``load_data(source, model)``."""
-    if isinstance(source, Dataset):
-        return source
-    return load_data(source, model, batch_size=batch_size)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -548,26 +541,3 @@ def _exclude_until(original, evaluation, config, build: Callable, excluded: list
     return (*best[1], trials)
 
 
-def quantized_nodes(qdq: onnx.ModelProto) -> list[str]:
-    """Names of the nodes onnxruntime quantized: every float input comes from a
-    DequantizeLinear, and the node has a quantized constant (weight) or a quantized output.
-    An excluded Conv (float weight) or a float op that merely reads a DQ'd tensor (a Sigmoid
-    after the last conv) is not listed."""
-    index = GraphIndex(qdq.graph)
-    dq_out = {o: n for n in qdq.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-              onnx.TensorProto.BFLOAT16)
-    non_float = {t.name for t in qdq.graph.initializer if t.data_type not in floats}
-    names = []
-    for n in qdq.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        inputs = [x for x in n.input if x and x not in non_float]
-        if not inputs or not all(x in dq_out for x in inputs):
-            continue
-        weight = any(index.is_const(dq_out[x].input[0]) for x in inputs)
-        output_q = any(qdq.graph.node[j].op_type == "QuantizeLinear"
-                       for o in n.output for j in index.readers(o))
-        if weight or output_q:
-            names.append(n.name)
-    return names

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxrep.model import GraphIndex, attr, set_attr, unique_name
+from onnxrep.ir.graph import GraphIndex, attr, set_attr, unique_name
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")

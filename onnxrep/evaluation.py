@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnxrep.calibration.readers import Dataset, load_data
+from onnxrep.data import as_dataset
 from onnxrep.errors import DataError, InputError
-from onnxrep.model import load
+from onnxrep.ir.model import load
 from onnxrep.progress import Progress
 from onnxrep.verify import ModelLike, OutputMetrics, output_bounds, run, session
 
@@ -67,7 +67,7 @@ def evaluate(model: ModelLike, data, *, reference: ModelLike | None = None,
     batched by ``batch_size``); score top-k against the data's labels and, with ``reference``,
     every output's fidelity to it. Neither model is modified."""
     proto = model if isinstance(model, onnx.ModelProto) else load(model)
-    dataset = data if isinstance(data, Dataset) else load_data(data, proto, batch_size=batch_size)
+    dataset = as_dataset(data, proto, batch_size=batch_size)
     sess = session(proto, optimized=True)
     outputs = [o.name for o in sess.get_outputs()]
     ref_sess, bounds = (_reference_session(reference, sess) if reference is not None

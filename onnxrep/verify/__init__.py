@@ -26,7 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxrep.errors import InputError, UnsupportedModelError, VerificationError
-from onnxrep.model import serialize, write_to
+from onnxrep.ir.model import serialize, write_to
 
 DEFAULT_BATCH = 2
 DEFAULT_DIM = 64
@@ -242,3 +242,18 @@ def _needed(rel: float) -> str:
 
 def _fmt(shape) -> str:
     return "x".join(str(d) if d not in (None, "") else "?" for d in shape)
+
+
+def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
+                    rtol: float | None = None, what: str = "the pass") -> Comparison:
+    """Every output of both models (protos or paths) over all of ``data``
+    (:func:`onnxrep.evaluation.evaluate`'s accumulated fidelity, streamed batch by batch);
+    :class:`VerificationError` when ``rtol`` is given and exceeded."""
+    from onnxrep.data import as_dataset
+    from onnxrep.evaluation import evaluate
+
+    result = evaluate(candidate, as_dataset(data, reference), reference=reference, top_k=())
+    comparison = Comparison(result.fidelity)
+    if rtol is not None:
+        check(comparison, rtol, f"{what} (on {result.samples} calibration samples)")
+    return comparison

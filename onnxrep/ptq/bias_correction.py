@@ -36,7 +36,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxrep import verify
-from onnxrep.model import GraphIndex, attr, opset_version, unique_name
+from onnxrep.ir.graph import GraphIndex, attr, unique_name
+from onnxrep.ir.model import opset_version
 from onnxrep.passes.base import Skip
 from onnxrep.progress import Progress
 from onnxrep.report import table

@@ -1,4 +1,4 @@
-"""Fake quantization of a :class:`~onnxrep.quantize.torch_graph.GraphModule`, placed and
+"""Fake quantization of a :class:`~onnxrep.qat.convert.GraphModule`, placed and
 computed as onnxruntime's QDQ format will run it after export.
 
 Numerics (the ones onnxruntime's quantizer uses; straight-through estimator for gradients):
@@ -40,8 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from onnxrep.passes.base import Skip
-from onnxrep.quantize.torch_graph import (BatchNorm, Conv, ConvTranspose, GraphModule, Op,
-                                          WeightLayer)
+from onnxrep.qat.convert import BatchNorm, Conv, ConvTranspose, GraphModule, Op, WeightLayer
 
 ACT_QMIN, ACT_QMAX = 0, 255
 WEIGHT_QMAX = 127

@@ -37,10 +37,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxrep import verify
+from onnxrep.data import as_dataset
 from onnxrep.errors import DataError, UnsupportedModelError
-from onnxrep.model import GraphIndex, opset_version, unique_name, write_to
+from onnxrep.ir.graph import GraphIndex, unique_name
+from onnxrep.ir.model import opset_version, write_to
 from onnxrep.progress import Progress
-from onnxrep.shapes import infer_types
+from onnxrep.ir.shapes import infer_types
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DIRECT = (TensorProto.FLOAT, TensorProto.DOUBLE)
@@ -148,15 +150,6 @@ def layer_outputs(model: onnx.ModelProto) -> list[str]:
             if n.domain in ("", "ai.onnx") and n.op_type in LAYER_OPS and n.output]
 
 
-def as_dataset(data, model: onnx.ModelProto, batch_size: int = 32):
-    """``data`` itself when it already streams batches, else ``load_data(data, model)``."""
-    if callable(getattr(data, "batches", None)):
-        return data
-    from onnxrep.calibration.readers import load_data
-
-    return load_data(data, model, batch_size=batch_size)
-
-
 def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | None = None, *,
                        workers: int = 1, optimized: bool = True,
                        batch_size: int = 32) -> Statistics:
@@ -169,7 +162,7 @@ def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | No
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
-    dataset = as_dataset(data, model, batch_size)
+    dataset = as_dataset(data, model, batch_size=batch_size)
     names = list(dict.fromkeys(tensors if tensors is not None else layer_outputs(model)))
     probe, plan, skipped = _probe_model(model, names)
     result = Statistics(skipped=skipped)
@@ -191,20 +184,6 @@ def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | No
             bar.update(_rows(feeds))
         rows.flush()
     return result
-
-
-def compare_on_data(reference: verify.ModelLike, candidate: verify.ModelLike, data, *,
-                    rtol: float | None = None, what: str = "the pass") -> verify.Comparison:
-    """Every output of both models (protos or paths) over all of ``data``
-    (:func:`onnxrep.evaluate.evaluate`'s accumulated fidelity, streamed batch by batch);
-    :class:`VerificationError` when ``rtol`` is given and exceeded."""
-    from onnxrep.evaluate import evaluate
-
-    result = evaluate(candidate, as_dataset(data, reference), reference=reference, top_k=())
-    comparison = verify.Comparison(result.fidelity)
-    if rtol is not None:
-        verify.check(comparison, rtol, f"{what} (on {result.samples} calibration samples)")
-    return comparison
 
 
 @dataclass(frozen=True)

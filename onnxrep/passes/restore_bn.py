@@ -20,9 +20,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxrep.calibration.statistics import Statistics, as_dataset, collect_statistics
+from onnxrep.analysis.statistics import Statistics, collect_statistics
+from onnxrep.data import as_dataset
 from onnxrep.errors import InputError
-from onnxrep.model import GraphIndex, check_opset, unique_name
+from onnxrep.ir.graph import GraphIndex, unique_name
+from onnxrep.ir.model import check_opset
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
 
@@ -146,10 +148,10 @@ def restore_bn_with_details(model: onnx.ModelProto, calib, layers: list[str] | N
     """Like :func:`restore_bn`; also returns the pass result, the statistics and the
     comparison of both models over the calibration data (:class:`VerificationError` past
     ``rtol``, relative to the largest output magnitude)."""
-    from onnxrep.calibration.statistics import compare_on_data
+    from onnxrep.verify import compare_on_data
 
     check_opset(model)
-    dataset = as_dataset(calib, model, batch_size)
+    dataset = as_dataset(calib, model, batch_size=batch_size)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     index = GraphIndex(work.graph)

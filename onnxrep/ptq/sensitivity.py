@@ -28,9 +28,9 @@ from onnx import TensorProto, helper
 
 from onnxrep import verify
 from onnxrep.errors import InputError
-from onnxrep.model import GraphIndex, attr
+from onnxrep.ir.graph import GraphIndex, attr
 from onnxrep.passes.base import Skip
-from onnxrep.quantize.ptq import quantized_nodes
+from onnxrep.analysis.qdq import quantized_nodes
 from onnxrep.report import fmt, table
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")

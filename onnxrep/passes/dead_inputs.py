@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxrep.calibration.statistics import Statistics
-from onnxrep.model import GraphIndex, attr, set_attr
+from onnxrep.analysis.statistics import Statistics
+from onnxrep.ir.graph import GraphIndex, attr, set_attr
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
-from onnxrep.passes.fold_batchnorm import write_const_input
-from onnxrep.shapes import infer_shapes
+from onnxrep.passes.fold_affine import write_const_input
+from onnxrep.ir.shapes import infer_shapes
 
 # ops that map a zero channel to a zero channel at the same position
 ZERO_KEEPING = {"Relu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool",

@@ -9,12 +9,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphs import Chain
 from onnxrep import verify
-from onnxrep.calibration.statistics import collect_statistics
+from onnxrep.analysis.statistics import collect_statistics
 from onnxrep.cli import main
-from onnxrep.model import GraphIndex
-from onnxrep.optimize import OptimizeConfig, optimize_with_details, relu_inputs
-from onnxrep.passes.dead_channels import Interval, ZeroDeadInputs, propagate_intervals
-from onnxrep.report import weight_stats
+from onnxrep.ir.graph import GraphIndex
+from onnxrep.pipeline import OptimizeConfig, optimize_with_details, relu_inputs
+from onnxrep.passes.dead_inputs import Interval, ZeroDeadInputs, propagate_intervals
+from onnxrep.analysis.weights import weight_stats
 
 
 def inputs(model, n=48, seed=0, lo=-1.0, hi=1.0):

@@ -27,10 +27,10 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxrep.errors import UnsupportedModelError
-from onnxrep.model import opset_version
+from onnxrep.ir.model import opset_version
 from onnxrep.progress import log
-from onnxrep.quantize.fake_quant import INT32_MAX, QuantLayer, QuantPlan
-from onnxrep.shapes import infer_shapes
+from onnxrep.qat.fake_quant import INT32_MAX, QuantLayer, QuantPlan
+from onnxrep.ir.shapes import infer_shapes
 
 
 class _Builder:

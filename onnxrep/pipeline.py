@@ -31,14 +31,17 @@ import numpy as np
 import onnx
 
 from onnxrep import verify
-from onnxrep.calibration.statistics import collect_statistics, compare_on_data
-from onnxrep.model import GraphIndex, atomic_output, check_opset, load, write_to
+from onnxrep.data import as_dataset
+from onnxrep.analysis.statistics import collect_statistics
+from onnxrep.verify import compare_on_data
+from onnxrep.ir.graph import GraphIndex
+from onnxrep.ir.model import atomic_output, check_opset, load, write_to
 from onnxrep.passes.absorb_bias import AbsorbHighBias
 from onnxrep.passes.base import Contract, Pass, PassResult
-from onnxrep.passes.dead_channels import ZeroDeadInputs, input_bounds_from_stats, zero_below
+from onnxrep.passes.dead_inputs import ZeroDeadInputs, input_bounds_from_stats, zero_below
 from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
-from onnxrep.passes.fold_batchnorm import FoldAffine
-from onnxrep.report import WeightStats, weight_stats
+from onnxrep.passes.fold_affine import FoldAffine
+from onnxrep.analysis.weights import WeightStats, weight_stats
 
 
 @dataclass(frozen=True)
@@ -222,11 +225,9 @@ def _run_passes(model: onnx.ModelProto, config: OptimizeConfig, dataset, progres
 
 
 def _dataset(calib, model: onnx.ModelProto, config: OptimizeConfig):
-    if calib is None or callable(getattr(calib, "batches", None)):
-        return calib
-    from onnxrep.calibration.readers import load_data
-
-    return load_data(calib, model, batch_size=config.batch_size, limit=config.calib_limit)
+    if calib is None:
+        return None
+    return as_dataset(calib, model, batch_size=config.batch_size, limit=config.calib_limit)
 
 
 def _replayable(dataset) -> bool:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxrep.errors import UnsupportedModelError
-from onnxrep.model import GraphIndex, attr, node_label, opset_version
+from onnxrep.ir.graph import GraphIndex, attr, node_label
+from onnxrep.ir.model import opset_version
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,

@@ -2,7 +2,7 @@
 
 ``qat(model, train_data, loss_fn, config)``:
 
-1. onnxrep's equivalence-preserving passes (:func:`onnxrep.optimize.optimize`: CLE, ...,
+1. onnxrep's equivalence-preserving passes (:func:`onnxrep.pipeline.optimize`: CLE, ...,
    verified), opset 13 first when per-channel;
 2. BN restore on the calibration data (:func:`onnxrep.passes.restore_batchnorm.restore_bn`):
    a BN after each Conv with gamma = sqrt(var + eps), beta = mean, so the function is unchanged
@@ -48,15 +48,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from onnxrep import verify
-from onnxrep.calibration.readers import Dataset, check_feeds, load_data
+from onnxrep.data.readers import Dataset, as_dataset, check_feeds, load_data
 from onnxrep.errors import DataError, InputError, VerificationError
-from onnxrep.model import check_opset, opset_version
-from onnxrep.optimize import OptimizeConfig, optimize
+from onnxrep.ir.model import check_opset, opset_version
+from onnxrep.pipeline import OptimizeConfig, optimize
 from onnxrep.progress import Progress, log, set_quiet
-from onnxrep.quantize import fake_quant
-from onnxrep.quantize.export_qdq import export_qdq
-from onnxrep.quantize.fake_quant import FakeQuantConfig, Mode, QuantPlan, prepare
-from onnxrep.quantize.torch_graph import GraphModule, to_torch
+from onnxrep.qat import fake_quant
+from onnxrep.qat.export import export_qdq
+from onnxrep.qat.fake_quant import FakeQuantConfig, Mode, QuantPlan, prepare
+from onnxrep.qat.convert import GraphModule, to_torch
 
 CHECKPOINT = "qat_checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -216,8 +216,7 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
 
 def _calibration(calib, data: "TrainData", model, config: QATConfig) -> Dataset:
     if calib is not None:
-        return calib if isinstance(calib, Dataset) else load_data(calib, model,
-                                                                  batch_size=config.batch_size)
+        return as_dataset(calib, model, batch_size=config.batch_size)
     feeds = data.head(config.calib_samples)
     return load_data(feeds, model, batch_size=config.batch_size)
 
@@ -228,7 +227,7 @@ def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
     work = onnx.ModelProto()
     work.CopyFrom(model)
     if config.per_channel and opset_version(work) < 13:
-        from onnxrep.quantize.ptq import convert_opset
+        from onnxrep.ptq.quantizer import convert_opset
 
         work = convert_opset(work, 13)
     if config.optimize:
@@ -236,7 +235,7 @@ def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
         work = optimize(work, OptimizeConfig(), calib=calib)
     restored = 0
     if config.restore_bn:
-        from onnxrep.passes.restore_batchnorm import restore_bn_with_details
+        from onnxrep.passes.restore_bn import restore_bn_with_details
 
         log("qat: restoring BatchNormalization from calibration statistics")
         result = restore_bn_with_details(work, calib, rtol=OptimizeConfig.rtol,
@@ -316,8 +315,7 @@ class TrainData:
         self.labels: np.ndarray | None = None
         self.source = source
         if _is_dataset_source(source):
-            ds = source if isinstance(source, Dataset) else load_data(source, model,
-                                                                      batch_size=4096)
+            ds = as_dataset(source, model, batch_size=4096)
             if ds.num_samples is None:
                 self.source = _Replay(ds)
             else:
