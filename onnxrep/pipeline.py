@@ -25,23 +25,23 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 
 from onnxrep import verify
+from onnxrep import verify as verify_module
+from onnxrep.analysis.statistics import Statistics, collect_statistics
+from onnxrep.analysis.weights import WeightStats, weight_stats
 from onnxrep.data import as_dataset
-from onnxrep.analysis.statistics import collect_statistics
-from onnxrep.verify import compare_on_data
 from onnxrep.ir.graph import GraphIndex
 from onnxrep.ir.model import atomic_output, check_opset, load, write_to
 from onnxrep.passes.absorb_bias import AbsorbHighBias
-from onnxrep.passes.base import Contract, Pass, PassResult
+from onnxrep.passes.base import PassManager, PassResult, Stage, StatisticsCache, Verifier
 from onnxrep.passes.dead_inputs import ZeroDeadInputs, input_bounds_from_stats, zero_below
 from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
 from onnxrep.passes.fold_affine import FoldAffine
-from onnxrep.analysis.weights import WeightStats, weight_stats
+from onnxrep.passes.restore_bn import RestoreBatchNorm, select_convs
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,16 @@ class Optimized:
     data_comparison: verify.Comparison | None = None
 
 
+@dataclass
+class Restored:
+    """What :func:`restore_bn_with_details` did."""
+
+    model: onnx.ModelProto
+    result: PassResult
+    stats: Statistics
+    comparison: object | None  # verify.Comparison on the calibration data
+
+
 def optimize(model: onnx.ModelProto, config: OptimizeConfig | None = None,
              calib=None) -> onnx.ModelProto:
     """Return a model whose weights quantize well per-tensor; ``model`` is untouched.
@@ -114,34 +124,27 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
         work.CopyFrom(model)
         if not copy:
             work, original = model, work
-    feeds = _feeds(work, config, dataset) if config.verify else None
-    reference = verify.run(work, feeds) if config.verify else None
-    bounds = verify.output_bounds(work)
-    comparison = verify.compare_outputs(reference, reference) if config.verify else None
-    data_comparison, stale = None, False
-
-    def check(p: Pass) -> None:
-        nonlocal comparison, data_comparison, stale
-        comparison = verify.compare_outputs(reference, verify.run(work, feeds), bounds)
-        verify.check(comparison, config.rtol, f"pass '{p.name}'")
-        stale = stale or data_comparison is not None
-        if p.contract is Contract.EQUIVALENT_ON_DATA and replay:
-            data_comparison = compare_on_data(original, work, dataset, rtol=config.rtol,
-                                              what=f"pass '{p.name}'")
-            stale = False
-
+    verifier = None
+    if config.verify:
+        verifier = Verifier(original, _feeds(work, config, dataset), rtol=config.rtol,
+                            bounds=verify.output_bounds(work),
+                            dataset=dataset if replay else None)
     before = weight_stats(work)
-    results, _ = _run_passes(work, config, dataset, progress, check if config.verify else None)
-    if stale:
-        data_comparison = compare_on_data(original, work, dataset, rtol=config.rtol,
-                                          what="the passes")
-    return Optimized(work, results, before, weight_stats(work), comparison, data_comparison)
+    run = _manager(work, config, dataset, progress, verifier, check_each=True).run(work)
+    comparison = run.comparison
+    if verifier is not None and comparison is None:  # nothing changed: exact
+        comparison = verify.compare_outputs(verifier.reference, verifier.reference)
+    return Optimized(work, run.results, before, weight_stats(work), comparison,
+                     run.data_comparison)
 
 
 def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
                   config: OptimizeConfig | None = None, *, calib=None, force: bool = False,
                   progress=None) -> Optimized:
-    """Optimize the model in ``src`` into ``dst``; nothing is written unless it verifies."""
+    """Optimize the model in ``src`` into ``dst``; nothing is written unless it verifies.
+    The lean driver for large models: onnxruntime reads the input file and the written result
+    itself, the result is verified once before it is moved into place, and no second
+    in-memory copy is made."""
     config = config or OptimizeConfig()
     with ThreadPoolExecutor(max_workers=1) as pool:
         # onnxruntime reads the input while Python parses it and computes weight statistics
@@ -149,54 +152,85 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
         model = load(src)
         dataset = _dataset(calib, model, config)
         before = weight_stats(model)
-        bounds = verify.output_bounds(model)
-        feeds = reference = comparison = data_comparison = None
+        verifier = None
         if config.verify:
             feeds = _feeds(model, config, dataset)
-            reference = verify.run(ref_session.result(), feeds)
+            replay = dataset is not None and _replayable(dataset)
+            verifier = Verifier(Path(src), feeds, rtol=config.rtol,
+                                bounds=verify.output_bounds(model),
+                                dataset=dataset if replay else None,
+                                reference=verify.run(ref_session.result(), feeds))
             ref_session = None
             verify.release_memory()
-        results, on_data = _run_passes(model, config, dataset, progress, None)
+        manager = _manager(model, config, dataset, progress, verifier, check_each=False)
+        run = manager.run(model)
     after = weight_stats(model)
     with atomic_output(dst, force=force) as tmp:
         write_to(model, tmp)
         del model  # onnxruntime reads the written file; the proto's memory goes back first
         verify.release_memory()
-        if config.verify:
-            comparison = verify.compare_outputs(reference, verify.run(tmp, feeds), bounds)
-            changed = [name for name, r in results if r.modified]
-            verify.check(comparison, config.rtol, f"passes {', '.join(changed) or '(none)'}")
-            if on_data and dataset is not None and _replayable(dataset):
-                data_comparison = compare_on_data(Path(src), tmp, dataset, rtol=config.rtol,
-                                                  what=f"passes {', '.join(changed)}")
-    return Optimized(None, results, before, after, comparison, data_comparison)
+        if verifier is not None:
+            manager.verify_result(run, tmp)
+    return Optimized(None, run.results, before, after, run.comparison, run.data_comparison)
 
 
-def _stages(model: onnx.ModelProto, config: OptimizeConfig, dataset
-            ) -> list[tuple[str, Callable[[onnx.ModelProto], Pass]]]:
-    """(name, pass factory) in pipeline order; a factory sees the model as the earlier
-    passes left it (statistics are measured on that model). fold-affine runs when there is
-    something it could fold."""
-    stages: list[tuple[str, Callable[[onnx.ModelProto], Pass]]] = []
+def restore_bn(model: onnx.ModelProto, calib, layers: list[str] | None = None,
+               eps: float = 1e-5) -> onnx.ModelProto:
+    """A copy of ``model`` with a BN after each selected Conv, its mean/var measured on
+    ``calib`` (a Dataset or anything ``load_data`` takes); verified on that data."""
+    return restore_bn_with_details(model, calib, layers, eps).model
+
+
+def restore_bn_with_details(model: onnx.ModelProto, calib, layers: list[str] | None = None,
+                            eps: float = 1e-5, *, rtol: float = 1e-5, verify: bool = True,
+                            batch_size: int = 32, workers: int = 1) -> Restored:
+    """Like :func:`restore_bn`; also returns the pass result, the statistics and the
+    comparison of both models over all of the calibration data (:class:`VerificationError`
+    past ``rtol``, relative to the largest output magnitude). The BN is an identity for every
+    input, but its statistics come from the data, so the check runs over all of it."""
+    check_opset(model)
+    dataset = as_dataset(calib, model, batch_size=batch_size)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    index = GraphIndex(work.graph)
+    tensors = [index.node(i).output[0] for i in select_convs(work, layers, index)]
+    stats = collect_statistics(work, dataset, tensors, workers=workers)
+    result = RestoreBatchNorm(stats, layers, eps)(work)
+    comparison = None
+    if verify:
+        comparison = verify_module.compare_on_data(model, work, dataset, rtol=rtol,
+                                                   what="restore-bn")
+    return Restored(work, result, stats, comparison)
+
+
+def _manager(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress,
+             verifier: Verifier | None, *, check_each: bool) -> PassManager:
+    """The optimize pipeline in order; each stage sees the model as the earlier passes left
+    it. fold-affine runs when there is something it could fold; the data-dependent passes
+    run when the data can be read more than once (statistics, then verification)."""
     if dataset is not None and not _replayable(dataset):
         dataset = None
+    stats = StatisticsCache(dataset) if dataset is not None else None
+    stages = []
     if config.fold_bn and any(n.op_type in FoldAffine.ops for n in model.graph.node):
-        stages.append(("fold-affine", lambda m: FoldAffine()))
+        stages.append(Stage("fold-affine", lambda m, s: FoldAffine()))
     if config.dead_inputs and (dataset is not None or config.input_range is not None):
-        stages.append(("dead-inputs", lambda m: _dead_inputs(m, config, dataset)))
-    stages.append(("equalize", lambda m: EqualizeCrossLayer(config.equalize)))
+        stages.append(Stage("dead-inputs", lambda m, s: _dead_inputs(m, config, s)))
+    stages.append(Stage("equalize", lambda m, s: EqualizeCrossLayer(config.equalize)))
     if config.absorb_bias and dataset is not None:
-        stages.append(("absorb-bias", lambda m: AbsorbHighBias(
-            collect_statistics(m, dataset, relu_inputs(m)))))
-    return stages
+        stages.append(Stage("absorb-bias", lambda m, s: AbsorbHighBias(
+            s.get(m, relu_inputs(m)))))
+    return PassManager(stages, verifier=verifier, stats=stats, check_each=check_each,
+                       progress=progress)
 
 
-def _dead_inputs(model: onnx.ModelProto, config: OptimizeConfig, dataset) -> ZeroDeadInputs:
-    if dataset is None:
+def _dead_inputs(model: onnx.ModelProto, config: OptimizeConfig,
+                 stats: StatisticsCache | None) -> ZeroDeadInputs:
+    if stats is None:
         return ZeroDeadInputs(None, config.input_range)
     inputs = [s.name for s in verify.input_specs(model)]
-    stats = collect_statistics(model, dataset, relu_inputs(model) + inputs)
-    return ZeroDeadInputs(stats, config.input_range or input_bounds_from_stats(model, stats))
+    measured = stats.get(model, relu_inputs(model) + inputs)
+    return ZeroDeadInputs(measured, config.input_range or input_bounds_from_stats(model, measured))
 
 
 def relu_inputs(model: onnx.ModelProto) -> list[str]:
@@ -204,24 +238,6 @@ def relu_inputs(model: onnx.ModelProto) -> list[str]:
     absorption measure."""
     index = GraphIndex(model.graph)
     return list(dict.fromkeys(n.input[0] for n in model.graph.node if zero_below(index, n)))
-
-
-def _run_passes(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress, check
-                ) -> tuple[list[tuple[str, PassResult]], list[str]]:
-    """(name, result) per pass in order, and the names of the passes that changed the model
-    under the equivalent-on-data contract (to be checked on the calibration data)."""
-    results, on_data = [], []
-    for name, make in _stages(model, config, dataset):
-        if progress:
-            progress(f"{name}...")
-        p = make(model)
-        result = p(model)
-        results.append((p.name, result))
-        if result.modified and p.contract is Contract.EQUIVALENT_ON_DATA:
-            on_data.append(p.name)
-        if check and result.modified:
-            check(p)
-    return results, on_data
 
 
 def _dataset(calib, model: onnx.ModelProto, config: OptimizeConfig):

@@ -13,7 +13,8 @@ from onnxrep.analysis.statistics import collect_statistics
 from onnxrep.cli import main
 from onnxrep.ir.graph import GraphIndex
 from onnxrep.pipeline import OptimizeConfig, optimize_with_details, relu_inputs
-from onnxrep.passes.dead_inputs import Interval, ZeroDeadInputs, propagate_intervals
+from onnxrep.passes.dead_inputs import (DeadInputsSummary, Interval, ZeroDeadInputs,
+                                       propagate_intervals)
 from onnxrep.analysis.weights import weight_stats
 
 
@@ -75,8 +76,8 @@ def test_observed_and_proven_channels():
     model = with_dead(dense_net())
     x = inputs(model)
     work, result = run_pass(model, relu_stats(model, x), (-1.0, 1.0))
-    assert result.info == {"dead channels": 2, "constant channels": 0, "proven": 1,
-                           "observed": 1, "samples": 48}
+    assert result.summary == DeadInputsSummary(dead=2, constant=0, proven=1, observed=1,
+                                               samples=48)
     (change,) = result.changes
     assert "input channels 1, 4" in change.detail and "1 proven, 1 observed" in change.detail
     w = consumer_weight(work)
@@ -87,10 +88,9 @@ def test_observed_and_proven_channels():
 def test_proof_without_data_depends_on_the_range():
     model = with_dead(dense_net())
     work, result = run_pass(model, None, (-0.5, 0.5))
-    assert result.info["proven"] == 2  # small inputs cannot beat channel 4's bias
+    assert result.summary.proven == 2  # small inputs cannot beat channel 4's bias
     work, result = run_pass(model, None, (-1.0, 1.0))
-    assert result.info == {"dead channels": 1, "constant channels": 0, "proven": 1,
-                           "observed": 0}
+    assert result.summary == DeadInputsSummary(dead=1, constant=0, proven=1, observed=0)
     x = inputs(model, lo=-1, hi=1)
     assert verify.compare(model, work, {"input": x}).rel <= 1e-6
 
@@ -99,7 +99,7 @@ def test_observed_only_holds_on_the_data():
     model = with_dead(dense_net(), proven=(), observed=(4,))
     x = inputs(model)
     work, result = run_pass(model, relu_stats(model, x))
-    assert result.info["observed"] == 1 and result.info["proven"] == 0
+    assert result.summary.observed == 1 and result.summary.proven == 0
     assert verify.compare(model, work, {"input": x}).rel <= 1e-6
     far = inputs(model, lo=-30, hi=30)  # channel 4 fires here: the edit shows
     assert verify.compare(model, work, {"input": far}).rel > 1e-6
@@ -204,12 +204,12 @@ def test_optimize_applies_cleanup_with_data_or_a_range():
     dead = dict(with_data.results)["dead-inputs"]
     # channels 1 and 4 of conv 0, and the depthwise channels fed only by them if their bias
     # is negative (then they are constant and negative too)
-    assert dead.info["observed"] >= 1 and dead.info["proven"] >= 1
+    assert dead.summary.observed >= 1 and dead.summary.proven >= 1
     assert any("input channels 1, 4 " in c.detail for c in dead.changes)
     assert with_data.data_comparison.rel <= 1e-4
     assert max(s.max_abs for s in with_data.after) < 100
     free = optimize_with_details(model, OptimizeConfig(input_range=(-1.0, 1.0)))
-    assert dict(free.results)["dead-inputs"].info["proven"] >= 1
+    assert dict(free.results)["dead-inputs"].summary.proven >= 1
     assert free.comparison.rel <= 1e-4
     none = optimize_with_details(model, OptimizeConfig())
     assert "dead-inputs" not in dict(none.results)
@@ -244,7 +244,7 @@ def test_relu6_clip_counts_as_a_zero_floor():
     relu.input.extend(["lo6", "hi6"])
     assert relu_inputs(model)[0] == model.graph.node[0].output[0]
     work, result = run_pass(model, None, (-1.0, 1.0))
-    assert result.info["proven"] == 1 and not consumer_weight(work)[:, 1].any()
+    assert result.summary.proven == 1 and not consumer_weight(work)[:, 1].any()
 
 
 def constant_net(pad2=0):
@@ -264,7 +264,7 @@ def test_constant_channels_fold_into_the_bias():
     for stats, bounds, proven in ((relu_stats(model, x), None, 0), (None, (-1.0, 1.0), 1)):
         work, result = run_pass(model, stats, bounds)
         # channel 2 of the depthwise output is constant too (a constant in, no padding)
-        assert result.info["constant channels"] == 2 and result.info["proven"] == 2 * proven
+        assert result.summary.constant == 2 and result.summary.proven == 2 * proven
         assert "1 constant, folded into the bias" in result.changes[0].detail
         w = consumer_weight(work)
         assert not w[2].any() and max(s.max_abs for s in weight_stats(work)) < 10

@@ -92,7 +92,7 @@ def test_depthwise_triplet_and_depth_multiplier(multiplier):
     assert len(pairs) == 2
     result = equalize(model, iterations=100, tolerance=1e-6)
     assert_equivalent(model, result.model)
-    assert result.info["converged"]
+    assert result.summary.converged
     for pair in find_pairs(result.model)[0]:
         r1, r2 = ranges_of_pair(result.model, pair)
         np.testing.assert_allclose(r1, r2, rtol=1e-4)
@@ -268,9 +268,9 @@ def test_opsets(opset):
 def test_converged_ranges_are_stable_across_runs():
     model = mobileone_like(seed=3)
     first = equalize(model, iterations=200)
-    assert first.info["converged"]
+    assert first.summary.converged
     second = equalize(first.model, iterations=200)
-    assert not second.changes and second.info["rounds"] == 1
+    assert not second.changes and second.summary.rounds == 1
 
 
 # ---- property tests ----------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_property_function_preserved_and_idempotent(model):
         assert np.isfinite(s.max_abs)
     second = optimize_with_details(first.model)
     eq = dict(second.results)["equalize"]
-    if dict(first.results)["equalize"].info["converged"]:
+    if dict(first.results)["equalize"].summary.converged:
         assert not eq.changes
 
 

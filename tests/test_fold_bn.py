@@ -95,7 +95,7 @@ def test_fold_is_equivalent_and_removes_the_bn(kw):
     onnx.checker.check_model(model)
     folded, result = fold(model)
     assert "BatchNormalization" not in ops(folded)
-    assert result.info["folded"] == 1 and not result.skips
+    assert result.summary.folded == 1 and not result.skips
     onnx.checker.check_model(folded)
     assert_same_function(model, folded)
     names = {t.name for t in folded.graph.initializer}
@@ -118,7 +118,7 @@ def test_chained_bns_fold_in_turn():
     model.graph.node.append(helper.make_node("BatchNormalization", ["z", *names], ["z2"]))
     model.graph.output[0].CopyFrom(fout("z2"))
     folded, result = fold(model)
-    assert ops(folded) == ["Conv"] and result.info["folded"] == 2
+    assert ops(folded) == ["Conv"] and result.summary.folded == 2
     assert_same_function(model, folded)
 
 
@@ -169,7 +169,7 @@ def test_fold_property(cin, mult, k, bias, grouped, op, seed):
     group = cin if grouped else 1
     model = layer_bn(op=op, cin=cin, cout=cin * mult, group=group, k=k, bias=bias, seed=seed)
     folded, result = fold(model)
-    assert result.info["folded"] == 1
+    assert result.summary.folded == 1
     assert_same_function(model, folded, seed=seed)
 
 
@@ -224,7 +224,7 @@ def test_fold_affine_is_equivalent(op, cout, group, bias, chain, seed):
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     result = FoldAffine()(folded)
-    assert result.info["folded"] == len(chain) and not result.skips
+    assert result.summary.folded == len(chain) and not result.skips
     assert ops(folded) == [op]
     onnx.checker.check_model(folded)
     assert_same_function(model, folded, seed=seed)
@@ -237,7 +237,7 @@ def test_fold_bn_leaves_arithmetic_ops_to_fold_affine():
     assert "its input comes from Mul 'n0'" in result.skips[0].reason
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    assert FoldAffine()(folded).info["folded"] == 2 and ops(folded) == ["Conv"]
+    assert FoldAffine()(folded).summary.folded == 2 and ops(folded) == ["Conv"]
 
 
 def test_fold_affine_leaves_a_fanned_out_conv_and_non_affine_ops():
@@ -278,12 +278,12 @@ def test_optimize_folds_bn_and_mul_first_so_cle_can_pair():
     model.graph.output[0].CopyFrom(fout("out"))
     result = optimize_with_details(model, OptimizeConfig())
     passes = dict(result.results)
-    assert passes["fold-affine"].info["folded"] == 2
+    assert passes["fold-affine"].summary.folded == 2
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "Relu", "Conv"]
-    assert passes["equalize"].info["pairs"] == 1 and passes["equalize"].changes
+    assert passes["equalize"].summary.pairs == 1 and passes["equalize"].changes
     assert result.comparison.rel < 1e-4
     no_fold = optimize_with_details(model, OptimizeConfig(fold_bn=False))
-    assert dict(no_fold.results)["equalize"].info["pairs"] == 0
+    assert dict(no_fold.results)["equalize"].summary.pairs == 0
 
 
 def digest(path):

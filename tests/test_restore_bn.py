@@ -17,7 +17,7 @@ from onnxrep.errors import InputError
 from onnxrep.ir.graph import GraphIndex
 from onnxrep.passes import restore_bn as restore_module
 from onnxrep.passes.fold_affine import FoldBatchNorm
-from onnxrep.passes.restore_bn import restore_bn, restore_bn_with_details
+from onnxrep.pipeline import restore_bn, restore_bn_with_details
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mobileone_fmnist.onnx"
@@ -72,7 +72,7 @@ def test_restore_is_identity_and_fold_returns_the_original():
     assert details.comparison.rel <= 1e-5
     folded = onnx.ModelProto()
     folded.CopyFrom(details.model)
-    assert FoldBatchNorm()(folded).info["folded"] == 7
+    assert FoldBatchNorm()(folded).summary.folded == 7
     assert [n.op_type for n in folded.graph.node] == [n.op_type for n in model.graph.node]
     assert verify.compare(model, folded, {"input": x}).rel <= 1e-6
     a, b = GraphIndex(model.graph), GraphIndex(folded.graph)
@@ -220,7 +220,7 @@ def test_restore_and_fold_across_opsets(opset):
     x = batch_for(model, 20)
     details = restore_bn_with_details(model, x)
     onnx.checker.check_model(details.model)
-    assert details.result.info["restored"] == 2 and details.comparison.rel <= 1e-6
+    assert details.result.summary.restored == 2 and details.comparison.rel <= 1e-6
     folded = onnx.ModelProto()
     folded.CopyFrom(details.model)
     FoldBatchNorm()(folded)

@@ -15,6 +15,7 @@ example: onnxrep optimize models/mobileone_fmnist.onnx --calib models/fmnist_cal
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
@@ -115,22 +116,22 @@ def summary(result: Optimized, out) -> str:
     lines = []
     if "fold-affine" in passes:
         r = passes["fold-affine"]
-        lines.append(f"folded {r.info['folded']} per-channel affine op(s) (BatchNormalization, "
+        lines.append(f"folded {r.summary.folded} per-channel affine op(s) (BatchNormalization, "
                      f"Mul/Add/Sub/Div by a constant) into the layer before them; "
                      f"{len(r.skips)} BatchNormalization left")
     if "dead-inputs" in passes:
-        r = passes["dead-inputs"]
-        seen = f" on {r.info['samples']} samples" if "samples" in r.info else ""
-        lines.append(f"dead inputs: {r.info['dead channels']} dead and "
-                     f"{r.info['constant channels']} constant channel(s) ({r.info['proven']} "
-                     f"proven, {r.info['observed']} observed only{seen}); their weights "
+        r, d = passes["dead-inputs"], passes["dead-inputs"].summary
+        seen = f" on {d.samples} samples" if d.samples is not None else ""
+        lines.append(f"dead inputs: {d.dead} dead and {d.constant} constant channel(s) "
+                     f"({d.proven} proven, {d.observed} observed only{seen}); their weights "
                      f"zeroed (constants folded into biases) in {len(r.changes)} layer(s)")
     if "absorb-bias" in passes:
         r = passes["absorb-bias"]
-        lines.append(f"absorbed high biases of {r.info['channels']} channel(s) in "
+        lines.append(f"absorbed high biases of {r.summary.channels} channel(s) in "
                      f"{len(r.changes)} layer pair(s), {len(r.skips)} pair(s) skipped")
-    lines.append(f"equalized {len(eq.changes)}/{eq.info['pairs']} pairs in {eq.info['rounds']} "
-                 f"rounds{'' if eq.info['converged'] else ' (not converged)'}, {len(eq.skips)} "
+    e = eq.summary
+    lines.append(f"equalized {len(eq.changes)}/{e.pairs} pairs in {e.rounds} "
+                 f"rounds{'' if e.converged else ' (not converged)'}, {len(eq.skips)} "
                  f"layers skipped; worst spread {fmt(worst_b)} -> {fmt(worst_a)}; {verified}; "
                  f"wrote {out}")
     return "\n".join(lines)
@@ -141,7 +142,8 @@ def as_json(result: Optimized, src, out) -> dict:
     return {
         "input": str(src), "output": str(out),
         "passes": [{"name": name, "changes": [vars(c) for c in r.changes],
-                    "skips": [vars(s) for s in r.skips], "info": r.info}
+                    "skips": [vars(s) for s in r.skips],
+                    "summary": asdict(r.summary) if r.summary is not None else None}
                    for name, r in result.results],
         "layers": [{"node": b.node, "before": b.as_dict(),
                     "after": after_by.get(b.node, b).as_dict()} for b in result.before],

@@ -17,7 +17,7 @@ import argparse
 from onnxrep.cli.common import (add_calib, add_output, add_reporting, calib_dataset, emit_json, output_path)
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
-from onnxrep.passes.restore_bn import Restored, restore_bn_with_details
+from onnxrep.pipeline import Restored, restore_bn_with_details
 from onnxrep.progress import log
 from onnxrep.report import table
 

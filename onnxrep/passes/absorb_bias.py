@@ -20,6 +20,8 @@ pre-activation falls below the calibration minimum sees its activation clipped a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnxrep.analysis.statistics import Statistics
@@ -30,6 +32,11 @@ from onnxrep.ir.shapes import infer_shapes
 
 SHIFT_OPS = {"MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Identity", "Dropout"}
 _MIN_SHIFT = 1e-6  # relative to the channel's max: smaller minima are rounding, not bias
+
+
+@dataclass(frozen=True)
+class AbsorbSummary:
+    channels: int  # channels whose bias was absorbed into the next layer
 
 
 class AbsorbHighBias(Pass):
@@ -74,7 +81,7 @@ class AbsorbHighBias(Pass):
             changes.append(Change("absorbed", (label, index.labels[second]),
                                   f"{int((c > 0).sum())}/{c.size} channels, c up to "
                                   f"{c.max():.3g} (max activation {s.max.max():.3g})"))
-        return PassResult(model, changes, skips, {"channels": absorbed})
+        return PassResult(model, changes, skips, AbsorbSummary(absorbed))
 
 
 def _follow(index: GraphIndex, first: int) -> tuple[int, bool] | str:

@@ -1,18 +1,32 @@
-"""The pass contract.
+"""The pass contract, and the manager that runs passes and verifies each by its contract.
 
 A pass is called on a ``ModelProto`` and *mutates it in place*, returning a
-:class:`PassResult` that lists what it changed and what it skipped and why. Public API
-functions copy their input once before running passes, so callers never see their model
-mutated. ``contract`` states what a pass promises about the model's function, and therefore
-how it is verified.
+:class:`PassResult` that lists what it changed, what it skipped and why, and a typed summary
+of its own. Public API functions copy their input once before running passes, so callers never
+see their model mutated. ``contract`` states what a pass promises about the model's function,
+and therefore how :class:`Verifier` checks it:
+
+- ``EQUIVALENT``: the same function on every input up to float rounding; checked on seeded
+  inputs of the model's own shapes (or the first calibration batch when data is given);
+- ``EQUIVALENT_ON_DATA``: exact wherever the pass's statistics hold; checked on those inputs
+  and, when the data can be read again, over all of the calibration data;
+- ``APPROXIMATE``: changes the function on purpose (bias correction); not checked here.
+
+:class:`PassManager` runs stages in order. A stage builds its pass from the model as the
+earlier passes left it and from statistics asked of :class:`StatisticsCache`, which collects
+them once per model state: a later stage asking for tensors already measured on an unchanged
+model gets them without another run over the data.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import onnx
+
+from onnxrep import verify
 
 
 class Contract(enum.Enum):
@@ -40,10 +54,12 @@ class Skip:
 
 @dataclass
 class PassResult:
+    """``summary``: the pass's own typed totals (e.g. ``FoldSummary``), or None."""
+
     model: onnx.ModelProto
     changes: list[Change] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
+    summary: Any = None
 
     @property
     def modified(self) -> bool:
@@ -61,3 +77,122 @@ class Pass:
 
     def call(self, model: onnx.ModelProto) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class StatisticsCache:
+    """Per-channel statistics over a dataset, collected once per model state.
+
+    ``get(model, tensors)`` returns statistics of at least ``tensors``; the manager calls
+    ``invalidate()`` whenever a pass changes the model."""
+
+    def __init__(self, dataset, collect: Callable | None = None):
+        from onnxrep.analysis.statistics import collect_statistics
+
+        self.dataset = dataset
+        self._collect = collect or collect_statistics
+        self._stats = None
+
+    def get(self, model: onnx.ModelProto, tensors: Iterable[str]):
+        wanted = list(dict.fromkeys(tensors))
+        have = [] if self._stats is None else [*self._stats.tensors, *self._stats.skipped]
+        if self._stats is None or not set(wanted) <= set(have):
+            self._stats = self._collect(model, self.dataset, list(dict.fromkeys(have + wanted)))
+        return self._stats
+
+    def invalidate(self) -> None:
+        self._stats = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass in a pipeline: ``make(model, stats)`` builds it from the current model and the
+    :class:`StatisticsCache` (None without data)."""
+
+    name: str
+    make: Callable[[onnx.ModelProto, StatisticsCache | None], Pass]
+
+
+class Verifier:
+    """Checks a candidate against the original by the contracts of the passes that made it.
+
+    ``feeds``: the inputs every check runs (seeded inputs, or the first calibration batch);
+    ``dataset``: replayable calibration data, over which ``EQUIVALENT_ON_DATA`` passes are
+    also compared. ``original`` may be a proto or a path (then onnxruntime reads the file)."""
+
+    def __init__(self, original: verify.ModelLike, feeds: dict, *, rtol: float,
+                 bounds: dict[str, float], dataset=None, reference: dict | None = None):
+        self.original, self.feeds, self.rtol, self.bounds = original, feeds, rtol, bounds
+        self.dataset = dataset
+        self.reference = reference if reference is not None else verify.run(original, feeds)
+
+    def check(self, candidate: verify.ModelLike, passes: list[Pass], what: str
+              ) -> tuple[verify.Comparison, verify.Comparison | None]:
+        """(comparison on the feeds, comparison over all data or None); raises
+        :class:`VerificationError` past ``rtol``."""
+        comparison = verify.compare_outputs(self.reference, verify.run(candidate, self.feeds),
+                                            self.bounds)
+        verify.check(comparison, self.rtol, what)
+        on_data = None
+        if self.dataset is not None and any(
+                p.contract is Contract.EQUIVALENT_ON_DATA for p in passes):
+            on_data = verify.compare_on_data(self.original, candidate, self.dataset,
+                                             rtol=self.rtol, what=what)
+        return comparison, on_data
+
+
+@dataclass
+class Run:
+    """What a manager run did: ``results`` as (pass name, result) in order, the passes that
+    changed the model, the last comparison on the verification inputs, and the last comparison
+    over all calibration data (None when no data-dependent pass changed the model or it was
+    not checked)."""
+
+    results: list[tuple[str, PassResult]] = field(default_factory=list)
+    changed: list[Pass] = field(default_factory=list)
+    comparison: verify.Comparison | None = None
+    data_comparison: verify.Comparison | None = None
+
+
+class PassManager:
+    """Runs ``stages`` in order on a model, in place.
+
+    With a ``verifier`` and ``check_each`` the model is checked after every pass that changed
+    it, so a failure names its pass; a data check made stale by a later pass is repeated at the
+    end. Without ``check_each`` the caller verifies once (e.g. the file it wrote) through
+    :meth:`verify_result`."""
+
+    def __init__(self, stages: list[Stage], *, verifier: Verifier | None = None,
+                 stats: StatisticsCache | None = None, check_each: bool = True,
+                 progress: Callable[[str], None] | None = None):
+        self.stages, self.verifier, self.stats = stages, verifier, stats
+        self.check_each, self.progress = check_each, progress
+
+    def run(self, model: onnx.ModelProto) -> Run:
+        run = Run()
+        stale = False
+        for stage in self.stages:
+            if self.progress:
+                self.progress(f"{stage.name}...")
+            p = stage.make(model, self.stats)
+            result = p(model)
+            run.results.append((p.name, result))
+            if not result.modified:
+                continue
+            run.changed.append(p)
+            if self.stats is not None:
+                self.stats.invalidate()
+            if self.verifier is not None and self.check_each:
+                run.comparison, on_data = self.verifier.check(model, [p], f"pass '{p.name}'")
+                stale = stale or run.data_comparison is not None
+                if on_data is not None:
+                    run.data_comparison, stale = on_data, False
+        if stale:
+            _, run.data_comparison = self.verifier.check(model, run.changed, "the passes")
+        return run
+
+    def verify_result(self, run: Run, candidate: verify.ModelLike) -> None:
+        """Check ``candidate`` (the run's result, e.g. as written to a file) once, by the
+        contracts of every pass that changed it."""
+        names = ", ".join(p.name for p in run.changed) or "(none)"
+        run.comparison, run.data_comparison = self.verifier.check(
+            candidate, run.changed, f"passes {names}")

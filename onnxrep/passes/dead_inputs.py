@@ -107,6 +107,15 @@ class Constant:
         return ", ".join(part for part in parts if part)
 
 
+@dataclass
+class DeadInputsSummary:
+    dead: int = 0  # input channels always zero: weights reading them zeroed
+    constant: int = 0  # input channels constant but not zero: folded into the bias
+    proven: int = 0  # of those, proven by interval bounds
+    observed: int = 0  # of those, only observed on the calibration data
+    samples: int | None = None  # calibration samples observed, when data was given
+
+
 class ZeroDeadInputs(Pass):
     """``stats``: measured statistics of the ReLU inputs (observed deadness); ``input_range``:
     (lo, hi) for every float input, or {input name: Interval} (proven deadness). Either or
@@ -124,7 +133,7 @@ class ZeroDeadInputs(Pass):
         bounds = (propagate_intervals(model, _input_intervals(model, self.input_range, shapes),
                                       index, shapes) if self.input_range is not None else {})
         changes, skips = [], []
-        totals = {"dead channels": 0, "constant channels": 0, "proven": 0, "observed": 0}
+        totals = DeadInputsSummary()
         for i, node in enumerate(model.graph.node):
             if not zero_below(index, node):
                 continue
@@ -133,10 +142,10 @@ class ZeroDeadInputs(Pass):
             if not found.any():
                 continue
             label = index.labels[i]
-            totals["dead channels"] += int((found & const.dead).sum())
-            totals["constant channels"] += int((found & ~const.dead).sum())
-            totals["proven"] += int((found & const.proven).sum())
-            totals["observed"] += int((found & ~const.proven).sum())
+            totals.dead += int((found & const.dead).sum())
+            totals.constant += int((found & ~const.dead).sum())
+            totals.proven += int((found & const.proven).sum())
+            totals.observed += int((found & ~const.proven).sum())
             for consumer, mask, problem in _plan(index, node.output[0], shapes, const):
                 if problem:
                     skips.append(Skip(label, problem))
@@ -149,7 +158,7 @@ class ZeroDeadInputs(Pass):
                         f"input channels {_channels(np.flatnonzero(mask))} "
                         f"({const.describe(mask)}); max |w| removed {removed:.3g}"))
         if self.stats is not None:
-            totals["samples"] = self.stats.samples
+            totals.samples = self.stats.samples
         return PassResult(model, changes, skips, totals)
 
     def _constants(self, index: GraphIndex, node: onnx.NodeProto,

@@ -114,6 +114,13 @@ class ChainPair:
     features: int = 1
 
 
+@dataclass(frozen=True)
+class EqualizeSummary:
+    pairs: int  # layer pairs found
+    rounds: int  # rounds run
+    converged: bool
+
+
 class EqualizeCrossLayer(Pass):
     name = "equalize"
     contract = Contract.EQUIVALENT
@@ -136,8 +143,7 @@ class EqualizeCrossLayer(Pass):
                     f"[{total.min():.3g}, {total.max():.3g}]"))
         for layer in layers.values():
             _write_back(index, layer)
-        info = {"pairs": len(pairs), "rounds": rounds, "converged": converged}
-        return PassResult(model, changes, skips, info)
+        return PassResult(model, changes, skips, EqualizeSummary(len(pairs), rounds, converged))
 
 
 def find_pairs(model: onnx.ModelProto, index: GraphIndex | None = None

@@ -26,6 +26,8 @@ not fold is an ordinary op and is not reported.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -35,6 +37,12 @@ from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 ARITHMETIC = ("Mul", "Add", "Sub", "Div")
+
+
+@dataclass(frozen=True)
+class FoldSummary:
+    folded: int  # affine ops folded into the layer before them
+    unused_removed: int  # constants nobody reads any more, removed
 
 
 class FoldAffine(Pass):
@@ -65,8 +73,7 @@ class FoldAffine(Pass):
             if not folded:
                 break
         removed = remove_unused_constants(graph) if changes else 0
-        return PassResult(model, changes, skips,
-                          {"folded": len(changes), "unused constants removed": removed})
+        return PassResult(model, changes, skips, FoldSummary(len(changes), removed))
 
 
 class FoldBatchNorm(FoldAffine):

@@ -20,12 +20,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxrep.analysis.statistics import Statistics, collect_statistics
-from onnxrep.data import as_dataset
+from onnxrep.analysis.statistics import Statistics
 from onnxrep.errors import InputError
 from onnxrep.ir.graph import GraphIndex, unique_name
-from onnxrep.ir.model import check_opset
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
+
+
+@dataclass(frozen=True)
+class RestoreSummary:
+    restored: int  # BatchNormalization nodes inserted
+    samples: int  # calibration samples their statistics were measured on
 
 
 class RestoreBatchNorm(Pass):
@@ -72,8 +76,8 @@ class RestoreBatchNorm(Pass):
                                   + (f", {dead} constant" if dead else "")))
         for i, bn in sorted(inserts, key=lambda p: -p[0]):
             graph.node.insert(i + 1, bn)
-        return PassResult(model, changes, skips, {"restored": len(inserts),
-                                                  "samples": self.stats.samples})
+        return PassResult(model, changes, skips,
+                          RestoreSummary(len(inserts), self.stats.samples))
 
 
 def select_convs(model: onnx.ModelProto, layers: list[str] | None,
@@ -125,40 +129,3 @@ def _bn_params(s, eps: float, dtype: np.dtype) -> list[np.ndarray]:
     scale = np.sqrt(var + dtype.type(eps)).astype(dtype)
     mean = s.mean.astype(dtype)
     return [scale, mean, mean.copy(), var]
-
-
-@dataclass
-class Restored:
-    model: onnx.ModelProto
-    result: PassResult
-    stats: Statistics
-    comparison: object | None  # verify.Comparison on the calibration data
-
-
-def restore_bn(model: onnx.ModelProto, calib, layers: list[str] | None = None,
-               eps: float = 1e-5) -> onnx.ModelProto:
-    """A copy of ``model`` with a BN after each selected Conv, its mean/var measured on
-    ``calib`` (a Dataset or anything ``load_data`` takes); verified on that data."""
-    return restore_bn_with_details(model, calib, layers, eps).model
-
-
-def restore_bn_with_details(model: onnx.ModelProto, calib, layers: list[str] | None = None,
-                            eps: float = 1e-5, *, rtol: float = 1e-5, verify: bool = True,
-                            batch_size: int = 32, workers: int = 1) -> Restored:
-    """Like :func:`restore_bn`; also returns the pass result, the statistics and the
-    comparison of both models over the calibration data (:class:`VerificationError` past
-    ``rtol``, relative to the largest output magnitude)."""
-    from onnxrep.verify import compare_on_data
-
-    check_opset(model)
-    dataset = as_dataset(calib, model, batch_size=batch_size)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    index = GraphIndex(work.graph)
-    tensors = [index.node(i).output[0] for i in select_convs(work, layers, index)]
-    stats = collect_statistics(work, dataset, tensors, workers=workers)
-    result = RestoreBatchNorm(stats, layers, eps)(work)
-    comparison = None
-    if verify:
-        comparison = compare_on_data(model, work, dataset, rtol=rtol, what="restore-bn")
-    return Restored(work, result, stats, comparison)

@@ -235,12 +235,12 @@ def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
         work = optimize(work, OptimizeConfig(), calib=calib)
     restored = 0
     if config.restore_bn:
-        from onnxrep.passes.restore_bn import restore_bn_with_details
+        from onnxrep.pipeline import restore_bn_with_details
 
         log("qat: restoring BatchNormalization from calibration statistics")
         result = restore_bn_with_details(work, calib, rtol=OptimizeConfig.rtol,
                                          batch_size=config.batch_size)
-        work, restored = result.model, result.result.info["restored"]
+        work, restored = result.model, result.result.summary.restored
     return work, restored
 
 
