@@ -334,7 +334,7 @@ def test_class_folders_give_labels_rgb_resize_and_nhwc(tmp_path, image_module):
 
 def test_image_folder_errors(tmp_path, image_module):
     write_images(image_module, tmp_path / "a", 1)
-    assert "give a resize (--resize HxW)" in error(tmp_path, image_net())
+    assert "give a resize (HxW)" in error(tmp_path, image_net())
     assert "has 1 channels (NCHW) but images are read as RGB" in error(
         tmp_path, MODEL, image_options=ImageOptions(grayscale=False))
     with pytest.raises(InputError, match="image mean needs 1 or 3 values, got 2"):

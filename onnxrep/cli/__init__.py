@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from onnxrep.errors import OnnxrepError
+from onnxrep.errors import OnnxrepError, VerificationError
 from onnxrep.progress import set_quiet
 
 SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "qat"]
@@ -37,16 +37,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     set_quiet(getattr(args, "quiet", False) or getattr(args, "json", False))
     try:
         return args.run(args) or 0
     except OnnxrepError as exc:
-        print(f"onnxrep {args.command}: error: {exc}", file=sys.stderr)
+        print(f"onnxrep {args.command}: error: {message(exc, _flags(parser, args.command))}",
+              file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"onnxrep {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def message(exc: OnnxrepError, flags: dict[str, str]) -> str:
+    """The library's message in the command's words: the flag for the parameter it is about,
+    the tolerance flag that would have passed, and that nothing was written."""
+    text = str(exc)
+    flag = flags.get(exc.option or "")
+    if isinstance(exc, VerificationError):
+        if exc.needed is not None and flag:
+            text += f" (would have needed {flag} {exc.needed:.0e})"
+        return text + "; nothing written"
+    if exc.option == "force" and flag:
+        return f"{text} (use {flag} to overwrite)"
+    if flag and text.startswith(f"{exc.option} "):  # the parameter named first: name the flag
+        return flag + text[len(exc.option):]
+    return f"{flag}: {text}" if flag else text
+
+
+def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """dest -> the command's long flag for it."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: max(a.option_strings, key=len) for a in sub.choices[command]._actions
+            if a.option_strings}
 
 
 def _version() -> str:

@@ -594,7 +594,7 @@ def _image_geometry(spec: InputSpec, options: ImageOptions) -> tuple:
     size = options.resize or ((h, w) if _fixed_dim((h,)) and _fixed_dim((w,)) else None)
     if size is None:
         raise DataError(f"input '{spec.name}' has no fixed height and width "
-                        f"({_fmt(spec.shape)}): give a resize (--resize HxW)")
+                        f"({_fmt(spec.shape)}): give a resize (HxW)", option="resize")
     stats = []
     for what, values in (("mean", options.mean), ("std", options.std)):
         if len(values) not in (1, channels):

@@ -87,7 +87,7 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
     when the block succeeds, so a failure or a failed check leaves nothing behind."""
     path = Path(path)
     if path.exists() and not force:
-        raise InputError(f"{path}: output exists (use --force to overwrite)")
+        raise InputError(f"{path}: output exists", option="force")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -185,9 +185,10 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
     """Refuse to write over the input, or over an existing output without ``force``."""
     src, dst = Path(input_path), Path(output_path)
     if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and dst.samefile(src)):
-        raise InputError(f"{dst}: output path is the input file; choose another -o")
+        raise InputError(f"{dst}: output path is the input file; choose another output",
+                         option="output")
     if dst.exists() and not force:
-        raise InputError(f"{dst}: output exists (use --force to overwrite)")
+        raise InputError(f"{dst}: output exists", option="force")
     if dst.is_dir():
         raise InputError(f"{dst}: is a directory")
     return dst

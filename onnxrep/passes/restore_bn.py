@@ -92,11 +92,12 @@ def select_convs(model: onnx.ModelProto, layers: list[str] | None,
     chosen = []
     for name in layers:
         if name not in by_label:
-            raise InputError(f"--layers: no node named '{name}' (Conv nodes: "
-                             f"{_preview([index.labels[i] for i in convs])})")
+            raise InputError(f"no node named '{name}' (Conv nodes: "
+                             f"{_preview([index.labels[i] for i in convs])})", option="layers")
         i = by_label[name]
         if model.graph.node[i].op_type != "Conv":
-            raise InputError(f"--layers: '{name}' is a {model.graph.node[i].op_type}, not a Conv")
+            raise InputError(f"'{name}' is a {model.graph.node[i].op_type}, not a Conv",
+                             option="layers")
         chosen.append(i)
     return sorted(set(chosen))
 

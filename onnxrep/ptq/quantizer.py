@@ -222,8 +222,8 @@ def _check_excluded(model: onnx.ModelProto, names) -> None:
     known = {n.name for n in model.graph.node}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise InputError(f"--exclude names no node of the model: {', '.join(unknown)} "
-                         "(see `onnxrep inspect` for node names)")
+        raise InputError(f"exclude names no node of the model: {', '.join(unknown)} "
+                         "(`onnxrep inspect` lists node names)", option="exclude")
 
 
 # ---- preparation ------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ class _Combined:
             raise InputError(
                 f"node '{node}': the FP32 model is not the one this QDQ model was quantized "
                 "from (weights differ by more than one quantization step); use the FP32 model "
-                "`onnxrep quantize --save-float` wrote")
+                "quantize returned as its float model (`onnxrep quantize --save-float`)")
 
     def _local_copy(self, qn, fn, variant, kinds, out_qdq, act) -> str:
         inputs = []

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from onnxrep import verify
 from onnxrep.data.readers import Dataset, as_dataset, check_feeds, load_data
-from onnxrep.errors import DataError, InputError, VerificationError
+from onnxrep.errors import DataError, InputError
 from onnxrep.ir.model import check_opset, opset_version
 from onnxrep.pipeline import OptimizeConfig, optimize
 from onnxrep.progress import Progress, log, set_quiet
@@ -257,19 +257,8 @@ def _check_conversion(model, net: GraphModule, feeds, rtol: float) -> verify.Com
     with torch.no_grad():
         mine = _outputs(net, net(*_torch_feeds(net, feeds)))
     comparison = verify.compare_outputs(verify.run(model, feeds), mine)
-    if not comparison.rel <= rtol:
-        raise VerificationError(
-            f"the torch conversion disagrees with onnxruntime: relative error "
-            f"{comparison.rel:.3e} > {rtol:.1e} on the first calibration batch (would have "
-            f"needed --rtol {_decade(comparison.rel)})", comparison)
+    verify.check(comparison, rtol, "the torch conversion (on the first calibration batch)")
     return comparison
-
-
-def _decade(rel: float) -> str:
-    """The power of ten at or above ``rel``: the tolerance that would have passed."""
-    if not math.isfinite(rel):
-        return "inf"
-    return f"{10 ** math.ceil(math.log10(max(rel, 1e-30))):.0e}"
 
 
 def _calibrate(net: GraphModule, plan: QuantPlan, calib: Dataset) -> None:
@@ -527,7 +516,7 @@ class _Trainer:
     def load(self) -> int:
         path = self._path()
         if not path.exists():
-            raise InputError(f"--resume: no checkpoint at {path}")
+            raise InputError(f"no checkpoint to resume from at {path}", option="resume")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -535,7 +524,7 @@ class _Trainer:
         if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != \
                 self.fingerprint:
             raise InputError(f"{path} was written for another model, data setup or training "
-                             "configuration; remove it or drop --resume")
+                             "configuration; remove it or do not resume", option="resume")
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -111,15 +111,15 @@ def resolve_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple] | None
             shape = tuple(overrides.pop(spec.name))
             if len(shape) != len(spec.shape) or any(
                     isinstance(d, int) and d > 0 and d != s for d, s in zip(spec.shape, shape)):
-                raise InputError(f"--input-shape {spec.name}: {_fmt(shape)} does not fit the "
-                                 f"model's {_fmt(spec.shape)}")
+                raise InputError(f"input shape {spec.name}: {_fmt(shape)} does not fit the "
+                                 f"model's {_fmt(spec.shape)}", option="input_shape")
         else:
             shape = tuple(d if isinstance(d, int) and d > 0 else (batch if i == 0 else default_dim)
                           for i, d in enumerate(spec.shape))
         shapes[spec.name] = shape
     if overrides:
-        raise InputError(f"--input-shape names unknown input(s): {', '.join(overrides)}; "
-                         f"inputs are: {', '.join(shapes)}")
+        raise InputError(f"input shapes name unknown input(s): {', '.join(overrides)}; "
+                         f"inputs are: {', '.join(shapes)}", option="input_shape")
     return shapes
 
 
@@ -230,14 +230,14 @@ def check(comparison: Comparison, rtol: float, what: str) -> None:
     if not comparison.rel <= rtol:
         raise VerificationError(
             f"{what} changed the model's outputs: relative error {comparison.rel:.3e} > "
-            f"tolerance {rtol:.1e} (would have needed --rtol {_needed(comparison.rel)}); "
-            "nothing written", comparison)
+            f"tolerance {rtol:.1e}", comparison, needed=needed_tolerance(comparison.rel))
 
 
-def _needed(rel: float) -> str:
+def needed_tolerance(rel: float) -> float:
+    """The power of ten at or above ``rel``: the tolerance that would have passed."""
     if not math.isfinite(rel):
-        return "inf"
-    return f"{10 ** math.ceil(math.log10(max(rel, 1e-30))):.0e}"
+        return math.inf
+    return 10.0 ** math.ceil(math.log10(max(rel, 1e-30)))
 
 
 def _fmt(shape) -> str:
