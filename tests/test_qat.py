@@ -480,10 +480,12 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, capsys):
 
 
 def test_cli_defaults_are_the_config_defaults():
-    from onnxrep.cli.qat import DEFAULTS
+    from onnxrep.cli import build_parser
 
+    args = build_parser().parse_args(["qat", "m.onnx", "--data", "d.npz"])
     config = QATConfig()
-    assert {k: getattr(config, k) for k in DEFAULTS} == DEFAULTS
+    for name in ("epochs", "lr", "batch_size", "momentum", "calib_samples", "seed", "rtol"):
+        assert getattr(args, name) == getattr(config, name), name
 
 
 def test_importing_onnxrep_and_its_cli_does_not_import_torch():

@@ -27,12 +27,10 @@ from onnxrep.cli.common import add_output, add_reporting, emit_json, output_path
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.progress import log
+from onnxrep.qat.config import Distill, QATConfig
 from onnxrep.report import table
 
-# The defaults of onnxrep.quantize.qat.QATConfig, written out so --help needs no torch
-# (tests/test_qat.py checks they agree).
-DEFAULTS = dict(epochs=1, lr=1e-2, batch_size=128, momentum=0.9, calib_samples=512, seed=0,
-                rtol=1e-5)
+_D = QATConfig()  # torch-free: --help and argument checks need no torch
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -41,17 +39,17 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="TRAIN", help="training data")
     p.add_argument("--val", metavar="DATA", help="labelled data: FP32 / PTQ / QAT top-1")
     p.add_argument("--calib", metavar="DATA", help="calibration data (BN restore, ranges)")
-    p.add_argument("--calib-samples", type=int, default=DEFAULTS["calib_samples"], metavar="N",
+    p.add_argument("--calib-samples", type=int, default=_D.calib_samples, metavar="N",
                    help="without --calib: calibrate on the first N training samples "
                         "(default %(default)s)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
+    p.add_argument("--epochs", type=int, default=_D.epochs,
                    help="default %(default)s")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+    p.add_argument("--lr", type=float, default=_D.lr,
                    help="peak learning rate, SGD with Nesterov momentum, cosine decay "
                         "(default %(default)g)")
-    p.add_argument("--momentum", type=float, default=DEFAULTS["momentum"],
+    p.add_argument("--momentum", type=float, default=_D.momentum,
                    help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+    p.add_argument("--batch-size", type=int, default=_D.batch_size,
                    help="global batch size (default %(default)s)")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
                    help="per-output-channel weight scales (default: per-tensor)")
@@ -68,7 +66,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", choices=("kl", "mse"),
                    help="distillation loss when the data has no labels (default: kl for "
                         "[N, K] outputs, mse otherwise)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="default %(default)s")
+    p.add_argument("--seed", type=int, default=_D.seed, help="default %(default)s")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="write DIR/qat_checkpoint.pt after each epoch (and --checkpoint-every)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -76,7 +74,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the --checkpoint")
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N steps in all (checkpointed; resume later)")
-    p.add_argument("--rtol", type=float, default=DEFAULTS["rtol"],
+    p.add_argument("--rtol", type=float, default=_D.rtol,
                    help="largest relative torch vs onnxruntime error accepted before training "
                         "(default %(default)g; deep nets on real data may need 1e-4)")
     p.add_argument("--threads", type=int, metavar="N",
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise InputError("qat needs torch: pip install 'onnxrep[qat]'") from None
     from onnxrep.data.readers import load_data
-    from onnxrep.qat.train import Distill, QATConfig, is_main_process, qat_with_details
+    from onnxrep.qat.train import is_main_process, qat_with_details
 
     if args.resume and not args.checkpoint:
         raise InputError("--resume needs --checkpoint DIR")

@@ -43,13 +43,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch (default 32)")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
                    help="per-output-channel weight scales (default: per-tensor)")
-    p.add_argument("--method", choices=METHODS, default=_D.method,
+    p.add_argument("--method", choices=METHODS, default=_D.method.value,
                    help="calibration method (default %(default)s)")
     p.add_argument("--percentile", type=float, default=_D.percentile,
                    help="for --method percentile: share of |x| kept (default %(default)s)")
-    p.add_argument("--activation-type", choices=ACTIVATION_TYPES, default=_D.activation_type,
+    p.add_argument("--activation-type", choices=ACTIVATION_TYPES, default=_D.activation_type.value,
                    help="default %(default)s")
-    p.add_argument("--weight-type", choices=WEIGHT_TYPES, default=_D.weight_type,
+    p.add_argument("--weight-type", choices=WEIGHT_TYPES, default=_D.weight_type.value,
                    help="default %(default)s")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="run onnxrep's equivalence-preserving passes first (default on)")
@@ -75,6 +75,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis-samples", type=int, default=_D.analysis_samples, metavar="N",
                    help="calibration samples used by --report, --exclude auto, --max-drop and "
                         "bias correction (default %(default)s)")
+    p.add_argument("--rtol", type=float, default=OptimizeConfig.rtol,
+                   help="largest relative output error accepted from the FP32 passes before "
+                        "quantization (default %(default)g)")
     add_input_shape(p)
     add_reporting(p)
 
@@ -125,7 +128,7 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
             auto = int(k)
         else:
             names.append(item)
-    passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape))
+    passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape), rtol=args.rtol)
     try:
         return QuantizeConfig(per_channel=args.per_channel, method=args.method,
                               activation_type=args.activation_type, weight_type=args.weight_type,
@@ -142,7 +145,8 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
 def summary(result: Quantized, src, out) -> str:
     c, cal = result.config, result.calibration
     lines = [f"quantized {src} -> {out}: {'per-channel' if c.per_channel else 'per-tensor'}, "
-             f"{c.method}, {c.activation_type} activations / {c.weight_type} weights, "
+             f"{c.method.value}, {c.activation_type.value} activations / "
+             f"{c.weight_type.value} weights, "
              f"{len(quantized_nodes(result.model))} nodes quantized, "
              f"{len(result.excluded)} kept in FP32"
              + (f" ({', '.join(result.excluded)})" if result.excluded else "")

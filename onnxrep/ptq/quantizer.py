@@ -26,6 +26,7 @@ output quantization, so onnxruntime fuses DQ -> Conv -> Q into an integer QLinea
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect
 import logging
 import math
@@ -48,7 +49,22 @@ from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.progress import Progress, log
 from onnxrep.ptq import bias_correction, sensitivity
 
-METHODS = ("minmax", "entropy", "percentile")
+class Method(str, enum.Enum):
+    """Calibration method: onnxruntime's MinMax, Entropy and Percentile."""
+
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
+
+class QType(str, enum.Enum):
+    """8-bit integer type of activations or weights."""
+
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+
+METHODS = tuple(m.value for m in Method)
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
 # Weight layers, the activations folded into them, and the shape/pool ops between them that
@@ -78,9 +94,9 @@ class QuantizeConfig:
     """
 
     per_channel: bool = False
-    method: str = "minmax"
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
+    method: Method = Method.MINMAX
+    activation_type: QType = QType.UINT8
+    weight_type: QType = QType.INT8
     optimize: bool = True
     passes: OptimizeConfig = field(default_factory=OptimizeConfig)
     exclude: tuple[str, ...] = ()
@@ -98,12 +114,13 @@ class QuantizeConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "op_types", tuple(self.op_types))
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.activation_type not in ACTIVATION_TYPES:
-            problems.append(f"activation_type must be uint8 or int8, not {self.activation_type!r}")
-        if self.weight_type not in WEIGHT_TYPES:
-            problems.append(f"weight_type must be int8 or uint8, not {self.weight_type!r}")
+        for name, kind in (("method", Method), ("activation_type", QType),
+                           ("weight_type", QType)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                problems.append(f"{name} must be one of {', '.join(k.value for k in kind)}, "
+                                f"not {getattr(self, name)!r}")
         if self.auto_exclude < 0 or self.max_auto_exclude < 0:
             problems.append("auto_exclude and max_auto_exclude must be >= 0")
         if self.max_drop is not None and not (math.isfinite(self.max_drop)
@@ -141,8 +158,8 @@ class Quantized:
     excluded: tuple[str, ...]
     notes: list[str]
     calibration: CalibrationInfo
-    bias: object | None = None  # bias_correction.BiasCorrection
-    report: object | None = None  # sensitivity.LayerReport
+    bias: bias_correction.BiasCorrection | None = None
+    report: sensitivity.LayerReport | None = None
     exclusion_trials: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -351,7 +368,7 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
     start = time.monotonic()
     path = tmp / "calibrate.onnx"
     write_to(model, path)
-    extra = {"percentile": config.percentile} if config.method == "percentile" else {}
+    extra = {"percentile": config.percentile} if config.method is Method.PERCENTILE else {}
     with quiet_onnxruntime():
         calibrator = create_calibrator(path, list(config.op_types),
                                        augmented_model_path=str(tmp / "augmented.onnx"),
@@ -362,7 +379,7 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
     kept_rows = samples = batches = 0
     total = (math.ceil(dataset.num_samples / dataset.batch_size)
              if dataset.num_samples else None)
-    with Progress(total, f"calibrating ({config.method})") as bar:
+    with Progress(total, f"calibrating ({config.method.value})") as bar:
         for chunk in _chunks(dataset.batches(), config.calibration_chunk):
             for feeds in chunk:
                 rows = _rows(feeds)
@@ -381,7 +398,7 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
     with quiet_onnxruntime():
         ranges = calibrator.compute_data()
     _check_ranges(ranges)
-    info = CalibrationInfo(config.method, samples, batches, len(ranges.keys()),
+    info = CalibrationInfo(config.method.value, samples, batches, len(ranges.keys()),
                            time.monotonic() - start)
     return ranges, info, kept
 
@@ -428,17 +445,17 @@ class _ListReader:
         return next(self._it, None)
 
 
-def _ort_method(method: str):
+def _ort_method(method: Method):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]
+    return {Method.MINMAX: CalibrationMethod.MinMax, Method.ENTROPY: CalibrationMethod.Entropy,
+            Method.PERCENTILE: CalibrationMethod.Percentile}[method]
 
 
-def _ort_type(name: str):
+def _ort_type(qtype: QType):
     from onnxruntime.quantization import QuantType
 
-    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+    return {QType.UINT8: QuantType.QUInt8, QType.INT8: QuantType.QInt8}[qtype]
 
 
 @contextlib.contextmanager

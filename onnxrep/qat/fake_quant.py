@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from onnxrep.passes.base import Skip
+from onnxrep.qat.config import FakeQuantConfig
 from onnxrep.qat.convert import BatchNorm, Conv, ConvTranspose, GraphModule, Op, WeightLayer
 
 ACT_QMIN, ACT_QMAX = 0, 255
@@ -47,25 +48,6 @@ WEIGHT_QMAX = 127
 REDUCED_WEIGHT_QMAX = 63
 INT32_MAX = 2**31 - 1
 FUSED_ACTIVATIONS = ("Relu", "Clip")
-
-
-@dataclass(frozen=True)
-class FakeQuantConfig:
-    """``per_channel``: one weight scale per output channel (else per tensor);
-    ``reduce_range``: 7-bit weights [-63, 63] (see the module docstring);
-    ``averaging_constant``: EMA weight of a training batch's activation min/max;
-    ``bn_momentum``: running-statistics momentum of fused BatchNorm in training."""
-
-    per_channel: bool = False
-    reduce_range: bool = False
-    averaging_constant: float = 0.01
-    bn_momentum: float = 0.1
-
-    def __post_init__(self):
-        if not 0 < self.averaging_constant <= 1:
-            raise ValueError(f"averaging_constant must be in (0, 1], not {self.averaging_constant}")
-        if not 0 <= self.bn_momentum <= 1:
-            raise ValueError(f"bn_momentum must be in [0, 1], not {self.bn_momentum}")
 
 
 class Mode(enum.Enum):

@@ -31,7 +31,6 @@ one does (up to float summation order). Rank 0 alone writes checkpoints.
 from __future__ import annotations
 
 import copy
-import enum
 import hashlib
 import itertools
 import math
@@ -55,74 +54,13 @@ from onnxrep.pipeline import OptimizeConfig, optimize
 from onnxrep.progress import Progress, log, set_quiet
 from onnxrep.qat import fake_quant
 from onnxrep.qat.export import export_qdq
-from onnxrep.qat.fake_quant import FakeQuantConfig, Mode, QuantPlan, prepare
+from onnxrep.qat.config import Distill, FakeQuantConfig, QATConfig
+from onnxrep.qat.fake_quant import Mode, QuantPlan, prepare
 from onnxrep.qat.convert import GraphModule, to_torch
 
 CHECKPOINT = "qat_checkpoint.pt"
 CHECKPOINT_VERSION = 1
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
-
-
-class Distill(enum.Enum):
-    KL = "kl"
-    MSE = "mse"
-
-
-@dataclass(frozen=True)
-class QATConfig:
-    """How to train.
-
-    ``lr``: peak learning rate (SGD, Nesterov momentum ``momentum``, cosine decay to 0).
-    ``per_channel``/``reduce_range``: weight quantization (:class:`FakeQuantConfig`).
-    ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
-    statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
-    ``optimize``: :func:`onnxrep.optimize.optimize` first. ``calib_samples``: training samples used for calibration when no
-    calibration data is given. ``distill``: distillation loss without labels (None: KL for
-    [N, K] outputs, MSE otherwise). ``checkpoint_every``: also checkpoint every N steps (0:
-    only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
-    written; the learning-rate schedule still spans all epochs). ``rtol``: torch vs onnxruntime
-    tolerance of the conversion check.
-    """
-
-    epochs: int = 1
-    lr: float = 1e-2
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    per_channel: bool = False
-    reduce_range: bool = False
-    restore_bn: bool = True
-    optimize: bool = True
-    freeze_bn_after: int | None = None
-    calib_samples: int = 512
-    distill: Distill | None = None
-    averaging_constant: float = 0.01
-    bn_momentum: float = 0.1
-    seed: int = 0
-    checkpoint_dir: str | os.PathLike | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    max_steps: int | None = None
-    rtol: float = 1e-5
-
-    def __post_init__(self):
-        problems = []
-        if self.epochs < 1 or self.batch_size < 1 or self.calib_samples < 1:
-            problems.append("epochs, batch_size and calib_samples must be >= 1")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr must be positive, not {self.lr}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            problems.append("momentum must be in [0, 1) and weight_decay >= 0")
-        if self.freeze_bn_after is not None and self.freeze_bn_after < 0:
-            problems.append("freeze_bn_after must be >= 0")
-        if self.checkpoint_every < 0 or (self.max_steps is not None and self.max_steps < 1):
-            problems.append("checkpoint_every must be >= 0 and max_steps >= 1")
-        if self.resume and self.checkpoint_dir is None:
-            problems.append("resume needs a checkpoint directory")
-        if problems:
-            raise ValueError("; ".join(problems))
-        FakeQuantConfig(self.per_channel, self.reduce_range, self.averaging_constant,
-                        self.bn_momentum)
 
 
 @dataclass(frozen=True)
@@ -279,10 +217,7 @@ def _check_deployment(qdq: onnx.ModelProto, net: GraphModule, feeds) -> verify.C
 def _fingerprint(model: onnx.ModelProto, config: QATConfig) -> str:
     """What a checkpoint must match to be resumed: the prepared model and the training setup."""
     h = hashlib.sha256(model.SerializeToString(deterministic=True))
-    keys = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "per_channel",
-            "reduce_range",
-            "freeze_bn_after", "distill", "averaging_constant", "bn_momentum", "seed")
-    h.update(repr([getattr(config, k) for k in keys]).encode())
+    h.update(repr(sorted(config.fingerprint_fields().items())).encode())
     return h.hexdigest()
 
 

@@ -1,0 +1,101 @@
+"""What QAT is asked to do: plain dataclasses, importable without torch (``--help`` and
+config validation need no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FakeQuantConfig:
+    """``per_channel``: one weight scale per output channel (else per tensor);
+    ``reduce_range``: 7-bit weights [-63, 63] (see the module docstring);
+    ``averaging_constant``: EMA weight of a training batch's activation min/max;
+    ``bn_momentum``: running-statistics momentum of fused BatchNorm in training."""
+
+    per_channel: bool = False
+    reduce_range: bool = False
+    averaging_constant: float = 0.01
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        if not 0 < self.averaging_constant <= 1:
+            raise ValueError(f"averaging_constant must be in (0, 1], not {self.averaging_constant}")
+        if not 0 <= self.bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must be in [0, 1], not {self.bn_momentum}")
+
+
+class Distill(enum.Enum):
+    KL = "kl"
+    MSE = "mse"
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How to train.
+
+    ``lr``: peak learning rate (SGD, Nesterov momentum ``momentum``, cosine decay to 0).
+    ``per_channel``/``reduce_range``: weight quantization (:class:`FakeQuantConfig`).
+    ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
+    statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
+    ``optimize``: :func:`onnxrep.optimize` first. ``calib_samples``: training samples used for calibration when no
+    calibration data is given. ``distill``: distillation loss without labels (None: KL for
+    [N, K] outputs, MSE otherwise). ``checkpoint_every``: also checkpoint every N steps (0:
+    only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
+    written; the learning-rate schedule still spans all epochs). ``rtol``: torch vs onnxruntime
+    tolerance of the conversion check.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-2
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    per_channel: bool = False
+    reduce_range: bool = False
+    restore_bn: bool = True
+    optimize: bool = True
+    freeze_bn_after: int | None = None
+    calib_samples: int = 512
+    distill: Distill | None = None
+    averaging_constant: float = 0.01
+    bn_momentum: float = 0.1
+    seed: int = 0
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    max_steps: int | None = None
+    rtol: float = 1e-5
+
+    def __post_init__(self):
+        problems = []
+        if self.epochs < 1 or self.batch_size < 1 or self.calib_samples < 1:
+            problems.append("epochs, batch_size and calib_samples must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be positive, not {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            problems.append("momentum must be in [0, 1) and weight_decay >= 0")
+        if self.freeze_bn_after is not None and self.freeze_bn_after < 0:
+            problems.append("freeze_bn_after must be >= 0")
+        if self.checkpoint_every < 0 or (self.max_steps is not None and self.max_steps < 1):
+            problems.append("checkpoint_every must be >= 0 and max_steps >= 1")
+        if self.resume and self.checkpoint_dir is None:
+            problems.append("resume needs a checkpoint directory")
+        if problems:
+            raise ValueError("; ".join(problems))
+        FakeQuantConfig(self.per_channel, self.reduce_range, self.averaging_constant,
+                        self.bn_momentum)
+
+    def fingerprint_fields(self) -> dict:
+        """The fields a resumed checkpoint must match: every field but where and how often
+        checkpoints go, whether to resume, where to stop and the conversion check's tolerance,
+        so a new field invalidates old checkpoints by itself."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in _NOT_FINGERPRINTED}
+
+
+_NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "resume", "max_steps", "rtol")
