@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnxrep.analysis.statistics import Statistics
-from onnxrep.ir.graph import GraphIndex, attr, set_attr
+from onnxrep.ir.graph import GraphIndex, attr, is_onnx
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
-from onnxrep.passes.fold_affine import write_const_input
+from onnxrep.ir.layers import add_to_bias, flatten_features, in_channels, padding
 from onnxrep.ir.shapes import infer_shapes
 
 SHIFT_OPS = {"MaxPool", "GlobalMaxPool", "GlobalAveragePool", "Identity", "Dropout"}
@@ -54,7 +54,7 @@ class AbsorbHighBias(Pass):
         changes, skips = [], []
         absorbed = 0
         for i, node in enumerate(model.graph.node):
-            if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in ("Conv", "Gemm") or not is_onnx(node):
                 continue
             label = index.labels[i]
             found = _follow(index, i)
@@ -75,7 +75,7 @@ class AbsorbHighBias(Pass):
             if not c.any():
                 skips.append(Skip(label, "no channel stays positive over the data"))
                 continue
-            _shift_bias(index, i, -c)
+            add_to_bias(index, index.node(i), -c)
             _compensate(index, second, c, features)
             absorbed += int((c > 0).sum())
             changes.append(Change("absorbed", (label, index.labels[second]),
@@ -122,12 +122,7 @@ def _features(index: GraphIndex, first: int, shapes: dict) -> int | None:
     while True:
         node = index.node(index.readers(tensor)[0])
         if node.op_type in ("Flatten", "Reshape"):
-            src, dst = shapes.get(tensor), shapes.get(node.output[0])
-            if (src is None or len(src) < 2 or any(d is None for d in src[1:]) or dst is None
-                    or len(dst) != 2 or (node.op_type == "Flatten" and attr(node, "axis", 1) != 1)):
-                return None
-            hw = int(np.prod(src[2:], dtype=np.int64))
-            return hw if dst[1] == src[1] * hw else None
+            return flatten_features(node, tensor, shapes)[0]
         tensor = node.output[0]
 
 
@@ -152,15 +147,12 @@ def _problem(index: GraphIndex, first: int, second: int, stats: Statistics,
         return f"{label2}: {problem}"
     w2 = index.const(n2.input[1])
     if n2.op_type == "Conv":
-        pads = attr(n2, "pads", None)
-        auto = attr(n2, "auto_pad", b"NOTSET")
-        if (pads is not None and any(pads)) or auto not in (b"NOTSET", b"VALID"):
-            what = f"pads {list(pads)}" if pads is not None and any(pads) else \
-                f"auto_pad {auto.decode()}"
+        what = padding(n2)
+        if what:
             return (f"{label2} pads its input ({what}): border pixels would read 0 instead of "
-                    "-c and change (AIMET ignores this and is wrong on border pixels)")
-        if w2.shape[1] * int(attr(n2, "group", 1)) != stats[z].channels:
-            return f"{label2} reads {w2.shape[1] * int(attr(n2, 'group', 1))} channels, " \
+                    "-c and change")
+        if in_channels(n2, w2.shape) != stats[z].channels:
+            return f"{label2} reads {in_channels(n2, w2.shape)} channels, " \
                    f"not {stats[z].channels}"
         return None
     if attr(n2, "transA", 0):
@@ -186,18 +178,6 @@ def _bias_problem(index: GraphIndex, node: onnx.NodeProto) -> str | None:
     return None
 
 
-def _shift_bias(index: GraphIndex, i: int, delta: np.ndarray) -> None:
-    """Add ``delta`` (one value per output channel) to the layer's bias (beta folded in)."""
-    node = index.node(i)
-    b = np.zeros(delta.size)
-    if len(node.input) > 2 and node.input[2]:
-        b = np.broadcast_to(index.const(node.input[2]).astype(np.float64).reshape(-1), delta.shape)
-    if node.op_type == "Gemm":
-        b = b * float(attr(node, "beta", 1.0))
-        set_attr(node, "beta", 1.0)
-    write_const_input(index, node, 2, b + delta, f"{node.output[0]}_bias")
-
-
 def _compensate(index: GraphIndex, second: int, c: np.ndarray, features: int) -> None:
     node = index.node(second)
     w = index.const(node.input[1]).astype(np.float64)
@@ -209,4 +189,4 @@ def _compensate(index: GraphIndex, second: int, c: np.ndarray, features: int) ->
     else:
         wk = w.T if attr(node, "transB", 0) else w  # [K, N]
         delta = float(attr(node, "alpha", 1.0)) * (np.repeat(c, features) @ wk)
-    _shift_bias(index, second, delta)
+    add_to_bias(index, node, delta)

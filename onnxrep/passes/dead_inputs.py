@@ -41,9 +41,9 @@ import numpy as np
 import onnx
 
 from onnxrep.analysis.statistics import Statistics
-from onnxrep.ir.graph import GraphIndex, attr, set_attr
+from onnxrep.ir.graph import GraphIndex, attr, is_onnx
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
-from onnxrep.passes.fold_affine import write_const_input
+from onnxrep.ir.layers import add_to_bias, flatten_features, in_channels, padding
 from onnxrep.ir.shapes import infer_shapes
 
 # ops that map a zero channel to a zero channel at the same position
@@ -189,7 +189,7 @@ def _constant_output(lo: np.ndarray, hi: np.ndarray, cap: float) -> np.ndarray:
 def zero_below(index: GraphIndex, node: onnx.NodeProto) -> bool:
     """True for activations that output exactly 0 wherever their input is <= 0: Relu, and
     Clip with a constant lower bound of 0 (ReLU6)."""
-    if node.domain not in ("", "ai.onnx") or not node.input:
+    if not is_onnx(node) or not node.input:
         return False
     if node.op_type == "Relu":
         return True
@@ -214,11 +214,7 @@ class Consumer:
 
     def channels(self, index: GraphIndex) -> int:
         node = index.node(self.node)
-        shape = index.const_info(node.input[1])[1]
-        if node.op_type == "Conv":
-            return shape[1] * int(attr(node, "group", 1))
-        transposed = node.op_type == "Gemm" and attr(node, "transB", 0)
-        return (shape[1] if transposed else shape[0]) // self.features
+        return in_channels(node, index.const_info(node.input[1])[1]) // self.features
 
     def fold(self, index: GraphIndex, mask: np.ndarray, values: np.ndarray) -> float:
         """Zero the weight slice reading the ``mask`` channels, adding their constant
@@ -251,19 +247,8 @@ class Consumer:
         if removed > 0:
             index.set_const(node.input[1], w)
         if np.any(delta != 0):
-            _add_to_bias(index, node, delta)
+            add_to_bias(index, node, delta)
         return removed
-
-
-def _add_to_bias(index: GraphIndex, node: onnx.NodeProto, delta: np.ndarray) -> None:
-    b = np.zeros(delta.size)
-    if len(node.input) > 2 and node.input[2]:
-        b = np.broadcast_to(index.const(node.input[2]).astype(np.float64).reshape(-1),
-                            delta.shape)
-    if node.op_type == "Gemm":
-        b = b * float(attr(node, "beta", 1.0))
-        set_attr(node, "beta", 1.0)
-    write_const_input(index, node, 2, b + delta, f"{node.output[0]}_bias")
 
 
 def _plan(index: GraphIndex, tensor: str, shapes: dict, const: Constant
@@ -311,7 +296,7 @@ def zero_consumers(index: GraphIndex, tensor: str, shapes: dict, strict: bool = 
         for r in index.readers(t):
             node = index.node(r)
             label = f"{node.op_type} '{index.labels[r]}'"
-            if node.domain not in ("", "ai.onnx"):
+            if not is_onnx(node):
                 continue
             if node.op_type in WEIGHT_OPS:
                 problem = _consumer_problem(index, r, t, flat, shapes, strict)
@@ -320,7 +305,7 @@ def zero_consumers(index: GraphIndex, tensor: str, shapes: dict, strict: bool = 
                 else:
                     found[r] = Consumer(r, features)
             elif node.op_type in ("Flatten", "Reshape") and not flat:
-                hw = _flatten_features(node, t, shapes)
+                hw, _ = flatten_features(node, t, shapes)
                 if hw is not None:
                     stack.append((node.output[0], hw, True))
             elif (node.op_type in keeping and (not flat or node.op_type in FLAT_OPS)
@@ -350,18 +335,6 @@ def _keeps(index: GraphIndex, node: onnx.NodeProto, strict: bool) -> bool:
     return True
 
 
-def _flatten_features(node: onnx.NodeProto, tensor: str, shapes: dict) -> int | None:
-    src, dst = shapes.get(tensor), shapes.get(node.output[0])
-    if src is None or len(src) < 2 or any(d is None for d in src[1:]):
-        return None
-    if node.op_type == "Flatten" and attr(node, "axis", 1) != 1:
-        return None
-    hw = int(np.prod(src[2:], dtype=np.int64))
-    if dst is None or len(dst) != 2 or dst[1] != src[1] * hw:
-        return None
-    return hw
-
-
 def _consumer_problem(index: GraphIndex, i: int, tensor: str, flat: bool, shapes: dict,
                       strict: bool) -> str | None:
     node = index.node(i)
@@ -388,9 +361,7 @@ def _consumer_problem(index: GraphIndex, i: int, tensor: str, flat: bool, shapes
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias is not None and (not index.is_const(bias) or index.shared(bias)):
         return "constant channels need a bias of its own to fold into"
-    pads = attr(node, "pads", None) if node.op_type == "Conv" else None
-    if node.op_type == "Conv" and ((pads is not None and any(pads)) or attr(
-            node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")):
+    if node.op_type == "Conv" and padding(node):
         return "pads its input: a constant channel would read 0 at the border, so it is kept"
     return None
 
@@ -420,7 +391,7 @@ def propagate_intervals(model: onnx.ModelProto, inputs: dict[str, Interval],
     shapes = shapes if shapes is not None else infer_shapes(model)
     known = dict(inputs)
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or not node.output or not node.input:
+        if not is_onnx(node) or not node.output or not node.input:
             continue
         rule = _RULES.get(node.op_type)
         if rule is None or node.input[0] not in known:
@@ -462,9 +433,7 @@ def _conv(node, x, index, known, shapes) -> Interval | None:
     w = w.astype(np.float64)
     g = int(attr(node, "group", 1))
     cout, cin_g = w.shape[0], w.shape[1]
-    pads = attr(node, "pads", None)
-    if attr(node, "auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER") or (
-            pads is not None and any(pads)):
+    if padding(node):
         x = x.widen_to_zero()  # border taps read the zero padding
     x = x.sized(cin_g * g)
     taps_pos = np.maximum(w, 0).reshape(cout, cin_g, -1).sum(axis=2)
@@ -561,7 +530,7 @@ def _pad(node, x, index, known, shapes):
 
 
 def _flatten(node, x, index, known, shapes):
-    hw = _flatten_features(node, node.input[0], shapes)
+    hw, _ = flatten_features(node, node.input[0], shapes)
     c = shapes.get(node.input[0], (None, None))[1]
     if hw is None or c is None:
         return None

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxrep.ir.graph import GraphIndex, attr
+from onnxrep.ir.graph import GraphIndex, attr, is_onnx
+from onnxrep.ir.layers import flatten_features
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 from onnxrep.ir.shapes import infer_shapes
 
@@ -153,7 +154,7 @@ def find_pairs(model: onnx.ModelProto, index: GraphIndex | None = None
     finder = _ChainFinder(model, index)
     pairs, skips = [], []
     for i, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm"):
+        if not is_onnx(node) or node.op_type not in ("Conv", "Gemm"):
             continue
         reason = _first_layer_problem(index, i)
         if reason is None:
@@ -226,7 +227,7 @@ class _ChainFinder:
             nxt = readers[0]
             node = index.node(nxt)
             label = f"{node.op_type} '{index.labels[nxt]}'"
-            if node.domain not in ("", "ai.onnx"):
+            if not is_onnx(node):
                 return f"{label} is a custom-domain op"
             if node.op_type in ("Conv", "Gemm", "MatMul"):
                 problem = self._second_layer_problem(first, nxt, tensor, features)
@@ -268,16 +269,7 @@ class _ChainFinder:
     def _flatten(self, first: int, node: onnx.NodeProto, tensor: str) -> tuple[int | None, str | None]:
         if self.index.node(first).op_type != "Conv":
             return None, "reshapes a 2-D feature tensor"
-        shapes = self.shapes()
-        src, dst = shapes.get(tensor), shapes.get(node.output[0])
-        if src is None or len(src) < 3 or any(d is None for d in src[1:]):
-            return None, "input shape is not statically known"
-        hw = int(np.prod(src[2:]))
-        if node.op_type == "Flatten" and attr(node, "axis", 1) != 1:
-            return None, "Flatten axis is not 1"
-        if dst is None or len(dst) != 2 or dst[1] != src[1] * hw:
-            return None, "output is not [batch, channels * spatial]"
-        return hw, None
+        return flatten_features(node, tensor, self.shapes())
 
     def _second_layer_problem(self, first: int, second: int, tensor: str,
                               features: int | None) -> str | None:

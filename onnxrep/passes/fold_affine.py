@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from onnxrep.ir.graph import GraphIndex, attr, set_attr, unique_name
+from onnxrep.ir.graph import GraphIndex, attr, is_onnx, set_attr
+from onnxrep.ir.layers import out_channels, write_const_input
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -57,7 +57,7 @@ class FoldAffine(Pass):
             index = GraphIndex(graph)
             skips, folded = [], []
             for i, node in enumerate(graph.node):
-                if node.op_type not in self.ops or node.domain not in ("", "ai.onnx"):
+                if node.op_type not in self.ops or not is_onnx(node):
                     continue
                 plan = _plan(index, i)
                 if isinstance(plan, str):
@@ -142,7 +142,7 @@ def _layer(index: GraphIndex, y: str) -> tuple[int, int, int] | str:
     layer = index.producer[y]
     lnode = index.node(layer)
     label = _label(index, layer)
-    if lnode.op_type not in FOLDABLE or lnode.domain not in ("", "ai.onnx"):
+    if lnode.op_type not in FOLDABLE or not is_onnx(lnode):
         return f"its input comes from {label}, not a Conv, ConvTranspose or Gemm"
     if y in index.graph_outputs:
         return f"the output of {label} is also a graph output"
@@ -160,7 +160,7 @@ def _layer(index: GraphIndex, y: str) -> tuple[int, int, int] | str:
     dtype, shape = index.const_info(lnode.input[1])
     if not np.issubdtype(dtype, np.floating):
         return f"the weight of {label} is not float ({dtype})"
-    channels = _out_channels(lnode, shape)
+    channels = out_channels(lnode, shape)
     if channels is None:
         return f"{label} has an unsupported weight layout"
     if lnode.op_type == "Gemm" and bias is not None:
@@ -174,16 +174,6 @@ def _layer(index: GraphIndex, y: str) -> tuple[int, int, int] | str:
 
 def _label(index: GraphIndex, layer: int) -> str:
     return f"{index.node(layer).op_type} '{index.labels[layer]}'"
-
-
-def _out_channels(node: onnx.NodeProto, shape: tuple) -> int | None:
-    if node.op_type == "Conv":
-        return shape[0]
-    if node.op_type == "ConvTranspose":
-        return shape[1] * int(attr(node, "group", 1))
-    if len(shape) != 2:
-        return None
-    return shape[0] if attr(node, "transB", 0) else shape[1]
 
 
 def _bn_affine(index: GraphIndex, bn: onnx.NodeProto, layer: int, channels: int):
@@ -245,32 +235,6 @@ def scale_outputs(node: onnx.NodeProto, w: np.ndarray, t: np.ndarray) -> np.ndar
         factor = t.reshape((g, 1, cout_g) + (1,) * (w.ndim - 2))
         return (grouped * factor).reshape(w.shape)
     return w * (t[:, None] if attr(node, "transB", 0) else t[None, :])  # Gemm
-
-
-def write_const_input(index: GraphIndex, node: onnx.NodeProto, slot: int, value: np.ndarray,
-                      base: str) -> None:
-    """Make ``node.input[slot]`` the constant ``value`` (in the layer weight's dtype): in place
-    when a constant with as many elements is there, else as a new initializer (a replaced one
-    is dropped when nothing else reads it)."""
-    old = node.input[slot] if len(node.input) > slot else ""
-    info = index.const_info(old) if old else None
-    if info is not None and int(np.prod(info[1], dtype=np.int64)) == value.size:
-        index.set_const(old, value.reshape(info[1]))
-        return
-    dtype = info[0] if info is not None else index.const_info(node.input[1])[0]
-    name = unique_name(base, set(index.producer) | set(index.initializers) | index.graph_inputs)
-    tensor = numpy_helper.from_array(np.asarray(value).astype(dtype), name)
-    index.graph.initializer.append(tensor)
-    index.initializers[name] = index.graph.initializer[-1]
-    if old in index.initializers and len(index.readers(old)) == 1:
-        for k, t in enumerate(index.graph.initializer):
-            if t.name == old:
-                del index.graph.initializer[k]
-                break
-        del index.initializers[old]
-    while len(node.input) <= slot:
-        node.input.append("")
-    node.input[slot] = name
 
 
 def remove_unused_constants(graph: onnx.GraphProto) -> int:

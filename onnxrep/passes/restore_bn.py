@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from onnxrep.analysis.statistics import Statistics
 from onnxrep.errors import InputError
-from onnxrep.ir.graph import GraphIndex, unique_name
+from onnxrep.ir.graph import GraphIndex, unique_name, is_onnx
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
 
@@ -85,7 +85,7 @@ def select_convs(model: onnx.ModelProto, layers: list[str] | None,
     """Node indices of the named Convs, or of every Conv when ``layers`` is None."""
     index = index or GraphIndex(model.graph)
     convs = [i for i, n in enumerate(model.graph.node)
-             if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]
+             if n.op_type == "Conv" and is_onnx(n)]
     if layers is None:
         return convs
     by_label = {index.labels[i]: i for i in range(len(model.graph.node))}

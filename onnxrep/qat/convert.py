@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxrep.errors import UnsupportedModelError
-from onnxrep.ir.graph import GraphIndex, attr, node_label
+from onnxrep.ir.graph import GraphIndex, attr, node_label, is_onnx
 from onnxrep.ir.model import opset_version
 
 _DTYPES = {
@@ -284,14 +284,14 @@ def to_torch(model: onnx.ModelProto) -> GraphModule:
     for i in order:
         node = graph.node[i]
         label = node_label(node, i)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Constant" and is_onnx(node):
             continue
         module = _weight_module(node, i, label, index)
         if module is not None:
             owned.update(module.onnx_names.values())
             steps.append((module, (node.input[0],), tuple(node.output)))
             continue
-        build = _OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        build = _OPS.get(node.op_type) if is_onnx(node) else None
         if build is None:
             missing[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"] += 1
             continue
@@ -363,7 +363,7 @@ def _weight_module(node: onnx.NodeProto, i: int, label: str, index: GraphIndex):
     """A WeightLayer / BatchNorm for nodes whose parameters are constants owned by the node
     alone; None when the node must run as a plain op."""
     op = node.op_type
-    if node.domain not in ("", "ai.onnx") or op not in ("Conv", "ConvTranspose", "Gemm",
+    if not is_onnx(node) or op not in ("Conv", "ConvTranspose", "Gemm",
                                                          "MatMul", "BatchNormalization"):
         return None
     params = list(node.input[1:])
