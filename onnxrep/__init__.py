@@ -20,8 +20,8 @@ from onnxrep.pipeline import OptimizeConfig, optimize, optimize_with_details, re
 from onnxrep.ptq.quantizer import QuantizeConfig, quantize, quantize_with_details
 from onnxrep.verify import compare
 
-_LAZY = {"qat": "onnxrep.qat.train", "qat_with_details": "onnxrep.qat.train",
-         "QATConfig": "onnxrep.qat.train"}
+_LAZY = {"qat": "onnxrep.training.train", "qat_with_details": "onnxrep.training.train",
+         "QATConfig": "onnxrep.training.train"}
 
 __all__ = [
     "AbsorbHighBias", "ChannelStats", "DataError", "Dataset", "EqualizeConfig",

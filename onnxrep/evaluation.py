@@ -29,6 +29,7 @@ from onnxrep.errors import DataError, InputError
 from onnxrep.ir.model import load
 from onnxrep.progress import Progress
 from onnxrep.verify import ModelLike, OutputMetrics, output_bounds, run, session
+from onnxrep.verify.streaming import Fidelity
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def evaluate(model: ModelLike, data, *, reference: ModelLike | None = None,
     outputs = [o.name for o in sess.get_outputs()]
     ref_sess, bounds = (_reference_session(reference, sess) if reference is not None
                         else (None, {}))
-    fidelity = ({name: _Fidelity(bounds.get(name, 0.0)) for name in outputs}
+    fidelity = ({name: Fidelity(bounds.get(name, 0.0)) for name in outputs}
                 if ref_sess is not None else None)
     scorer = _TopK(dataset.labels, top_k) if dataset.labels is not None else None
     done, seconds = 0, 0.0
@@ -160,44 +161,3 @@ class _TopK:
 
     def result(self) -> dict[int, float]:
         return {k: v / self.samples for k, v in (self.hits or {}).items()} if self.samples else {}
-
-
-class _Fidelity:
-    """Running sums behind verify.metrics' definitions, over all batches of one output."""
-
-    def __init__(self, bound: float = 0.0):
-        self.bound = bound
-        self.max_abs = self.ref_max = self.noise = self.signal = self.dot = self.cand_sq = 0.0
-        self.agree = self.rows = 0
-        self.classifier = True
-
-    def update(self, reference: np.ndarray, candidate: np.ndarray, name: str) -> None:
-        ref = np.asarray(reference, np.float64)
-        cand = np.asarray(candidate, np.float64)
-        if ref.shape != cand.shape:
-            raise InputError(f"output '{name}' has shape {cand.shape} in the model but "
-                             f"{ref.shape} in the reference")
-        diff = ref - cand
-        self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
-        self.ref_max = max(self.ref_max, float(np.abs(ref).max(initial=0.0)))
-        self.noise += float(np.vdot(diff, diff))
-        self.signal += float(np.vdot(ref, ref))
-        self.dot += float(np.vdot(ref, cand))
-        self.cand_sq += float(np.vdot(cand, cand))
-        self.classifier = self.classifier and ref.ndim == 2 and ref.shape[1] > 1
-        if self.classifier:
-            self.agree += int((ref.argmax(1) == cand.argmax(1)).sum())
-        self.rows += len(ref)
-
-    def result(self) -> OutputMetrics:
-        m = self.max_abs
-        scale = max(self.ref_max, self.bound)
-        rel = m / scale if scale > 0 else (0.0 if m == 0 else math.inf)
-        if self.noise == 0:
-            sqnr = math.inf
-        else:
-            sqnr = 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
-        norms = math.sqrt(self.signal) * math.sqrt(self.cand_sq)
-        cosine = self.dot / norms if norms > 0 else float(m == 0)
-        top1 = self.agree / self.rows if self.classifier and self.rows else None
-        return OutputMetrics(m, rel, sqnr, cosine, top1)

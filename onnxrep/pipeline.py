@@ -30,7 +30,6 @@ import numpy as np
 import onnx
 
 from onnxrep import verify
-from onnxrep import verify as verify_module
 from onnxrep.analysis.statistics import Statistics, collect_statistics
 from onnxrep.analysis.weights import WeightStats, weight_stats
 from onnxrep.data import as_dataset
@@ -42,6 +41,7 @@ from onnxrep.passes.dead_inputs import ZeroDeadInputs, input_bounds_from_stats, 
 from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
 from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.passes.restore_bn import RestoreBatchNorm, select_convs
+from onnxrep.verify.streaming import compare_on_data
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,7 @@ def restore_bn_with_details(model: onnx.ModelProto, calib, layers: list[str] | N
     result = RestoreBatchNorm(stats, layers, eps)(work)
     comparison = None
     if verify:
-        comparison = verify_module.compare_on_data(model, work, dataset, rtol=rtol,
-                                                   what="restore-bn")
+        comparison = compare_on_data(model, work, dataset, rtol=rtol, what="restore-bn")
     return Restored(work, result, stats, comparison)
 
 

@@ -1,20 +1,29 @@
-"""Progress on stderr: a one-line bar when stderr is a terminal, silent otherwise."""
+"""Progress on stderr: a one-line bar when stderr is a terminal, silent otherwise or inside
+``with quiet():`` (scoped: leaving the block restores what was there)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import time
+from typing import Iterator
 
-_quiet = False
+_QUIET = contextvars.ContextVar("onnxrep_quiet", default=False)
 
 
-def set_quiet(quiet: bool) -> None:
-    global _quiet
-    _quiet = quiet
+@contextlib.contextmanager
+def quiet(on: bool = True) -> Iterator[None]:
+    """No progress or log lines inside the block when ``on``."""
+    token = _QUIET.set(_QUIET.get() or on)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
 
 
 def enabled() -> bool:
-    return not _quiet and sys.stderr.isatty()
+    return not _QUIET.get() and sys.stderr.isatty()
 
 
 class Progress:

@@ -25,10 +25,10 @@ from graphs import Chain, conv_relu_conv, depthwise_chain, mobileone_like  # noq
 from onnxrep import verify  # noqa: E402
 from onnxrep.cli import main  # noqa: E402
 from onnxrep.errors import DataError, UnsupportedModelError  # noqa: E402
-from onnxrep.qat.export import export_qdq  # noqa: E402
-from onnxrep.qat.fake_quant import FakeQuantConfig, Mode, prepare  # noqa: E402
-from onnxrep.qat.train import QATConfig, qat, qat_with_details  # noqa: E402
-from onnxrep.qat.convert import to_torch, weights_to_onnx  # noqa: E402
+from onnxrep.training.export import export_qdq  # noqa: E402
+from onnxrep.training.fake_quant import FakeQuantConfig, Mode, prepare  # noqa: E402
+from onnxrep.training.train import QATConfig, qat, qat_with_details  # noqa: E402
+from onnxrep.training.convert import to_torch, weights_to_onnx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -339,7 +339,7 @@ def test_weight_codes_are_symmetric_int8_and_dequantize_to_the_trained_weights()
     codes, scale = inits[f"{w_name}_quantized"], inits[f"{w_name}_scale"]
     assert codes.dtype == np.int8 and codes.min() >= -127 and scale.shape == (8,)
     folded, _ = layer.folded()
-    from onnxrep.qat.fake_quant import fake_quant_weight
+    from onnxrep.training.fake_quant import fake_quant_weight
 
     expected = fake_quant_weight(folded.detach(), 0).numpy()
     np.testing.assert_array_equal(codes * scale[:, None, None, None], expected)
@@ -502,7 +502,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import numpy as np, onnx
 from test_qat import _conv_bn_relu, _tiny_data
-from onnxrep.qat.train import QATConfig, is_main_process, qat
+from onnxrep.training.train import QATConfig, is_main_process, qat
 model = qat(_conv_bn_relu(), _tiny_data(192), config=QATConfig(batch_size=32, calib_samples=64))
 if is_main_process():
     onnx.save(model, sys.argv[1])

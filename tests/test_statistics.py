@@ -11,7 +11,7 @@ from graphs import Chain, mobileone_like
 from onnxrep import verify
 from onnxrep.data.readers import load_data
 from onnxrep.analysis.statistics import (ChannelStats, Statistics, activation_ranges, collect_statistics, layer_outputs)
-from onnxrep.verify import compare_on_data
+from onnxrep.verify.streaming import compare_on_data
 from onnxrep.cli import main
 from onnxrep.errors import DataError, VerificationError
 

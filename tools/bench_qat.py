@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from onnxrep.qat.train import QATConfig, qat_with_details
+    from onnxrep.training.train import QATConfig, qat_with_details
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from onnxrep.errors import OnnxrepError, VerificationError
-from onnxrep.progress import set_quiet
+from onnxrep.progress import quiet
 
 SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "qat"]
 
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_quiet(getattr(args, "quiet", False) or getattr(args, "json", False))
     try:
-        return args.run(args) or 0
+        with quiet(getattr(args, "quiet", False) or getattr(args, "json", False)):
+            return args.run(args) or 0
     except OnnxrepError as exc:
         print(f"onnxrep {args.command}: error: {message(exc, _flags(parser, args.command))}",
               file=sys.stderr)

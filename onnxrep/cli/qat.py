@@ -27,7 +27,7 @@ from onnxrep.cli.common import add_output, add_reporting, emit_json, output_path
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.progress import log
-from onnxrep.qat.config import Distill, QATConfig
+from onnxrep.training.config import Distill, QATConfig
 from onnxrep.report import table
 
 _D = QATConfig()  # torch-free: --help and argument checks need no torch
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise InputError("qat needs torch: pip install 'onnxrep[qat]'") from None
     from onnxrep.data.readers import load_data
-    from onnxrep.qat.train import is_main_process, qat_with_details
+    from onnxrep.training.train import is_main_process, qat_with_details
 
     if args.resume and not args.checkpoint:
         raise InputError("--resume needs --checkpoint DIR")

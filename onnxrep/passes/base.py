@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import onnx
 
 from onnxrep import verify
+from onnxrep.verify.streaming import compare_on_data
 
 
 class Contract(enum.Enum):
@@ -135,7 +136,7 @@ class Verifier:
         on_data = None
         if self.dataset is not None and any(
                 p.contract is Contract.EQUIVALENT_ON_DATA for p in passes):
-            on_data = verify.compare_on_data(self.original, candidate, self.dataset,
+            on_data = compare_on_data(self.original, candidate, self.dataset,
                                              rtol=self.rtol, what=what)
         return comparison, on_data
 

@@ -242,18 +242,3 @@ def needed_tolerance(rel: float) -> float:
 
 def _fmt(shape) -> str:
     return "x".join(str(d) if d not in (None, "") else "?" for d in shape)
-
-
-def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
-                    rtol: float | None = None, what: str = "the pass") -> Comparison:
-    """Every output of both models (protos or paths) over all of ``data``
-    (:func:`onnxrep.evaluation.evaluate`'s accumulated fidelity, streamed batch by batch);
-    :class:`VerificationError` when ``rtol`` is given and exceeded."""
-    from onnxrep.data import as_dataset
-    from onnxrep.evaluation import evaluate
-
-    result = evaluate(candidate, as_dataset(data, reference), reference=reference, top_k=())
-    comparison = Comparison(result.fidelity)
-    if rtol is not None:
-        check(comparison, rtol, f"{what} (on {result.samples} calibration samples)")
-    return comparison

@@ -27,9 +27,10 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxrep.errors import UnsupportedModelError
+from onnxrep.ir.graph import unique_name
 from onnxrep.ir.model import opset_version
 from onnxrep.progress import log
-from onnxrep.qat.fake_quant import INT32_MAX, QuantLayer, QuantPlan
+from onnxrep.training.fake_quant import INT32_MAX, QuantLayer, QuantPlan
 from onnxrep.ir.shapes import infer_shapes
 
 
@@ -43,11 +44,7 @@ class _Builder:
         self.inits: list[onnx.TensorProto] = []
 
     def name(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
+        return unique_name(base, self.taken)
 
     def const(self, base: str, value: np.ndarray) -> str:
         name = self.name(base)

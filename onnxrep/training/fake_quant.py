@@ -1,4 +1,4 @@
-"""Fake quantization of a :class:`~onnxrep.qat.convert.GraphModule`, placed and
+"""Fake quantization of a :class:`~onnxrep.training.convert.GraphModule`, placed and
 computed as onnxruntime's QDQ format will run it after export.
 
 Numerics (the ones onnxruntime's quantizer uses; straight-through estimator for gradients):
@@ -32,16 +32,19 @@ export writes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from onnxrep.passes.base import Skip
-from onnxrep.qat.config import FakeQuantConfig
-from onnxrep.qat.convert import BatchNorm, Conv, ConvTranspose, GraphModule, Op, WeightLayer
+from onnxrep.training.config import FakeQuantConfig
+from onnxrep.training.convert import BatchNorm, Conv, ConvTranspose, GraphModule, Op, WeightLayer
 
 ACT_QMIN, ACT_QMAX = 0, 255
 WEIGHT_QMAX = 127
@@ -56,14 +59,18 @@ class Mode(enum.Enum):
     EVAL = "eval"  # fixed ranges, quantize
 
 
-_GROUP = None  # process group of the BN / range reductions (not DDP's gradient one)
+_GROUP = contextvars.ContextVar("onnxrep_qat_group", default=None)
 
 
-def use_process_group(group) -> None:
-    """Reduce BN statistics and activation ranges over ``group`` (set by the QAT flow under
-    torchrun: a group of its own, so these collectives never interleave with DDP's)."""
-    global _GROUP
-    _GROUP = group
+@contextlib.contextmanager
+def process_group(group) -> Iterator[None]:
+    """Reduce BN statistics and activation ranges over ``group`` inside the block (the QAT flow
+    under torchrun: a group of its own, so these collectives never interleave with DDP's)."""
+    token = _GROUP.set(group)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
 
 
 def _world() -> int:
@@ -93,7 +100,7 @@ class ActQuant(nn.Module):
         lo, hi = torch.aminmax(x)
         if _world() > 1:
             lo_hi = torch.stack([-lo, hi]).float()
-            dist.all_reduce(lo_hi, op=dist.ReduceOp.MAX, group=_GROUP)
+            dist.all_reduce(lo_hi, op=dist.ReduceOp.MAX, group=_GROUP.get())
             lo, hi = -lo_hi[0], lo_hi[1]
         if self.mode is Mode.CALIBRATE or not torch.isfinite(self.min_val):
             self.min_val.copy_(torch.minimum(self.min_val, lo))
@@ -255,7 +262,7 @@ def batch_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         var, mean = torch.var_mean(y, dims, correction=0)
         return mean, var, n_local
     count = torch.tensor([float(n_local)])
-    dist.all_reduce(count, group=_GROUP)
+    dist.all_reduce(count, group=_GROUP.get())
     n = int(count.item())
     mean = _AllReduceSum.apply(y.sum(dims)) / n
     centered = y - mean.reshape([1, -1] + [1] * (y.ndim - 2))
@@ -269,13 +276,13 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
-        dist.all_reduce(y, group=_GROUP)
+        dist.all_reduce(y, group=_GROUP.get())
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
-        dist.all_reduce(grad, group=_GROUP)
+        dist.all_reduce(grad, group=_GROUP.get())
         return grad
 
 

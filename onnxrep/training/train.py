@@ -51,12 +51,12 @@ from onnxrep.data.readers import Dataset, as_dataset, check_feeds, load_data
 from onnxrep.errors import DataError, InputError
 from onnxrep.ir.model import check_opset, opset_version
 from onnxrep.pipeline import OptimizeConfig, optimize
-from onnxrep.progress import Progress, log, set_quiet
-from onnxrep.qat import fake_quant
-from onnxrep.qat.export import export_qdq
-from onnxrep.qat.config import Distill, FakeQuantConfig, QATConfig
-from onnxrep.qat.fake_quant import Mode, QuantPlan, prepare
-from onnxrep.qat.convert import GraphModule, to_torch
+from onnxrep.progress import Progress, log, quiet
+from onnxrep.training import fake_quant
+from onnxrep.training.export import export_qdq
+from onnxrep.training.config import Distill, FakeQuantConfig, QATConfig
+from onnxrep.training.fake_quant import Mode, QuantPlan, prepare
+from onnxrep.training.convert import GraphModule, to_torch
 
 CHECKPOINT = "qat_checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -115,11 +115,12 @@ def qat_with_details(model: onnx.ModelProto, train_data, loss_fn: LossFn | None 
     config = config or QATConfig()
     check_opset(model)
     created = _init_distributed()
+    group = dist.new_group(backend="gloo") if _world() > 1 else None
     try:
-        return _qat(model, train_data, loss_fn, config, calib)
+        with fake_quant.process_group(group), quiet(_world() > 1 and _rank() != 0):
+            return _qat(model, train_data, loss_fn, config, calib)
     finally:
         if created:
-            fake_quant.use_process_group(None)
             dist.destroy_process_group()
 
 
@@ -386,10 +387,6 @@ def _init_distributed() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
         created = True
-    if _world() > 1:
-        fake_quant.use_process_group(dist.new_group(backend="gloo"))
-        if _rank() != 0:
-            set_quiet(True)
     return created
 
 

@@ -1,0 +1,87 @@
+"""Comparison of two models over all of a dataset, streamed batch by batch.
+
+:class:`Fidelity` keeps running sums behind :func:`onnxrep.verify.metrics`' definitions, so the
+result over all batches equals the metrics of the concatenated outputs without holding them:
+max |a - b|, max |reference| (the relative error's denominator, floored by the output's bound),
+sum (a - b)^2 and sum a^2 (SQNR), sum a*b and sum b^2 (cosine), and top-1 agreement for [N, K]
+outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnx
+
+from onnxrep.data import as_dataset
+from onnxrep.errors import InputError
+from onnxrep.progress import Progress
+from onnxrep.verify import (Comparison, ModelLike, OutputMetrics, check, output_bounds, run,
+                            session)
+
+
+def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
+                    rtol: float | None = None, what: str = "the pass") -> Comparison:
+    """Every output of both models (protos or paths) over all of ``data``;
+    :class:`VerificationError` when ``rtol`` is given and exceeded."""
+    dataset = as_dataset(data, reference)
+    ref_sess, cand_sess = session(reference, optimized=True), session(candidate, optimized=True)
+    bounds = output_bounds(reference if isinstance(reference, onnx.ModelProto) else
+                           onnx.load(os.fspath(reference), load_external_data=False))
+    sums = {o.name: Fidelity(bounds.get(o.name, 0.0)) for o in ref_sess.get_outputs()}
+    samples = 0
+    with Progress(dataset.num_samples, "verifying on data") as bar:
+        for feeds in dataset.batches():
+            ref, out = run(ref_sess, feeds), run(cand_sess, feeds)
+            for name, acc in sums.items():
+                acc.update(ref[name], out[name], name)
+            n = len(next(iter(feeds.values())))
+            samples += n
+            bar.update(n)
+    comparison = Comparison({name: acc.result() for name, acc in sums.items()})
+    if rtol is not None:
+        check(comparison, rtol, f"{what} (on {samples} calibration samples)")
+    return comparison
+
+
+class Fidelity:
+    """Running sums behind verify.metrics' definitions, over all batches of one output."""
+
+    def __init__(self, bound: float = 0.0):
+        self.bound = bound
+        self.max_abs = self.ref_max = self.noise = self.signal = self.dot = self.cand_sq = 0.0
+        self.agree = self.rows = 0
+        self.classifier = True
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray, name: str) -> None:
+        ref = np.asarray(reference, np.float64)
+        cand = np.asarray(candidate, np.float64)
+        if ref.shape != cand.shape:
+            raise InputError(f"output '{name}' has shape {cand.shape} in the model but "
+                             f"{ref.shape} in the reference")
+        diff = ref - cand
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
+        self.ref_max = max(self.ref_max, float(np.abs(ref).max(initial=0.0)))
+        self.noise += float(np.vdot(diff, diff))
+        self.signal += float(np.vdot(ref, ref))
+        self.dot += float(np.vdot(ref, cand))
+        self.cand_sq += float(np.vdot(cand, cand))
+        self.classifier = self.classifier and ref.ndim == 2 and ref.shape[1] > 1
+        if self.classifier:
+            self.agree += int((ref.argmax(1) == cand.argmax(1)).sum())
+        self.rows += len(ref)
+
+    def result(self) -> OutputMetrics:
+        m = self.max_abs
+        scale = max(self.ref_max, self.bound)
+        rel = m / scale if scale > 0 else (0.0 if m == 0 else math.inf)
+        if self.noise == 0:
+            sqnr = math.inf
+        else:
+            sqnr = 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        norms = math.sqrt(self.signal) * math.sqrt(self.cand_sq)
+        cosine = self.dot / norms if norms > 0 else float(m == 0)
+        top1 = self.agree / self.rows if self.classifier and self.rows else None
+        return OutputMetrics(m, rel, sqnr, cosine, top1)
