@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphs import Chain, mobileone_like
 from onnxrep import verify
 from onnxrep.data.readers import load_data
-from onnxrep.analysis.statistics import (ChannelStats, Statistics, activation_ranges, collect_statistics, layer_outputs)
+from onnxrep.analysis.statistics import (ChannelStats, Statistics, activation_ranges,
+                                         collect_statistics, layer_outputs)
 from onnxrep.verify.streaming import compare_on_data
 from onnxrep.cli import main
 from onnxrep.errors import DataError, VerificationError

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 
 from onnxrep import verify
-from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
+from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path,
+                                parse_input_shapes)
 from onnxrep.ir.model import load, save
+from onnxrep.passes.base import PassManager, Stage, Verifier
 from onnxrep.passes.fold_affine import FoldBatchNorm
 from onnxrep.report import table
 
@@ -35,15 +37,15 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = output_path(args)
     model = load(args.model)
-    feeds = reference = comparison = None
+    verifier = None
     if args.verify:
         feeds = verify.random_inputs(model, parse_input_shapes(args.input_shape))
-        reference = verify.run(model, feeds)
-    result = FoldBatchNorm()(model)  # in place: the file on disk is the original
-    if args.verify:
-        comparison = verify.compare_outputs(reference, verify.run(model, feeds),
-                                            verify.output_bounds(model))
-        verify.check(comparison, args.rtol, "fold-bn")
+        verifier = Verifier(model, feeds, rtol=args.rtol, bounds=verify.output_bounds(model))
+    stages = [Stage("fold-bn", lambda m, s: FoldBatchNorm())]
+    done = PassManager(stages, verifier=verifier).run(model)  # in place: the file is the original
+    (_, result), comparison = done.results[0], done.comparison
+    if verifier is not None and comparison is None:  # nothing folded: exact
+        comparison = verify.compare_outputs(verifier.reference, verifier.reference)
     save(model, out, force=args.force)
     if args.json:
         emit_json("fold-bn", {

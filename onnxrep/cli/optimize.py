@@ -1,8 +1,8 @@
 """Make a deploy-form Rep model quantize well; every pass is verified before anything is written.
 
 Folds BatchNormalization and Mul/Add/Sub/Div by per-channel constants into the layers before
-them, equalizes Conv/Gemm/MatMul weights across layers (CLE) and checks with onnxruntime that the outputs did not change beyond --rtol (exit 3
-and nothing written otherwise). With --calib it also measures every ReLU's pre-activation:
+them, equalizes Conv/Gemm/MatMul weights across layers (CLE) and checks with onnxruntime
+that the outputs did not change beyond --rtol (exit 3 and nothing written otherwise). With --calib it also measures every ReLU's pre-activation:
 weights that only ever multiply a channel that never fires are zeroed (the huge merged weights
 of dead channels), and channels that never go negative have their bias absorbed into the next
 layer; both are exact on the calibration data and checked over all of it. Without data,
@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
+from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, emit_json,
+                                output_path, parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.pipeline import Optimized, OptimizeConfig, optimize_file
 from onnxrep.passes.equalize import EqualizeConfig

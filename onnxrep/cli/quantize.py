@@ -21,13 +21,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from onnxrep.data.readers import load_data
-from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
+from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path,
+                                parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.evaluation import evaluate
 from onnxrep.ir.model import check_output_path, load, save
 from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
-from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig, Quantized, quantize_with_details)
+from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig,
+                                   Quantized, quantize_with_details)
 from onnxrep.analysis.qdq import quantized_nodes
 from onnxrep.report import table
 

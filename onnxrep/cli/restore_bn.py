@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from onnxrep.cli.common import (add_calib, add_output, add_reporting, calib_dataset, emit_json, output_path)
+from onnxrep.cli.common import (add_calib, add_output, add_reporting, calib_dataset, emit_json,
+                                output_path)
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.pipeline import Restored, restore_bn_with_details
