@@ -14,7 +14,7 @@ global pooling commute with subtracting a per-channel constant and may sit betwe
 layer2 (a Flatten too, before a Gemm).
 
 layer2 must not pad: a padded border reads 0, not -c, so its output would change at the border
-pixels (AIMET ignores this and is wrong there). Contract: EQUIVALENT_ON_DATA; a sample whose
+pixels. Contract: EQUIVALENT_ON_DATA; a sample whose
 pre-activation falls below the calibration minimum sees its activation clipped at c instead.
 """
 
