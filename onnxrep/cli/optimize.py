@@ -93,16 +93,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def layer_table(before, after) -> str:
-    """Rows matched by node name: max |w|, spread and INT8 SQNR, before -> after."""
+    """Rows matched by node name: max |w|, spread and INT8 SQNR (whole tensor, and the mean
+    over channels the passes are judged by), before -> after; flags as the README says."""
     after_by = {s.node: s for s in after}
     rows = []
     for b in before:
         a = after_by.get(b.node, b)
         flag = "!" if a.outlier else ("*" if b.outlier else "")
+        if a.channel_sqnr_db < b.channel_sqnr_db - 0.05:
+            flag += "v"
         rows.append([b.node, b.op, f"{fmt(b.max_abs)} -> {fmt(a.max_abs)}",
                      f"{fmt(b.spread)} -> {fmt(a.spread)}",
-                     f"{b.sqnr_db:.1f} -> {a.sqnr_db:.1f}", flag])
-    return table(["layer", "op", "max|w|", "spread", "int8 SQNR dB", ""], rows, "llrrrl")
+                     f"{b.sqnr_db:.1f} -> {a.sqnr_db:.1f}",
+                     f"{b.channel_sqnr_db:.1f} -> {a.channel_sqnr_db:.1f}", flag])
+    return table(["layer", "op", "max|w|", "spread", "int8 SQNR dB", "per channel", ""], rows,
+                 "llrrrrl")
 
 
 def summary(result: Optimized, out) -> str:
