@@ -1,9 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphs import Chain, conv_relu_conv, depthwise_chain, mobileone_like
 from onnxrep import verify
@@ -344,3 +346,48 @@ def test_optimize_in_place_copies_only_for_a_data_check():
     x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
     result = optimize_with_details(model, calib={"input": x}, copy=False)
     assert result.model is model
+
+
+def _chain_with_mixed_magnitudes(seed=7, channels=4):
+    """Three 1x1 convs whose weights span four decades inside each tensor: equalizing their
+    ranges lowers the per-channel INT8 precision the weights had."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for k in range(3):
+        w = rng.normal(size=(channels, channels, 1, 1)) * rng.choice(
+            [0.01, 1, 100], size=(channels, channels, 1, 1))
+        nodes.append(helper.make_node("Conv", [x, f"w{k}"], [f"c{k}"]))
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{k}"))
+        x = f"c{k}"
+        if k < 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{k}"]))
+            x = f"r{k}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 4])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, channels, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _channel_sqnr_sum(model):
+    return sum(s.channel_sqnr_db for s in weight_stats(model))
+
+
+def test_pairs_that_would_lower_weight_precision_are_left_unscaled():
+    model = _chain_with_mixed_magnitudes()
+    guarded = equalize(model, never_worse=True)
+    plain = equalize(model)
+    undone = [s for s in guarded.skips if "would lower their summed" in s.reason]
+    assert len(undone) == 2 and not guarded.changes and len(plain.changes) == 2
+    assert "left unscaled" in undone[0].reason
+    assert_equivalent(model, guarded.model)
+    assert _channel_sqnr_sum(guarded.model) >= _channel_sqnr_sum(model) - 1e-6
+    assert _channel_sqnr_sum(plain.model) < _channel_sqnr_sum(model)
+
+
+def test_guard_keeps_every_pair_of_the_shipped_mobileone():
+    path = Path(__file__).resolve().parents[1] / "models" / "mobileone_fmnist.onnx"
+    if not path.exists():
+        pytest.skip("shipped model absent")
+    result = EqualizeCrossLayer()(onnx.load(path))
+    assert result.summary.pairs == len(result.changes) == 13
+    assert not [s for s in result.skips if "would lower" in s.reason]

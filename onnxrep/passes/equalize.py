@@ -149,7 +149,9 @@ class EqualizeCrossLayer(Pass):
         layers = _load_layers(index, pairs)
         totals, rounds, converged = _equalize(layers, pairs, self.config)
         if self.config.never_worse:
-            skips += _keep_gains(index, layers, pairs, totals)
+            undone = _keep_gains(index, layers, pairs, totals)
+            skips += undone
+            converged = converged and not undone  # the kept pairs' neighbours moved back
         changes = []
         for pair, total in zip(pairs, totals):
             moved = np.abs(np.log(total)) > 0
