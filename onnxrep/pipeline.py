@@ -35,7 +35,7 @@ from onnxrep.analysis.statistics import Statistics, collect_statistics
 from onnxrep.analysis.weights import WeightStats, weight_stats
 from onnxrep.data import as_dataset
 from onnxrep.ir.graph import GraphIndex
-from onnxrep.ir.model import atomic_output, check_opset, load, write_to
+from onnxrep.ir.model import atomic_output, check_input_file, check_opset, load, write_to
 from onnxrep.passes.absorb_bias import AbsorbHighBias
 from onnxrep.passes.base import PassManager, PassResult, Stage, StatisticsCache, Verifier
 from onnxrep.passes.dead_inputs import ZeroDeadInputs, input_bounds_from_stats, zero_below
@@ -146,6 +146,7 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
     itself, the result is verified once before it is moved into place, and no second
     in-memory copy is made."""
     config = config or OptimizeConfig()
+    check_input_file(src, "an .onnx file")  # before onnxruntime opens it (a FIFO would hang)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # onnxruntime reads the input while Python parses it and computes weight statistics
         ref_session = pool.submit(verify.session, Path(src)) if config.verify else None

@@ -46,9 +46,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxrep {args.command}: error: {message(exc, _flags(parser, args.command))}",
               file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the disk or the permissions, not onnxrep: one line, exit 2
+        from onnxrep.ir.model import WRITE_ERRORS, os_error_text
+
+        if os_error_text(exc) is None or _errno(exc) not in WRITE_ERRORS:
+            raise
+        print(f"onnxrep {args.command}: error: {os_error_text(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"onnxrep {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _errno(exc: OSError):
+    from onnxrep.ir.model import _errno as errno_of
+
+    return errno_of(exc)
 
 
 def message(exc: OnnxrepError, flags: dict[str, str]) -> str:

@@ -15,9 +15,11 @@ example: onnxrep optimize models/mobileone_fmnist.onnx --calib models/fmnist_cal
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict
 
-from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
+from onnxrep.cli.common import (bounded, nonnegative_float, nonnegative_int, tolerance,
+                                add_calib, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.pipeline import Optimized, OptimizeConfig, optimize_file
 from onnxrep.passes.equalize import EqualizeConfig
@@ -29,17 +31,17 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input ONNX model (never modified)")
     add_output(p, "opt")
     defaults = EqualizeConfig()
-    p.add_argument("--iterations", type=int, default=defaults.iterations,
+    p.add_argument("--iterations", type=nonnegative_int, default=defaults.iterations,
                    help="maximum CLE rounds (default %(default)s; stops earlier on convergence)")
-    p.add_argument("--tolerance", type=float, default=defaults.tolerance,
+    p.add_argument("--tolerance", type=nonnegative_float, default=defaults.tolerance,
                    help="CLE convergence: stop when no scale moves more than this "
                         "(default %(default)s)")
-    p.add_argument("--threshold", type=float, default=defaults.threshold,
+    p.add_argument("--threshold", type=nonnegative_float, default=defaults.threshold,
                    help="leave a channel unscaled when r1 + r2 is below this "
                         "(default %(default)s)")
-    p.add_argument("--max-scale", type=float, default=defaults.max_scale,
+    p.add_argument("--max-scale", type=bounded(float, lo=1), default=defaults.max_scale,
                    help="clamp each round's scale to [1/x, x] (default %(default)g)")
-    p.add_argument("--rtol", type=float, default=OptimizeConfig.rtol,
+    p.add_argument("--rtol", type=tolerance, default=OptimizeConfig.rtol,
                    help="largest relative output error accepted (default %(default)g)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare outputs before/after with onnxruntime (default on)")
@@ -62,6 +64,8 @@ def _range(text: str) -> tuple[float, float]:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI, e.g. -1,1; got '{text}'") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"expected finite LO < HI, got '{text}'")
     return lo, hi
 
 

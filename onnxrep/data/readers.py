@@ -160,6 +160,8 @@ def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is not None and not path.exists():
         raise DataError(f"data not found: {path}")
+    if path is not None and not path.is_dir():
+        _check_regular(path)
     if image_options is not None and not (path and path.is_dir()):
         raise InputError("image options apply only to a folder of images")
     if path is not None:
@@ -194,6 +196,16 @@ def as_dataset(source: Any, model: onnx.ModelProto | str | os.PathLike, *,
         model = onnx.load(os.fspath(model), load_external_data=False)
     return load_data(source, model, batch_size=batch_size, limit=limit,
                      image_options=image_options)
+
+
+def _check_regular(path: Path) -> None:
+    """A data file must be a regular file: stat only, so a FIFO is refused without opening it."""
+    from onnxrep.ir.model import check_input_file
+
+    try:
+        check_input_file(path, "a data file (.npz, .npy) or a folder of images")
+    except InputError as exc:
+        raise DataError(str(exc)) from None
 
 
 # ---- checks -----------------------------------------------------------------------------------

@@ -1,0 +1,275 @@
+"""Bad input and hostile paths: the tool never damages a file, and every refusal is exit 2 with
+one line on stderr (no traceback), nothing written, the input untouched."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import os
+import socket
+import stat
+import threading
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import Chain, batch_for, mobileone_like
+from onnxrep.cli import main
+from onnxrep.ir import model as model_io
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "net.onnx"
+    onnx.save(mobileone_like(), path)
+    return path
+
+
+@pytest.fixture
+def calib_path(tmp_path, model_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, input=batch_for(onnx.load(model_path), 16))
+    return path
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+# ---- 1. output paths that are the input or a file it reads ------------------------------------
+
+def test_output_refuses_the_inputs_external_data(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(mobileone_like(), src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    data = tmp_path / "m.onnx.data"
+    before = digest(src), digest(data)
+    assert main(["optimize", str(src), "-o", str(data), "--force", "-q"]) == 2
+    assert "external data" in one_line(capsys)
+    # the output's own <out>.data must not be the input's data file either
+    assert main(["optimize", str(src), "-o", str(tmp_path / "m.onnx"), "--force", "-q"]) == 2
+    assert "is the input" in one_line(capsys)
+    renamed = tmp_path / "w.onnx"
+    onnx.save(mobileone_like(), renamed, save_as_external_data=True,
+              all_tensors_to_one_file=True, location="x.onnx.data", size_threshold=0)
+    assert main(["optimize", str(renamed), "-o", str(tmp_path / "x.onnx"), "--force",
+                 "-q"]) == 2
+    assert "external data" in one_line(capsys)
+    assert (digest(src), digest(data)) == before
+    # through a symlink to the data file too
+    link = tmp_path / "link.onnx"
+    link.symlink_to(data)
+    assert main(["optimize", str(src), "-o", str(link), "--force", "-q"]) == 2
+    one_line(capsys)
+    assert (digest(src), digest(data)) == before
+    assert main(["optimize", str(src), "-o", str(tmp_path / "ok.onnx"), "-q"]) == 0
+
+
+# ---- 2. devices, FIFOs, sockets, directories as outputs -----------------------------------------
+
+def _special_files(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    files = [fifo, sock_path]
+    try:
+        dev = tmp_path / "null"
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        files.append(dev)
+    except (PermissionError, OSError):
+        pass
+    return files, sock
+
+
+def test_output_refuses_devices_fifos_and_sockets(model_path, tmp_path, capsys):
+    files, sock = _special_files(tmp_path)
+    try:
+        for f in files:
+            mode = os.stat(f).st_mode
+            assert main(["optimize", str(model_path), "-o", str(f), "--force", "-q"]) == 2
+            assert "not a regular file" in one_line(capsys)
+            assert os.stat(f).st_mode == mode
+        assert not leftovers(tmp_path)
+    finally:
+        sock.close()
+
+
+def test_dev_null_is_refused_and_left_alone(model_path, capsys):
+    before = os.stat("/dev/null")
+    assert main(["optimize", str(model_path), "-o", "/dev/null", "--force", "-q"]) == 2
+    assert "character device" in one_line(capsys)
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+
+
+def test_trailing_slash_means_a_directory(model_path, tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(["optimize", str(model_path), "-o", f"{out}/", "-q"]) == 0
+    assert (out / "net.opt.onnx").is_file()
+    # an existing directory without the slash: the same
+    assert main(["optimize", str(model_path), "-o", str(out), "-q", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["net.opt.onnx"]
+
+
+# ---- 3. disk full and permission denied at the write boundary ---------------------------------
+
+class _FullDisk:
+    """A file object whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _full_disk_open(monkeypatch):
+    real = builtins.open
+
+    def fake(file, mode="r", *a, **kw):
+        f = real(file, mode, *a, **kw)
+        return _FullDisk(f) if "w" in mode else f
+
+    monkeypatch.setattr(model_io, "open", fake, raising=False)
+
+
+def _deny_rename(monkeypatch, exc):
+    def fake(src, dst):
+        raise exc
+
+    monkeypatch.setattr(model_io.os, "replace", fake)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "bare-enospc", "eacces"])
+def test_disk_full_or_denied_is_exit_2_and_leaves_nothing(model_path, calib_path, tmp_path,
+                                                          capsys, monkeypatch, failure):
+    if failure == "enospc":
+        _full_disk_open(monkeypatch)
+        words = "no space left on device"
+    elif failure == "bare-enospc":
+        _deny_rename(monkeypatch, OSError(errno.ENOSPC))
+        words = "no space left on device"
+    else:
+        _deny_rename(monkeypatch, PermissionError(errno.EACCES, "Permission denied"))
+        words = "permission denied"
+    before = digest(model_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in (["optimize", str(model_path), "-o", str(out / "o.onnx")],
+                 ["quantize", str(model_path), "--calib", str(calib_path), "-o",
+                  str(out / "q.onnx"), "--no-bias-correction"]):
+        assert main([*argv, "-q"]) == 2
+        line = one_line(capsys)
+        assert line.endswith(words) and "cannot write" in line, line
+        assert list(out.iterdir()) == []
+    if failure != "enospc":  # matplotlib writes with its own open; the rename is ours
+        assert main(["inspect", str(model_path), "--plot", str(out / "p.png")]) == 2
+        assert "cannot write" in one_line(capsys)
+        assert list(out.iterdir()) == []
+    assert digest(model_path) == before
+
+
+# ---- 5. FIFOs as model or data ----------------------------------------------------------------
+
+def _returns(fn, timeout=60):
+    result = []
+    t = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "hung on a FIFO"
+    return result[0]
+
+
+def test_fifo_model_or_data_is_refused_without_opening(model_path, calib_path, tmp_path,
+                                                       capsys):
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    for command in (["optimize", str(fifo)], ["inspect", str(fifo)],
+                    ["quantize", str(fifo), "--calib", str(fifo)],
+                    ["eval", str(fifo), "--data", str(fifo)]):
+        assert _returns(lambda: main([*command, "-q"])) == 2
+        assert "FIFO" in one_line(capsys)
+    data = tmp_path / "pipe.npz"
+    os.mkfifo(data)
+    for command in (["optimize", str(model_path), "--calib", str(data)],
+                    ["eval", str(model_path), "--data", str(data)],
+                    ["eval", str(model_path), "--data", str(calib_path), "--reference",
+                     str(fifo)]):
+        assert _returns(lambda: main([*command, "-q"])) == 2
+        assert "FIFO" in one_line(capsys)
+
+
+# ---- 7. inspect --plot ------------------------------------------------------------------------
+
+def test_inspect_plot_refusals(model_path, tmp_path, capsys, monkeypatch):
+    no_conv = tmp_path / "relu.onnx"
+    onnx.save(Chain().relu().build(), no_conv)
+    assert main(["inspect", str(no_conv), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "nothing to plot" in one_line(capsys)
+    assert main(["inspect", str(model_path), "--plot", str(tmp_path / "p.xyz")]) == 2
+    assert "unknown plot format" in one_line(capsys)
+    assert main(["inspect", str(model_path), "--plot", str(model_path)]) == 2
+    one_line(capsys)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    assert main(["inspect", str(model_path), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "onnxrep[plot]" in one_line(capsys)
+    assert not list(tmp_path.glob("p.*")) and not leftovers(tmp_path)
+
+
+# ---- 8. numeric options -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["optimize", "--rtol", "-1"], ["optimize", "--rtol", "nan"], ["optimize", "--max-scale", "nan"],
+    ["optimize", "--max-scale", "0.5"], ["optimize", "--tolerance", "nan"],
+    ["optimize", "--threshold", "nan"], ["optimize", "--threshold", "inf"],
+    ["optimize", "--iterations", "-3"], ["optimize", "--batch-size", "0"],
+    ["optimize", "--calib-limit", "-1"], ["optimize", "--input-range=nan,1"],
+    ["optimize", "--input-range=1,-1"],
+    ["quantize", "--calib", "x.npz", "--percentile", "nan"],
+    ["quantize", "--calib", "x.npz", "--percentile", "101"],
+    ["quantize", "--calib", "x.npz", "--max-drop", "-1"],
+    ["quantize", "--calib", "x.npz", "--rtol", "inf"],
+    ["quantize", "--calib", "x.npz", "--calibration-chunk", "0"],
+    ["quantize", "--calib", "x.npz", "--analysis-samples", "0"],
+    ["eval", "--data", "x.npz", "--scale", "nan"], ["eval", "--data", "x.npz", "--mean", "nan"],
+    ["eval", "--data", "x.npz", "--limit", "0"],
+    ["restore-bn", "--calib", "x.npz", "--eps", "-1"],
+    ["restore-bn", "--calib", "x.npz", "--rtol", "nan"],
+    ["restore-bn", "--calib", "x.npz", "--workers", "0"],
+    ["fold-bn", "--rtol", "nan"],
+    ["qat", "--data", "x.npz", "--lr", "nan"], ["qat", "--data", "x.npz", "--lr", "0"],
+    ["qat", "--data", "x.npz", "--momentum", "1"], ["qat", "--data", "x.npz", "--epochs", "0"],
+    ["qat", "--data", "x.npz", "--rtol", "-1"], ["qat", "--data", "x.npz", "--threads", "0"],
+])
+def test_numeric_options_are_checked_at_parse_time(model_path, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main([argv[0], str(model_path), *argv[1:]])
+    assert exc.value.code == 2
+    line = one_line(capsys)
+    assert "argument" in line and "--" in line
