@@ -273,3 +273,60 @@ def test_numeric_options_are_checked_at_parse_time(model_path, capsys, argv):
     assert exc.value.code == 2
     line = one_line(capsys)
     assert "argument" in line and "--" in line
+
+
+# ---- 6. corrupted calibration files -----------------------------------------------------------
+
+def _corrupt(path, offset):
+    b = bytearray(path.read_bytes())
+    b[offset] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def test_corrupted_npz_and_image_bombs_are_exit_2(model_path, tmp_path, capsys, monkeypatch):
+    x = batch_for(onnx.load(model_path), 40)
+    stored = tmp_path / "stored.npz"
+    np.savez(stored, input=x)
+    _corrupt(stored, stored.stat().st_size // 2)  # inside the array's bytes
+    deflated = tmp_path / "deflated.npz"
+    np.savez_compressed(deflated, input=x)
+    _corrupt(deflated, 80)
+    garbled = tmp_path / "garbled.npz"  # a .npy header that does not tokenize
+    import io
+    buf = io.BytesIO()
+    np.save(buf, x)
+    raw = buf.getvalue().replace(b"(40, 1, 16, 16)", b"(40, 1, 16, 16 ")
+    with zipfile.ZipFile(garbled, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("input.npy", raw)
+    for bad in (stored, deflated, garbled):
+        assert main(["optimize", str(model_path), "--calib", str(bad), "-q"]) == 2
+        line = one_line(capsys)
+        assert str(bad) in line, line
+    assert not (tmp_path / "net.opt.onnx").exists()
+    # the CRC is checked once per member, not once per pass
+    from onnxrep.data import readers
+    good = tmp_path / "good.npz"
+    np.savez(good, input=x)
+    calls = []
+    real = readers._NpzMember.verify
+    monkeypatch.setattr(readers._NpzMember, "verify",
+                        lambda self: calls.append(self._verified) or real(self))
+    data = readers.load_data(good, onnx.load(model_path), batch_size=8)
+    for _ in range(3):
+        assert sum(len(b["input"]) for b in data.batches()) == 40
+    assert calls.count(False) == 1
+
+
+def test_decompression_bomb_image_is_exit_2(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    model = Chain(channels=1, hw=(8, 8)).conv(4).build()
+    onnx.save(model, tmp_path / "m.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", (8, 8)).save(images / "a.png")
+    Image.new("L", (64, 64)).save(images / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 > 2x: DecompressionBombError
+    assert main(["optimize", str(tmp_path / "m.onnx"), "--calib", str(images), "-q"]) == 2
+    line = one_line(capsys)
+    assert "bomb.png" in line

@@ -371,12 +371,28 @@ class _NpzMember:
 
     def __init__(self, path: Path, info: zipfile.ZipInfo, zf: zipfile.ZipFile):
         self.path, self.info, self.key = path, info, info.filename[:-4]
+        self._verified = False
         with zf.open(info) as f:
             self.shape, self.fortran, self.dtype = _npy_header(f)
+
+    def verify(self) -> None:
+        """Check the member's CRC-32 once, streamed in 4 MB reads (memory: one read): the
+        uncompressed members are otherwise read by offset, which zipfile never checks."""
+        if self._verified:
+            return
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.info) as f:
+                while f.read(4 << 20):
+                    pass
+        except Exception as exc:  # BadZipFile (bad CRC-32), zlib.error, OSError, ...
+            raise DataError(f"{self.path} is corrupted ('{self.key}': {_first_line(exc)})") \
+                from None
+        self._verified = True
 
     def rows(self) -> _FileRows | np.ndarray:
         if self.info.compress_type != zipfile.ZIP_STORED or self.fortran:
             return self.array()
+        self.verify()
         with open(self.path, "rb") as f:  # skip the zip local header, then the .npy header
             f.seek(self.info.header_offset)
             name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
@@ -388,9 +404,9 @@ class _NpzMember:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 return z[self.key]
-        except (ValueError, OSError) as exc:
-            raise DataError(f"cannot read '{self.key}' of {self.path}: {_first_line(exc)}") \
-                from None
+        except Exception as exc:  # zlib.error, BadZipFile (CRC), a garbled header, ...
+            raise DataError(f"cannot read '{self.key}' of {self.path} (corrupted?): "
+                            f"{_first_line(exc)}") from None
 
 
 def _npy_header(f) -> tuple:
@@ -405,7 +421,7 @@ def _npz_members(path: Path) -> dict[str, _NpzMember]:
         with zipfile.ZipFile(path) as zf:
             return {m.key: m for m in (_NpzMember(path, info, zf) for info in zf.infolist()
                                        if info.filename.endswith(".npy"))}
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # BadZipFile, zlib.error, a garbled .npy header (TokenError), ...
         raise DataError(f"cannot read {path} as .npz: {_first_line(exc)}") from None
 
 
@@ -416,7 +432,7 @@ def _open_npy(path: Path) -> _FileRows | np.ndarray:
             if not fortran:
                 return _FileRows(path, f.tell(), shape, dtype)
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # a garbled header (ValueError, TokenError, SyntaxError), OSError
         raise DataError(f"cannot read {path} as .npy: {_first_line(exc)}") from None
 
 
@@ -571,7 +587,7 @@ def _image_dataset(root: Path, options: ImageOptions, common: dict) -> Dataset:
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
                 return np.asarray(im, np.float32)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, ValueError, DecompressionBombError, ...
             raise DataError(f"cannot read image {path}: {_first_line(exc)}") from None
 
     def chunks() -> Iterator[Feeds]:
