@@ -330,3 +330,162 @@ def test_decompression_bomb_image_is_exit_2(tmp_path, capsys, monkeypatch):
     assert main(["optimize", str(tmp_path / "m.onnx"), "--calib", str(images), "-q"]) == 2
     line = one_line(capsys)
     assert "bomb.png" in line
+
+
+# ---- 4. non-finite weights and a model that already outputs inf/NaN --------------------------
+
+def _nan_weight_model():
+    m = Chain().conv(4, name="conv1").relu().conv(4, name="conv2").relu().conv(
+        4, name="conv3").build()
+    w = next(t for t in m.graph.initializer if t.name == m.graph.node[4].input[1])
+    a = numpy_helper.to_array(w).copy()
+    a.flat[0] = a.flat[5] = np.nan
+    w.CopyFrom(numpy_helper.from_array(a, w.name))
+    return m, w.name
+
+
+def _bn_var0_model():
+    c = Chain().conv(4, name="conv1")
+    z, o = np.zeros(4, np.float32), np.ones(4, np.float32)
+    c.node("BatchNormalization", [c.const(o), c.const(z), c.const(z), c.const(z)], epsilon=0.0)
+    return c.relu().conv(4).build()
+
+
+def _div_by_zero_on_some_data():
+    """Finite on the verification inputs, NaN (0/0) on one calibration sample only."""
+    c = Chain(channels=1, hw=(4, 4)).conv(2, k=1)
+    c.node("Div", [c.tensor])  # x / x: NaN where x == 0
+    return c.build()
+
+
+def test_nan_weights_name_the_weight_and_node(tmp_path, capsys, recwarn):
+    model, name = _nan_weight_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", input=batch_for(model, 8))
+    for extra in ([], ["--calib", str(tmp_path / "c.npz")]):
+        assert main(["optimize", str(tmp_path / "m.onnx"), "-q", *extra]) == 2
+        line = one_line(capsys)
+        assert f"weight '{name}' of node 'conv3' holds 2 NaN values" in line
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"),
+                 "--no-optimize", "-q"]) == 2
+    assert "2 NaN" in one_line(capsys)
+    from onnxrep import errors, optimize
+    with pytest.raises(errors.InputError, match="holds 2 NaN"):
+        optimize(model)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_original_model_with_nan_outputs_is_exit_2_not_a_pass(tmp_path, capsys):
+    onnx.save(_bn_var0_model(), tmp_path / "bn.onnx")
+    assert main(["optimize", str(tmp_path / "bn.onnx"), "-q"]) == 2
+    line = one_line(capsys)
+    assert "original model already outputs inf/NaN" in line and "pass" not in line
+
+
+def test_nonfinite_original_output_on_a_later_calibration_batch(tmp_path, capsys):
+    model = _div_by_zero_on_some_data()
+    x = np.random.default_rng(0).standard_normal((40, 1, 4, 4)).astype(np.float32)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    b = numpy_helper.to_array(model.graph.initializer[1])
+    x[37] = -b[0] / w[0, 0, 0, 0]  # channel 0 is exactly 0 on sample 37: 0/0
+    x[37] = np.float32(x[37])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", input=x)
+    from onnxrep import verify
+    from onnxrep.errors import InputError
+    ref = verify.run(model, {"input": x[37:38]})
+    if np.isfinite(ref[model.graph.output[0].name]).all():
+        pytest.skip("rounding did not hit exact zero")
+    with pytest.raises(InputError, match="calibration data"):
+        verify.compare_on_data(model, model, x, rtol=1e-4)
+
+
+@pytest.mark.parametrize("a, b", [
+    ([np.nan, 1.0], [np.nan, 1.0]), ([np.inf, 1.0], [np.inf, 1.0]), ([1.0, 2.0], [np.nan, 2.0]),
+    ([1.0, 2.0], [np.inf, 2.0]), ([np.nan, 1.0], [0.0, 1.0]), ([1e-300, 0.0], [1e300, 0.0]),
+    ([1e300, 1e300], [-1e300, 1e300]), ([0.0, 0.0], [np.inf, np.nan]), ([np.inf], [-np.inf]),
+])
+def test_metrics_never_crash_on_nonfinite(a, b, recwarn):
+    from onnxrep import verify
+    m = verify.metrics(np.array([a]), np.array([b]))
+    same = np.array_equal(np.array(a), np.array(b), equal_nan=True)
+    assert (m.rel == 0) if same else (m.rel > 1e-3)
+    assert not math_domain(recwarn)
+    verify.needed_tolerance(m.rel)
+
+
+def math_domain(recwarn):
+    return [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+# ---- 13. an empty graph; 14. huge weights -----------------------------------------------------
+
+def test_empty_graph_is_accepted_nothing_to_do(tmp_path, capsys):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    model = helper.make_model(helper.make_graph([], "empty", [x], [x]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "e.onnx")
+    assert main(["optimize", str(tmp_path / "e.onnx"), "-q"]) == 0
+    assert "nothing to equalize" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "e.onnx")]) == 0
+
+
+def test_huge_weights_print_no_raw_warnings(tmp_path, capsys, recwarn):
+    model = Chain().conv(4, scale=1e30).relu().conv(4, scale=1e-30).build()
+    onnx.save(model, tmp_path / "big.onnx")
+    np.savez(tmp_path / "c.npz", input=batch_for(model, 16))
+    for argv in (["optimize", str(tmp_path / "big.onnx")],
+                 ["optimize", str(tmp_path / "big.onnx"), "--calib", str(tmp_path / "c.npz"),
+                  "--force"],
+                 ["inspect", str(tmp_path / "big.onnx")]):
+        assert main([*argv, "-q"]) == 0
+        err = capsys.readouterr().err
+        assert "RuntimeWarning" not in err and "overflow" not in err, err
+    assert not math_domain(recwarn)
+
+
+# ---- 12. layers inside If/Loop bodies, models without weight layers --------------------------
+
+def _if_model():
+    """A Conv in the main graph and one in each branch of an If on a scalar condition."""
+    rng = np.random.default_rng(0)
+
+    def branch(name):
+        w = numpy_helper.from_array(rng.normal(0, 0.5, (3, 3, 1, 1)).astype(np.float32),
+                                    f"{name}_w")
+        y = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 3, 4, 4])
+        return helper.make_graph([helper.make_node("Conv", ["h", f"{name}_w"], [f"{name}_y"],
+                                                   name=f"{name}_conv")], name, [], [y], [w])
+
+    w0 = numpy_helper.from_array(rng.normal(0, 0.5, (3, 3, 1, 1)).astype(np.float32), "w0")
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["h"], name="main_conv"),
+             helper.make_node("If", ["cond"], ["y"], name="if0",
+                              then_branch=branch("then"), else_branch=branch("else"))]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4]),
+                     helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])], [w0])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_subgraph_layers_are_listed_as_skipped(tmp_path, capsys):
+    onnx.save(_if_model(), tmp_path / "if.onnx")
+    assert main(["optimize", str(tmp_path / "if.onnx"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "then_conv" in out and "else_conv" in out and "If 'if0'" in out
+    assert "skipped 2 layer(s) inside subgraphs" in out
+    assert main(["inspect", str(tmp_path / "if.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "then_conv" in out and "If/Loop/Scan body" in out
+
+
+def test_model_without_weight_layers_says_nothing_to_equalize(tmp_path, capsys):
+    onnx.save(Chain().relu().build(), tmp_path / "relu.onnx")
+    assert main(["optimize", str(tmp_path / "relu.onnx"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to equalize" in out and "layer  op" not in out

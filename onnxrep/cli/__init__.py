@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from onnxrep.errors import OnnxrepError, VerificationError
 from onnxrep.progress import set_quiet
@@ -40,6 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_quiet(getattr(args, "quiet", False) or getattr(args, "json", False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # each distinct warning once
+        warnings.showwarning = _warning_printer(args.command)
+        return _run(parser, args)
+
+
+def _warning_printer(command: str):
+    """Warnings (numpy's RuntimeWarnings, pillow's, ...) as one line each in the tool's words,
+    never raw source lines; each distinct message once."""
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"onnxrep {command}: warning: {text}", file=sys.stderr)
+
+    return show
+
+
+def _run(parser, args) -> int:
     try:
         return args.run(args) or 0
     except OnnxrepError as exc:

@@ -20,7 +20,9 @@ from pathlib import Path
 from onnxrep.analysis.statistics import COARSE_LEVELS, activation_ranges, collect_statistics
 from onnxrep.cli.common import add_calib, add_reporting, calib_dataset, emit_json
 from onnxrep.cli.optimize import layer_table
-from onnxrep.ir.graph import GraphIndex
+from onnxrep.cli.optimize import SUBGRAPH_REASON
+from onnxrep.ir.graph import GraphIndex, subgraph_layers
+from onnxrep.passes.base import Skip
 from onnxrep.errors import InputError
 from onnxrep.ir.model import atomic_output, check_output_path, load
 from onnxrep.passes.equalize import find_pairs
@@ -65,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     model = models[0][1]
     stats = weight_stats(model)
     pairs, skips = find_pairs(model)
+    skips = list(skips) + [Skip(node, f"{SUBGRAPH_REASON} ({where})")
+                           for node, where in subgraph_layers(model.graph)]
     labels = GraphIndex(model.graph).labels
     pair_rows = [[labels[p.first], labels[p.second],
                   " -> ".join(model.graph.node[i].op_type for i in p.path) or "-"] for p in pairs]
@@ -105,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nactivation ranges over {samples} samples (after the ReLU where one follows):")
         print(activation_table(activations))
     outliers = sum(s.outlier for s in stats)
+    if not stats:
+        print("\nnothing to equalize: no Conv/ConvTranspose/Gemm/MatMul layer with constant "
+              "weights in the main graph")
     print(f"\n{len(stats)} weight layers, {outliers} flagged (max|w| > 100 or spread > 10), "
           f"{len(pairs)} CLE pairs" + (f"; plot: {args.plot}" if args.plot else ""))
     if activations is not None:

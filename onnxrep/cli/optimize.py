@@ -86,13 +86,28 @@ def run(args: argparse.Namespace) -> int:
     log(f"optimizing {args.model}" + (f" with {args.calib}" if args.calib else ""))
     result = optimize_file(args.model, out, config, calib=args.calib, force=args.force,
                            progress=log)
+    nested = result.subgraph_layers
     if args.json:
-        emit_json("optimize", as_json(result, args.model, out))
+        emit_json("optimize", {**as_json(result, args.model, out),
+                               "skipped_subgraph_layers": [
+                                   {"node": n, "where": w, "reason": SUBGRAPH_REASON}
+                                   for n, w in nested]})
     else:
-        print(layer_table(result.before, result.after))
+        if result.before:
+            print(layer_table(result.before, result.after))
+        else:
+            print("nothing to equalize: the model has no Conv/ConvTranspose/Gemm/MatMul layer "
+                  "with constant weights in its main graph")
+        if nested:
+            print()
+            print(f"skipped {len(nested)} layer(s) inside subgraphs ({SUBGRAPH_REASON}):")
+            print(table(["layer", "inside"], [list(r) for r in nested], "ll"))
         print()
         print(summary(result, out))
     return 0
+
+
+SUBGRAPH_REASON = "inside an If/Loop/Scan body: onnxrep's passes leave subgraphs unchanged"
 
 
 def layer_table(before, after) -> str:

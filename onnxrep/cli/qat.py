@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 
+from onnxrep.verify import check_weights
 from onnxrep.cli.common import bounded, nonnegative_int, positive_float, positive_int, tolerance, add_output, add_reporting, emit_json, output_path
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     model = load(args.model)
+    check_weights(model)
     val = load_data(args.val, model, batch_size=256) if args.val else None
     calib = load_data(args.calib, model, batch_size=args.batch_size) if args.calib else None
     log(f"qat: {args.model}")

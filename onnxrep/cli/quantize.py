@@ -25,6 +25,7 @@ from onnxrep.cli.common import (bounded, nonnegative_float, positive_int, tolera
                                 add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.evaluation import evaluate
+from onnxrep.verify import check_weights
 from onnxrep.ir.model import check_output_path, load, save
 from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--save-float must differ from the output path")
     config = _config(args)
     model = load(args.model)
+    check_weights(model)
     calib = load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
     evaluation = load_data(args.eval, model, batch_size=args.batch_size) if args.eval else None
     if args.max_drop is not None and evaluation is None:
