@@ -489,3 +489,38 @@ def test_model_without_weight_layers_says_nothing_to_equalize(tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "relu.onnx"), "-q"]) == 0
     out = capsys.readouterr().out
     assert "nothing to equalize" in out and "layer  op" not in out
+
+
+# ---- 9. scalar (0-d) inputs -------------------------------------------------------------------
+
+def test_scalar_input_one_value_or_one_per_sample(tmp_path, capsys):
+    from onnxrep.data import load_data
+    from onnxrep.errors import DataError
+
+    model = _if_model()
+    onnx.save(model, tmp_path / "if.onnx")
+    x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "same.npz", x=x, cond=np.array(True))
+    np.savez(tmp_path / "each.npz", x=x, cond=np.arange(10) % 2 == 0)
+    same = load_data(tmp_path / "same.npz", model, batch_size=4)
+    batches = list(same.batches())
+    assert [len(b["x"]) for b in batches] == [4, 4, 2]
+    assert all(b["cond"].shape == () and b["cond"] for b in batches)
+    each = load_data(tmp_path / "each.npz", model, batch_size=4)
+    batches = list(each.batches())
+    assert len(batches) == 10 and [bool(b["cond"]) for b in batches] == [i % 2 == 0
+                                                                          for i in range(10)]
+    for name in ("same.npz", "each.npz"):
+        assert main(["optimize", str(tmp_path / "if.onnx"), "--calib", str(tmp_path / name),
+                     "-q", "--force"]) == 0
+        capsys.readouterr()
+    np.savez(tmp_path / "wrong.npz", x=x, cond=np.ones((10, 2), bool))
+    with pytest.raises(DataError, match="is a scalar"):
+        load_data(tmp_path / "wrong.npz", model)
+    np.savez(tmp_path / "count.npz", x=x, cond=np.ones(7, bool))
+    with pytest.raises(DataError, match="different sample counts"):
+        load_data(tmp_path / "count.npz", model)
+    # streamed: a 0-d value in each item
+    items = [{"x": x[i:i + 2], "cond": np.array(i % 4 == 0)} for i in range(0, 10, 2)]
+    assert [bool(b["cond"]) for b in load_data(items, model, batch_size=2).batches()] == [
+        True, False, True, False, True]

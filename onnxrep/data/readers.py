@@ -125,13 +125,14 @@ class Dataset:
         self.dropped = 0
         checked = _take(self._checked(self._chunks()), self._limit)
         yielded = 0
+        scalars = [s.name for s in self._specs if s.shape == ()]
         for batch in _rebatch(checked, self.batch_size):
             n = _rows(batch)
             if self._fixed and n < self.batch_size:
                 self.dropped = n
                 break
             yielded += n
-            yield batch
+            yield _scalars_last(batch, scalars, self.name) if scalars else batch
         if yielded == 0:
             if self.dropped:
                 raise DataError(f"{self.name} holds {self.dropped} samples, fewer than the "
@@ -144,6 +145,20 @@ class Dataset:
             feeds = check_feeds(feeds, self._specs, self.name, offset)
             offset += _rows(feeds)
             yield feeds
+
+
+def _scalars_last(batch: Feeds, scalars: list[str], where: str) -> Feeds:
+    """Internally a scalar input carries one value per sample; onnxruntime takes one 0-d value
+    per run: the batch's (all equal) value, placed after the batched inputs so that the first
+    feed still gives the batch size."""
+    out = {k: v for k, v in batch.items() if k not in scalars}
+    for name in scalars:
+        values = batch[name]
+        if values.size and not (values == values[0]).all():
+            raise DataError(f"scalar input '{name}' takes different values within one batch of "
+                            f"{where}; use batch size 1")
+        out[name] = np.array(values[0]) if values.size else values.reshape(())
+    return out
 
 
 def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
@@ -246,6 +261,17 @@ def check_arrays(arrays: Mapping[str, Any], specs: list[InputSpec], where: str, 
     counts = {}
     for spec in specs:
         shape, dtype = tuple(arrays[spec.name].shape), np.dtype(arrays[spec.name].dtype)
+        if spec.shape == ():  # a scalar input: one 0-d value for all, or one value per sample
+            if len(shape) > 1:
+                raise DataError(f"input '{spec.name}' is a scalar: expected one value (a 0-d "
+                                f"array) or one per sample (a 1-d array), got shape "
+                                f"{_fmt(shape)} in {where}")
+            if not _convertible(dtype, spec.dtype):
+                raise DataError(f"input '{spec.name}' needs {spec.dtype} data, got {dtype} in "
+                                f"{where}")
+            if shape:
+                counts[spec.name] = shape[0]
+            continue
         if len(shape) != len(spec.shape) or not _fits(spec.shape[1:], shape[1:]):
             got = (f"{shape[0]} samples of shape {_fmt(shape[1:])}" if len(shape) > 1 else
                    f"data of shape {_fmt(shape) or '()'}")
@@ -257,6 +283,8 @@ def check_arrays(arrays: Mapping[str, Any], specs: list[InputSpec], where: str, 
     if len(set(counts.values())) > 1:
         raise DataError(f"inputs of {where} have different sample counts: "
                         + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if not counts and specs:  # scalar inputs only, each one 0-d value: one sample
+        return 1
     return next(iter(counts.values()), 0)
 
 
@@ -453,11 +481,22 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
     if n == 0:
         raise DataError(f"{name} holds no samples")
     inputs = {s.name: arrays[s.name] for s in specs}
+    per_sample = []
+    for spec in specs:
+        if spec.shape == ():  # tiny: read whole; a 0-d value is repeated for every sample
+            value = np.asarray(_whole(inputs[spec.name]))
+            if value.ndim == 1:
+                per_sample.append(spec.name)
+            inputs[spec.name] = value if value.ndim == 1 else np.broadcast_to(value, (n,))
+    if per_sample:
+        common = _scalar_batches(common, per_sample, name)
     uint8 = any(np.dtype(a.dtype) == np.uint8 for a in inputs.values())
     pre = [np.asarray(_whole(arrays[k]), np.float32) if uint8 and k in arrays and k not in inputs
            else None for k in PREPROCESS]
     for key, value in zip(PREPROCESS, pre):
         for spec in specs:
+            if spec.shape == ():
+                continue
             sample = inputs[spec.name].shape[1:]
             if value is not None and not _broadcasts(value.shape, sample):
                 raise DataError(f"{key} of shape {_fmt(value.shape) or '()'} in {name} does not "
@@ -481,6 +520,16 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
     return Dataset(chunks, name=name, num_samples=count,
                    labels=None if labels is None else labels[:count],
                    ignored=tuple(sorted(set(arrays) - used)), **common)
+
+
+def _scalar_batches(common: dict, names: list[str], where: str) -> dict:
+    """A scalar input takes one value per onnxruntime run, so one value per sample means
+    batches of one sample."""
+    if common["fixed_batch"] and common["batch_size"] != 1:
+        raise DataError(f"{where} gives one value per sample for scalar input "
+                        f"{_names(names)}, which needs batches of 1, but the model's batch is "
+                        f"fixed at {common['batch_size']}; give one 0-d value for all samples")
+    return {**common, "batch_size": 1}
 
 
 def _broadcasts(shape: tuple, sample: tuple) -> bool:
@@ -525,8 +574,13 @@ def _item_feeds(item: Any, specs: list[InputSpec], name: str, index: int) -> Fee
                         f"{_names([s.name for s in specs])}")
     for spec in specs:
         a = feeds.get(spec.name)
-        if a is not None and a.ndim == len(spec.shape) - 1:
+        if a is not None and spec.shape != () and a.ndim == len(spec.shape) - 1:
             feeds[spec.name] = a[None]
+    rows = next((len(feeds[s.name]) for s in specs if s.shape != () and s.name in feeds), 1)
+    for spec in specs:  # a scalar input's one value holds for the item's samples
+        a = feeds.get(spec.name)
+        if a is not None and spec.shape == () and a.ndim == 0:
+            feeds[spec.name] = np.broadcast_to(a, (rows,))
     return feeds
 
 
