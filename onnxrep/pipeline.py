@@ -128,7 +128,8 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
             work, original = model, work
     verifier = None
     if config.verify:
-        verifier = Verifier(original, _feeds(work, config, dataset), rtol=config.rtol,
+        verifier = Verifier(original, _feeds(work, config, dataset),
+                            rtol=verify.effective_rtol(work, config.rtol),
                             bounds=verify.output_bounds(work),
                             dataset=dataset if replay else None)
     before = weight_stats(work)
@@ -160,7 +161,7 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
         if config.verify:
             feeds = _feeds(model, config, dataset)
             replay = dataset is not None and _replayable(dataset)
-            verifier = Verifier(Path(src), feeds, rtol=config.rtol,
+            verifier = Verifier(Path(src), feeds, rtol=verify.effective_rtol(model, config.rtol),
                                 bounds=verify.output_bounds(model),
                                 dataset=dataset if replay else None,
                                 reference=verify.run(ref_session.result(), feeds))

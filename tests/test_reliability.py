@@ -558,3 +558,37 @@ def test_ceil_mode_pool_before_gemm_never_crashes(tmp_path, capsys, symbolic):
         assert code == (0 if symbolic else 2), captured.err
         if code == 2:
             assert "onnxruntime cannot load the model" in captured.err
+
+
+# ---- 10. float16 models -----------------------------------------------------------------------
+
+def _fp16(model):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16),
+                                               t.name))
+    for v in [*out.graph.input, *out.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(out)
+    return out
+
+
+def test_fp16_optimize_verifies_with_an_fp16_tolerance_quantize_refuses(tmp_path, capsys):
+    base = (Chain(channels=3, hw=(8, 8)).conv(8, outliers={2: 20.0}).relu()
+            .conv(8, group=8, outliers={1: 30.0}).relu().conv(8, k=1).relu().gap().flatten()
+            .gemm(5).build())
+    model = _fp16(base)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", input=batch_for(base, 32).astype(np.float16))
+    for extra in ([], ["--calib", str(tmp_path / "c.npz")]):
+        assert main(["optimize", str(tmp_path / "m.onnx"), "-q", "--force", *extra]) == 0
+        capsys.readouterr()
+        out = onnx.load(tmp_path / "m.opt.onnx")
+        assert out.graph.initializer[0].data_type == TensorProto.FLOAT16
+    for argv in (["quantize", "--calib", str(tmp_path / "c.npz")],
+                 ["quantize", "--calib", str(tmp_path / "c.npz"), "--no-optimize"],
+                 ["qat", "--data", str(tmp_path / "c.npz")]):
+        assert main([argv[0], str(tmp_path / "m.onnx"), *argv[1:], "-q"]) == 2
+        assert "float16" in one_line(capsys)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import argparse
 
-from onnxrep.verify import check_weights
+from onnxrep.errors import UnsupportedModelError
+from onnxrep.verify import check_weights, is_float16
 from onnxrep.cli.common import bounded, nonnegative_int, positive_float, positive_int, tolerance, add_output, add_reporting, emit_json, output_path
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
@@ -116,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(exc)) from None
     model = load(args.model)
     check_weights(model)
+    if is_float16(model):
+        raise UnsupportedModelError(f"{args.model} is a float16 model; INT8 quantization and QAT "
+                                    "need float32: convert it first (e.g. onnxconverter_common's "
+                                    "float16.convert_float16_to_float32), then run this again")
     val = load_data(args.val, model, batch_size=256) if args.val else None
     calib = load_data(args.calib, model, batch_size=args.batch_size) if args.calib else None
     log(f"qat: {args.model}")

@@ -25,7 +25,8 @@ from onnxrep.cli.common import (bounded, nonnegative_float, positive_int, tolera
                                 add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.evaluation import evaluate
-from onnxrep.verify import check_weights
+from onnxrep.errors import UnsupportedModelError
+from onnxrep.verify import check_weights, is_float16
 from onnxrep.ir.model import check_output_path, load, save
 from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
@@ -93,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     model = load(args.model)
     check_weights(model)
+    if is_float16(model):
+        raise UnsupportedModelError(f"{args.model} is a float16 model; INT8 quantization and QAT "
+                                    "need float32: convert it first (e.g. onnxconverter_common's "
+                                    "float16.convert_float16_to_float32), then run this again")
     calib = load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
     evaluation = load_data(args.eval, model, batch_size=args.batch_size) if args.eval else None
     if args.max_drop is not None and evaluation is None:

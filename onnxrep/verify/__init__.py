@@ -290,6 +290,23 @@ def check_weights(model: onnx.ModelProto) -> None:
                          "onnxrep needs finite weights")
 
 
+FP16_RTOL = 1e-2  # ~20 float16 ulps of the largest output: what fp16 rounding of a few layers gives
+
+
+def is_float16(model: onnx.ModelProto) -> bool:
+    """Whether the model computes in float16 (a float16 input, output or initializer)."""
+    f16 = onnx.TensorProto.FLOAT16
+    return (any(v.type.tensor_type.elem_type == f16
+                for v in [*model.graph.input, *model.graph.output])
+            or any(t.data_type == f16 for t in model.graph.initializer))
+
+
+def effective_rtol(model: onnx.ModelProto, rtol: float) -> float:
+    """The tolerance a check uses: ``rtol``, floored at :data:`FP16_RTOL` for float16 models,
+    whose own rounding (eps 9.8e-4 per op) exceeds float32's default 1e-4."""
+    return max(rtol, FP16_RTOL) if is_float16(model) else rtol
+
+
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}
 
