@@ -33,8 +33,8 @@ from onnxrep import verify
 from onnxrep.analysis.statistics import Statistics, collect_statistics
 from onnxrep.analysis.weights import WeightStats, weight_stats
 from onnxrep.data import as_dataset
-from onnxrep.ir.graph import GraphIndex
-from onnxrep.ir.model import atomic_output, check_opset, load, write_to
+from onnxrep.ir.graph import GraphIndex, subgraph_layers
+from onnxrep.ir.model import atomic_output, check_input_file, check_opset, load, write_to
 from onnxrep.passes.absorb_bias import AbsorbHighBias
 from onnxrep.passes.base import PassManager, PassResult, Stage, StatisticsCache, Verifier
 from onnxrep.passes.dead_inputs import ZeroDeadInputs, input_bounds_from_stats, zero_below
@@ -87,6 +87,7 @@ class Optimized:
     after: list[WeightStats]
     comparison: verify.Comparison | None
     data_comparison: verify.Comparison | None = None
+    subgraph_layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, where): left alone
 
 
 @dataclass
@@ -116,6 +117,7 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
     copy is then made only when the result will be compared with it on calibration data."""
     config = config or OptimizeConfig()
     check_opset(model)
+    verify.check_weights(model)
     dataset = _dataset(calib, model, config)
     replay = dataset is not None and _replayable(dataset)
     work, original = model, model
@@ -126,7 +128,8 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
             work, original = model, work
     verifier = None
     if config.verify:
-        verifier = Verifier(original, _feeds(work, config, dataset), rtol=config.rtol,
+        verifier = Verifier(original, _feeds(work, config, dataset),
+                            rtol=verify.effective_rtol(work, config.rtol),
                             bounds=verify.output_bounds(work),
                             dataset=dataset if replay else None)
     before = weight_stats(work)
@@ -135,7 +138,7 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
     if verifier is not None and comparison is None:  # nothing changed: exact
         comparison = verify.compare_outputs(verifier.reference, verifier.reference)
     return Optimized(work, run.results, before, weight_stats(work), comparison,
-                     run.data_comparison)
+                     run.data_comparison, subgraph_layers(work.graph))
 
 
 def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
@@ -146,17 +149,19 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
     itself, the result is verified once before it is moved into place, and no second
     in-memory copy is made."""
     config = config or OptimizeConfig()
+    check_input_file(src, "an .onnx file")  # before onnxruntime opens it (a FIFO would hang)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # onnxruntime reads the input while Python parses it and computes weight statistics
         ref_session = pool.submit(verify.session, Path(src)) if config.verify else None
         model = load(src)
+        verify.check_weights(model)
         dataset = _dataset(calib, model, config)
         before = weight_stats(model)
         verifier = None
         if config.verify:
             feeds = _feeds(model, config, dataset)
             replay = dataset is not None and _replayable(dataset)
-            verifier = Verifier(Path(src), feeds, rtol=config.rtol,
+            verifier = Verifier(Path(src), feeds, rtol=verify.effective_rtol(model, config.rtol),
                                 bounds=verify.output_bounds(model),
                                 dataset=dataset if replay else None,
                                 reference=verify.run(ref_session.result(), feeds))
@@ -165,13 +170,15 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
         manager = _manager(model, config, dataset, progress, verifier, check_each=False)
         run = manager.run(model)
     after = weight_stats(model)
+    nested = subgraph_layers(model.graph)
     with atomic_output(dst, force=force) as tmp:
         write_to(model, tmp)
         del model  # onnxruntime reads the written file; the proto's memory goes back first
         verify.release_memory()
         if verifier is not None:
             manager.verify_result(run, tmp)
-    return Optimized(None, run.results, before, after, run.comparison, run.data_comparison)
+    return Optimized(None, run.results, before, after, run.comparison, run.data_comparison,
+                     nested)
 
 
 def restore_bn(model: onnx.ModelProto, calib, layers: list[str] | None = None,

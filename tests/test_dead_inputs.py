@@ -231,7 +231,9 @@ def test_cli_optimize_with_calib_and_input_range(tmp_path, capsys):
     assert "proven, 0 observed only); their weights zeroed" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["optimize", str(src), "--input-range", "1;2"])
-    assert main(["optimize", str(src), "--input-range=2,1", "--force"]) == 2
+    with pytest.raises(SystemExit) as exc:  # checked at parse time
+        main(["optimize", str(src), "--input-range=2,1", "--force"])
+    assert exc.value.code == 2
     assert main(["optimize", str(src), "--calib", str(tmp_path / "none.npz"), "--force"]) == 2
 
 

@@ -472,10 +472,12 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", image=np.zeros((8, 1, 12, 12), np.float32))
     for argv in (["--data", str(tmp_path / "bad.npz")],
                  ["--data", str(tmp_path / "missing.npz")],
-                 ["--data", str(tmp_path / "train.npz"), "--resume"],
-                 ["--data", str(tmp_path / "train.npz"), "--epochs", "0"]):
+                 ["--data", str(tmp_path / "train.npz"), "--resume"]):
         assert main(["qat", str(model_path), *argv]) == 2
         assert "error" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # numeric options: checked at parse time
+        main(["qat", str(model_path), "--data", str(tmp_path / "train.npz"), "--epochs", "0"])
+    assert exc.value.code == 2 and "error" in capsys.readouterr().err
     assert not (tmp_path / "m.qat.onnx").exists()
 
 

@@ -345,7 +345,7 @@ def _head(feeds: dict, model: onnx.ModelProto) -> dict:
     if any(isinstance(s.shape[0], int) and s.shape[0] > 0 for s in verify.input_specs(model)
            if s.shape):
         return feeds
-    return {name: value[:1] for name, value in feeds.items()}
+    return {name: value[:1] if np.ndim(value) else value for name, value in feeds.items()}
 
 
 def _shifts(plan: list[_Probe], raw: dict) -> dict[str, np.ndarray]:

@@ -82,6 +82,8 @@ def int8_sqnr(w: np.ndarray, max_samples: int = SQNR_SAMPLES) -> float:
         return math.inf
     if w.size > max_samples:
         w = w[:: -(-w.size // max_samples)]
+    if not 1e-15 < top < 1e15:  # squares would overflow (or underflow) float32: SQNR is
+        w, top = (w / np.float32(top)).astype(np.float32), 1.0  # scale-free, so normalize
     step = np.float32(top / 127.0)
     err = w / step
     np.round(err, out=err)  # |w| <= top, so no clipping is needed

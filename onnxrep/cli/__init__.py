@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from onnxrep.errors import OnnxrepError, VerificationError
 from onnxrep.progress import quiet
@@ -39,6 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # each distinct warning once
+        warnings.showwarning = _warning_printer(args.command)
+        return _run(parser, args)
+
+
+def _warning_printer(command: str):
+    """Warnings (numpy's RuntimeWarnings, pillow's, ...) as one line each in the tool's words,
+    never raw source lines; each distinct message once."""
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"onnxrep {command}: warning: {text}", file=sys.stderr)
+
+    return show
+
+
+def _run(parser, args) -> int:
     try:
         with quiet(getattr(args, "quiet", False) or getattr(args, "json", False)):
             return args.run(args) or 0
@@ -46,9 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxrep {args.command}: error: {message(exc, _flags(parser, args.command))}",
               file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the disk or the permissions, not onnxrep: one line, exit 2
+        from onnxrep.ir.model import WRITE_ERRORS, os_error_text
+
+        if os_error_text(exc) is None or _errno(exc) not in WRITE_ERRORS:
+            raise
+        print(f"onnxrep {args.command}: error: {os_error_text(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"onnxrep {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _errno(exc: OSError):
+    from onnxrep.ir.model import _errno as errno_of
+
+    return errno_of(exc)
 
 
 def message(exc: OnnxrepError, flags: dict[str, str]) -> str:

@@ -10,14 +10,17 @@ from pathlib import Path
 
 from onnxrep.data.readers import load_data
 from onnxrep.errors import InputError
-from onnxrep.ir.model import check_output_path, default_output
+from onnxrep.ir.model import check_input_file, check_output_path, default_output
 
 SCHEMA_VERSION = 1
 
 
 def add_output(p: argparse.ArgumentParser, suffix: str) -> None:
-    p.add_argument("-o", "--output", type=Path,
-                   help=f"output model (default: <input stem>.{suffix}.onnx beside the input)")
+    p.add_argument("-o", "--output", type=str, metavar="OUT",
+                   help=f"output model (default: <input stem>.{suffix}.onnx beside the input); "
+                        f"a directory (a trailing slash, or one that exists) gets "
+                        f"<input stem>.{suffix}.onnx inside it. Never the input, a file it "
+                        "reads (external data), or a device/FIFO")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(output_suffix=suffix)
 
@@ -38,8 +41,8 @@ def add_calib(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--calib", required=required, metavar="DATA",
                    help="calibration data: .npz (arrays keyed by input name), .npy, or a folder "
                         "of images")
-    p.add_argument("--calib-limit", type=int, metavar="N", help="use at most N samples")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+    p.add_argument("--calib-limit", type=positive_int, metavar="N", help="use at most N samples")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="samples per onnxruntime run (default 32)")
 
 
@@ -63,8 +66,46 @@ def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
 
 def output_path(args: argparse.Namespace) -> Path:
     """The checked output path: default beside the input, never the input itself."""
+    check_input_file(args.model, "an .onnx file")
     out = args.output or default_output(args.model, args.output_suffix)
-    return check_output_path(args.model, out, args.force)
+    return check_output_path(args.model, out, args.force, suffix=args.output_suffix)
+
+
+# ---- numeric option types (argparse ``type=``): bad values exit 2 at parse time ----------------
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got '{text}'") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+    return value
+
+
+def bounded(kind=float, *, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite ``kind`` in [lo, hi] (open ends with ``lo_open``/``hi_open``)."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if lo_open else '>='} {lo:g}, got '{text}'")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'<' if hi_open else '<='} {hi:g}, got '{text}'")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value"
+    return parse
+
+
+positive_int = bounded(int, lo=1)
+nonnegative_int = bounded(int, lo=0)
+finite_float = bounded(float)
+positive_float = bounded(float, lo=0, lo_open=True)
+nonnegative_float = bounded(float, lo=0)
+tolerance = bounded(float, lo=0)  # --rtol: 0 means exact
 
 
 def emit_json(command: str, payload: dict) -> None:

@@ -18,10 +18,10 @@ import math
 from pathlib import Path
 
 from onnxrep.data.readers import ImageOptions, load_data
-from onnxrep.cli.common import add_reporting, emit_json
+from onnxrep.cli.common import add_reporting, emit_json, positive_float, positive_int
 from onnxrep.errors import InputError
 from onnxrep.evaluation import EvalResult, evaluate
-from onnxrep.ir.model import load
+from onnxrep.ir.model import check_input_file, load
 from onnxrep.progress import log
 from onnxrep.report import fmt, table
 
@@ -33,16 +33,16 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=".npz, .npy or folder of images")
     p.add_argument("--reference", metavar="REF.onnx",
                    help="compare every output to this model's (e.g. the FP32 original)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="samples per run (default 32; a model's fixed batch dim wins)")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N samples")
     g = p.add_argument_group("image folders (defaults: the model's size, layout and channels)")
     g.add_argument("--resize", type=_size, metavar="HxW", help="resize images to H x W")
     g.add_argument("--mean", type=_floats, metavar="M[,M,M]",
                    help="subtracted after scaling, one value or one per channel (default 0)")
     g.add_argument("--std", type=_floats, metavar="S[,S,S]",
                    help="divides after subtracting the mean (default 1)")
-    g.add_argument("--scale", type=float, help="pixel multiplier (default 1/255)")
+    g.add_argument("--scale", type=positive_float, help="pixel multiplier (default 1/255)")
     g.add_argument("--layout", choices=("NCHW", "NHWC"))
     color = g.add_mutually_exclusive_group()
     color.add_argument("--grayscale", dest="grayscale", action="store_const", const=True,
@@ -54,6 +54,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load(args.model)
+    if args.reference:
+        check_input_file(args.reference, "an .onnx file")
     dataset = load_data(args.data, model, batch_size=args.batch_size, limit=args.limit,
                         image_options=_image_options(args))
     log(f"evaluating {args.model} on {args.data}"
@@ -126,7 +128,10 @@ def _size(text: str) -> tuple[int, int]:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
+        if all(math.isfinite(v) for v in values):
+            return values
+        raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected numbers separated by commas, got '{text}'") from None

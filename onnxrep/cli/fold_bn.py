@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 
 from onnxrep import verify
-from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path,
-                                parse_input_shapes)
+from onnxrep.cli.common import (tolerance, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.ir.model import load, save
 from onnxrep.passes.base import PassManager, Stage, Verifier
 from onnxrep.passes.fold_affine import FoldBatchNorm
@@ -26,7 +25,7 @@ from onnxrep.report import table
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input ONNX model (never modified)")
     add_output(p, "folded")
-    p.add_argument("--rtol", type=float, default=1e-5,
+    p.add_argument("--rtol", type=tolerance, default=1e-5,
                    help="largest relative output error accepted (default %(default)g)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare outputs before/after with onnxruntime (default on)")

@@ -20,8 +20,11 @@ from pathlib import Path
 from onnxrep.analysis.statistics import COARSE_LEVELS, activation_ranges, collect_statistics
 from onnxrep.cli.common import add_calib, add_reporting, calib_dataset, emit_json
 from onnxrep.cli.optimize import layer_table
-from onnxrep.ir.graph import GraphIndex
-from onnxrep.ir.model import load
+from onnxrep.cli.optimize import SUBGRAPH_REASON
+from onnxrep.ir.graph import GraphIndex, subgraph_layers
+from onnxrep.passes.base import Skip
+from onnxrep.errors import InputError
+from onnxrep.ir.model import atomic_output, check_output_path, load
 from onnxrep.passes.equalize import find_pairs
 from onnxrep.analysis.weights import plot_ranges, weight_stats
 from onnxrep.report import fmt, table
@@ -36,19 +39,46 @@ def register(p: argparse.ArgumentParser) -> None:
     add_reporting(p)
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff")
+
+
+def check_plot(args: argparse.Namespace) -> None:
+    """Before any work: a format matplotlib writes, matplotlib installed, a path that is no
+    input and no device."""
+    ext = args.plot.suffix.lower().lstrip(".")
+    if ext not in PLOT_FORMATS:
+        raise InputError(f"{args.plot}: unknown plot format '{args.plot.suffix or '(none)'}'; "
+                         f"use one of .{', .'.join(PLOT_FORMATS)}", option="plot")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install 'onnxrep[plot]'",
+                         option="plot") from None
+    for model in filter(None, (args.model, args.other)):
+        check_output_path(model, args.plot, force=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.plot:
+        check_plot(args)
     models = [(args.model, load(args.model))]
     if args.other:
         models.append((args.other, load(args.other)))
     model = models[0][1]
     stats = weight_stats(model)
     pairs, skips = find_pairs(model)
+    skips = list(skips) + [Skip(node, f"{SUBGRAPH_REASON} ({where})")
+                           for node, where in subgraph_layers(model.graph)]
     labels = GraphIndex(model.graph).labels
     pair_rows = [[labels[p.first], labels[p.second],
                   " -> ".join(model.graph.node[i].op_type for i in p.path) or "-"] for p in pairs]
     other_stats = weight_stats(models[1][1]) if args.other else None
     if args.plot:
-        plot_ranges([(Path(name).name, m) for name, m in models], str(args.plot))
+        if not stats:
+            raise InputError(f"nothing to plot: {args.model} has no Conv/Gemm/MatMul layer with "
+                             "constant weights", option="plot")
+        with atomic_output(args.plot, force=True) as tmp:
+            plot_ranges([(Path(name).name, m) for name, m in models], str(tmp))
     activations = samples = None
     if args.calib:
         measured = collect_statistics(model, calib_dataset(args, model))
@@ -79,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nactivation ranges over {samples} samples (after the ReLU where one follows):")
         print(activation_table(activations))
     outliers = sum(s.outlier for s in stats)
+    if not stats:
+        print("\nnothing to equalize: no Conv/ConvTranspose/Gemm/MatMul layer with constant "
+              "weights in the main graph")
     print(f"\n{len(stats)} weight layers, {outliers} flagged (max|w| > 100 or spread > 10), "
           f"{len(pairs)} CLE pairs" + (f"; plot: {args.plot}" if args.plot else ""))
     if activations is not None:

@@ -15,10 +15,11 @@ example: onnxrep optimize models/mobileone_fmnist.onnx --calib models/fmnist_cal
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict
 
-from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, emit_json,
-                                output_path, parse_input_shapes)
+from onnxrep.cli.common import (bounded, nonnegative_float, nonnegative_int, tolerance,
+                                add_calib, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.pipeline import Optimized, OptimizeConfig, optimize_file
 from onnxrep.passes.equalize import EqualizeConfig
@@ -30,17 +31,17 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input ONNX model (never modified)")
     add_output(p, "opt")
     defaults = EqualizeConfig()
-    p.add_argument("--iterations", type=int, default=defaults.iterations,
+    p.add_argument("--iterations", type=nonnegative_int, default=defaults.iterations,
                    help="maximum CLE rounds (default %(default)s; stops earlier on convergence)")
-    p.add_argument("--tolerance", type=float, default=defaults.tolerance,
+    p.add_argument("--tolerance", type=nonnegative_float, default=defaults.tolerance,
                    help="CLE convergence: stop when no scale moves more than this "
                         "(default %(default)s)")
-    p.add_argument("--threshold", type=float, default=defaults.threshold,
+    p.add_argument("--threshold", type=nonnegative_float, default=defaults.threshold,
                    help="leave a channel unscaled when r1 + r2 is below this "
                         "(default %(default)s)")
-    p.add_argument("--max-scale", type=float, default=defaults.max_scale,
+    p.add_argument("--max-scale", type=bounded(float, lo=1), default=defaults.max_scale,
                    help="clamp each round's scale to [1/x, x] (default %(default)g)")
-    p.add_argument("--rtol", type=float, default=OptimizeConfig.rtol,
+    p.add_argument("--rtol", type=tolerance, default=OptimizeConfig.rtol,
                    help="largest relative output error accepted (default %(default)g)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare outputs before/after with onnxruntime (default on)")
@@ -63,6 +64,8 @@ def _range(text: str) -> tuple[float, float]:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI, e.g. -1,1; got '{text}'") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"expected finite LO < HI, got '{text}'")
     return lo, hi
 
 
@@ -83,13 +86,28 @@ def run(args: argparse.Namespace) -> int:
     log(f"optimizing {args.model}" + (f" with {args.calib}" if args.calib else ""))
     result = optimize_file(args.model, out, config, calib=args.calib, force=args.force,
                            progress=log)
+    nested = result.subgraph_layers
     if args.json:
-        emit_json("optimize", as_json(result, args.model, out))
+        emit_json("optimize", {**as_json(result, args.model, out),
+                               "skipped_subgraph_layers": [
+                                   {"node": n, "where": w, "reason": SUBGRAPH_REASON}
+                                   for n, w in nested]})
     else:
-        print(layer_table(result.before, result.after))
+        if result.before:
+            print(layer_table(result.before, result.after))
+        else:
+            print("nothing to equalize: the model has no Conv/ConvTranspose/Gemm/MatMul layer "
+                  "with constant weights in its main graph")
+        if nested:
+            print()
+            print(f"skipped {len(nested)} layer(s) inside subgraphs ({SUBGRAPH_REASON}):")
+            print(table(["layer", "inside"], [list(r) for r in nested], "ll"))
         print()
         print(summary(result, out))
     return 0
+
+
+SUBGRAPH_REASON = "inside an If/Loop/Scan body: onnxrep's passes leave subgraphs unchanged"
 
 
 def layer_table(before, after) -> str:

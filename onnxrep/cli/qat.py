@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 
-from onnxrep.cli.common import add_output, add_reporting, emit_json, output_path
+from onnxrep.errors import UnsupportedModelError
+from onnxrep.verify import check_weights, is_float16
+from onnxrep.cli.common import bounded, nonnegative_int, positive_float, positive_int, tolerance, add_output, add_reporting, emit_json, output_path
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.progress import log
@@ -39,24 +41,24 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="TRAIN", help="training data")
     p.add_argument("--val", metavar="DATA", help="labelled data: FP32 / PTQ / QAT top-1")
     p.add_argument("--calib", metavar="DATA", help="calibration data (BN restore, ranges)")
-    p.add_argument("--calib-samples", type=int, default=_D.calib_samples, metavar="N",
+    p.add_argument("--calib-samples", type=positive_int, default=_D.calib_samples, metavar="N",
                    help="without --calib: calibrate on the first N training samples "
                         "(default %(default)s)")
-    p.add_argument("--epochs", type=int, default=_D.epochs,
+    p.add_argument("--epochs", type=positive_int, default=_D.epochs,
                    help="default %(default)s")
-    p.add_argument("--lr", type=float, default=_D.lr,
+    p.add_argument("--lr", type=positive_float, default=_D.lr,
                    help="peak learning rate, SGD with Nesterov momentum, cosine decay "
                         "(default %(default)g)")
-    p.add_argument("--momentum", type=float, default=_D.momentum,
+    p.add_argument("--momentum", type=bounded(float, lo=0, hi=1, hi_open=True), default=_D.momentum,
                    help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=_D.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=_D.batch_size,
                    help="global batch size (default %(default)s)")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
                    help="per-output-channel weight scales (default: per-tensor)")
     p.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=False,
                    help="7-bit weights: no int16 saturation in onnxruntime's u8s8 kernels on "
                         "CPUs without VNNI, so the deployed model computes what was trained")
-    p.add_argument("--freeze-bn-after", type=int, metavar="K",
+    p.add_argument("--freeze-bn-after", type=nonnegative_int, metavar="K",
                    help="after K steps, BNs use and keep their running statistics")
     p.add_argument("--restore-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="insert BNs after the Convs before training (default on)")
@@ -69,15 +71,15 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=_D.seed, help="default %(default)s")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="write DIR/qat_checkpoint.pt after each epoch (and --checkpoint-every)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=nonnegative_int, default=0, metavar="N",
                    help="also checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the --checkpoint")
-    p.add_argument("--max-steps", type=int, metavar="N",
+    p.add_argument("--max-steps", type=positive_int, metavar="N",
                    help="stop after N steps in all (checkpointed; resume later)")
-    p.add_argument("--rtol", type=float, default=_D.rtol,
+    p.add_argument("--rtol", type=tolerance, default=_D.rtol,
                    help="largest relative torch vs onnxruntime error accepted before training "
                         "(default %(default)g; deep nets on real data may need 1e-4)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch threads (default: torch's choice; on a busy machine 1 per "
                         "process is often much faster)")
     p.add_argument("--ptq", action=argparse.BooleanOptionalAction, default=True,
@@ -114,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     model = load(args.model)
+    check_weights(model)
+    if is_float16(model):
+        raise UnsupportedModelError(f"{args.model} is a float16 model; INT8 quantization and QAT "
+                                    "need float32: convert it first (e.g. onnxconverter_common's "
+                                    "float16.convert_float16_to_float32), then run this again")
     val = load_data(args.val, model, batch_size=256) if args.val else None
     calib = load_data(args.calib, model, batch_size=args.batch_size) if args.calib else None
     log(f"qat: {args.model}")

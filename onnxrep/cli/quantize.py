@@ -21,10 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from onnxrep.data.readers import load_data
-from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json, output_path,
-                                parse_input_shapes)
+from onnxrep.cli.common import (bounded, nonnegative_float, positive_int, tolerance,
+                                add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
 from onnxrep.errors import InputError
 from onnxrep.evaluation import evaluate
+from onnxrep.errors import UnsupportedModelError
+from onnxrep.verify import check_weights, is_float16
 from onnxrep.ir.model import check_output_path, load, save
 from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
@@ -41,13 +43,13 @@ def register(p: argparse.ArgumentParser) -> None:
     add_output(p, "int8")
     p.add_argument("--calib", required=True, metavar="DATA",
                    help="calibration data: .npz/.npy, or a folder of images")
-    p.add_argument("--calib-limit", type=int, metavar="N", help="use at most N samples")
-    p.add_argument("--batch-size", type=int, default=32, help="calibration batch (default 32)")
+    p.add_argument("--calib-limit", type=positive_int, metavar="N", help="use at most N samples")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch (default 32)")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
                    help="per-output-channel weight scales (default: per-tensor)")
     p.add_argument("--method", choices=METHODS, default=_D.method.value,
                    help="calibration method (default %(default)s)")
-    p.add_argument("--percentile", type=float, default=_D.percentile,
+    p.add_argument("--percentile", type=bounded(float, lo=0, hi=100, lo_open=True), default=_D.percentile,
                    help="for --method percentile: share of |x| kept (default %(default)s)")
     p.add_argument("--activation-type", choices=ACTIVATION_TYPES, default=_D.activation_type.value,
                    help="default %(default)s")
@@ -58,7 +60,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="NODE",
                    help="keep these nodes in FP32; 'auto' or 'auto:K' keeps the K (default 1) "
                         "most sensitive nodes of the per-layer report")
-    p.add_argument("--max-drop", type=float, metavar="PP",
+    p.add_argument("--max-drop", type=nonnegative_float, metavar="PP",
                    help="with --eval: keep nodes in FP32, most sensitive first, until top-1 is "
                         "within PP points of FP32")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction,
@@ -71,13 +73,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-float", type=Path, metavar="PATH",
                    help="also write the FP32 model that was quantized (optimized, prepared, "
                         "bias-corrected): the reference a per-layer report needs later")
-    p.add_argument("--calibration-chunk", type=int, default=_D.calibration_chunk, metavar="N",
+    p.add_argument("--calibration-chunk", type=positive_int, default=_D.calibration_chunk, metavar="N",
                    help="batches per calibrator call; bounds entropy/percentile memory "
                         "(default %(default)s)")
-    p.add_argument("--analysis-samples", type=int, default=_D.analysis_samples, metavar="N",
+    p.add_argument("--analysis-samples", type=positive_int, default=_D.analysis_samples, metavar="N",
                    help="calibration samples used by --report, --exclude auto, --max-drop and "
                         "bias correction (default %(default)s)")
-    p.add_argument("--rtol", type=float, default=OptimizeConfig.rtol,
+    p.add_argument("--rtol", type=tolerance, default=OptimizeConfig.rtol,
                    help="largest relative output error accepted from the FP32 passes before "
                         "quantization (default %(default)g)")
     add_input_shape(p)
@@ -92,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--save-float must differ from the output path")
     config = _config(args)
     model = load(args.model)
+    check_weights(model)
+    if is_float16(model):
+        raise UnsupportedModelError(f"{args.model} is a float16 model; INT8 quantization and QAT "
+                                    "need float32: convert it first (e.g. onnxconverter_common's "
+                                    "float16.convert_float16_to_float32), then run this again")
     calib = load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
     evaluation = load_data(args.eval, model, batch_size=args.batch_size) if args.eval else None
     if args.max_drop is not None and evaluation is None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxrep.cli.common import (add_calib, add_output, add_reporting, calib_dataset, emit_json,
-                                output_path)
+from onnxrep.cli.common import (nonnegative_float, positive_int, tolerance, add_calib, add_output, add_reporting, calib_dataset, emit_json, output_path)
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.pipeline import Restored, restore_bn_with_details
@@ -29,11 +28,11 @@ def register(p: argparse.ArgumentParser) -> None:
     add_calib(p, required=True)
     p.add_argument("--layers", metavar="NAME,...", type=lambda s: [n for n in s.split(",") if n],
                    help="only these Conv nodes (default: every Conv)")
-    p.add_argument("--eps", type=float, default=1e-5, help="BN epsilon (default %(default)g)")
-    p.add_argument("--rtol", type=float, default=1e-5,
+    p.add_argument("--eps", type=nonnegative_float, default=1e-5, help="BN epsilon (default %(default)g)")
+    p.add_argument("--rtol", type=tolerance, default=1e-5,
                    help="largest relative output error accepted on the calibration data "
                         "(default %(default)g)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="processes for the statistics pass (default 1)")
     add_reporting(p)
 

@@ -125,13 +125,14 @@ class Dataset:
         self.dropped = 0
         checked = _take(self._checked(self._chunks()), self._limit)
         yielded = 0
+        scalars = [s.name for s in self._specs if s.shape == ()]
         for batch in _rebatch(checked, self.batch_size):
             n = _rows(batch)
             if self._fixed and n < self.batch_size:
                 self.dropped = n
                 break
             yielded += n
-            yield batch
+            yield _scalars_last(batch, scalars, self.name) if scalars else batch
         if yielded == 0:
             if self.dropped:
                 raise DataError(f"{self.name} holds {self.dropped} samples, fewer than the "
@@ -144,6 +145,20 @@ class Dataset:
             feeds = check_feeds(feeds, self._specs, self.name, offset)
             offset += _rows(feeds)
             yield feeds
+
+
+def _scalars_last(batch: Feeds, scalars: list[str], where: str) -> Feeds:
+    """Internally a scalar input carries one value per sample; onnxruntime takes one 0-d value
+    per run: the batch's (all equal) value, placed after the batched inputs so that the first
+    feed still gives the batch size."""
+    out = {k: v for k, v in batch.items() if k not in scalars}
+    for name in scalars:
+        values = batch[name]
+        if values.size and not (values == values[0]).all():
+            raise DataError(f"scalar input '{name}' takes different values within one batch of "
+                            f"{where}; use batch size 1")
+        out[name] = np.array(values[0]) if values.size else values.reshape(())
+    return out
 
 
 def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
@@ -160,6 +175,8 @@ def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is not None and not path.exists():
         raise DataError(f"data not found: {path}")
+    if path is not None and not path.is_dir():
+        _check_regular(path)
     if image_options is not None and not (path and path.is_dir()):
         raise InputError("image options apply only to a folder of images")
     if path is not None:
@@ -194,6 +211,16 @@ def as_dataset(source: Any, model: onnx.ModelProto | str | os.PathLike, *,
         model = onnx.load(os.fspath(model), load_external_data=False)
     return load_data(source, model, batch_size=batch_size, limit=limit,
                      image_options=image_options)
+
+
+def _check_regular(path: Path) -> None:
+    """A data file must be a regular file: stat only, so a FIFO is refused without opening it."""
+    from onnxrep.ir.model import check_input_file
+
+    try:
+        check_input_file(path, "a data file (.npz, .npy) or a folder of images")
+    except InputError as exc:
+        raise DataError(str(exc)) from None
 
 
 # ---- checks -----------------------------------------------------------------------------------
@@ -234,6 +261,17 @@ def check_arrays(arrays: Mapping[str, Any], specs: list[InputSpec], where: str, 
     counts = {}
     for spec in specs:
         shape, dtype = tuple(arrays[spec.name].shape), np.dtype(arrays[spec.name].dtype)
+        if spec.shape == ():  # a scalar input: one 0-d value for all, or one value per sample
+            if len(shape) > 1:
+                raise DataError(f"input '{spec.name}' is a scalar: expected one value (a 0-d "
+                                f"array) or one per sample (a 1-d array), got shape "
+                                f"{_fmt(shape)} in {where}")
+            if not _convertible(dtype, spec.dtype):
+                raise DataError(f"input '{spec.name}' needs {spec.dtype} data, got {dtype} in "
+                                f"{where}")
+            if shape:
+                counts[spec.name] = shape[0]
+            continue
         if len(shape) != len(spec.shape) or not _fits(spec.shape[1:], shape[1:]):
             got = (f"{shape[0]} samples of shape {_fmt(shape[1:])}" if len(shape) > 1 else
                    f"data of shape {_fmt(shape) or '()'}")
@@ -245,6 +283,8 @@ def check_arrays(arrays: Mapping[str, Any], specs: list[InputSpec], where: str, 
     if len(set(counts.values())) > 1:
         raise DataError(f"inputs of {where} have different sample counts: "
                         + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if not counts and specs:  # scalar inputs only, each one 0-d value: one sample
+        return 1
     return next(iter(counts.values()), 0)
 
 
@@ -359,12 +399,28 @@ class _NpzMember:
 
     def __init__(self, path: Path, info: zipfile.ZipInfo, zf: zipfile.ZipFile):
         self.path, self.info, self.key = path, info, info.filename[:-4]
+        self._verified = False
         with zf.open(info) as f:
             self.shape, self.fortran, self.dtype = _npy_header(f)
+
+    def verify(self) -> None:
+        """Check the member's CRC-32 once, streamed in 4 MB reads (memory: one read): the
+        uncompressed members are otherwise read by offset, which zipfile never checks."""
+        if self._verified:
+            return
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.info) as f:
+                while f.read(4 << 20):
+                    pass
+        except Exception as exc:  # BadZipFile (bad CRC-32), zlib.error, OSError, ...
+            raise DataError(f"{self.path} is corrupted ('{self.key}': {_first_line(exc)})") \
+                from None
+        self._verified = True
 
     def rows(self) -> _FileRows | np.ndarray:
         if self.info.compress_type != zipfile.ZIP_STORED or self.fortran:
             return self.array()
+        self.verify()
         with open(self.path, "rb") as f:  # skip the zip local header, then the .npy header
             f.seek(self.info.header_offset)
             name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
@@ -376,9 +432,9 @@ class _NpzMember:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 return z[self.key]
-        except (ValueError, OSError) as exc:
-            raise DataError(f"cannot read '{self.key}' of {self.path}: {_first_line(exc)}") \
-                from None
+        except Exception as exc:  # zlib.error, BadZipFile (CRC), a garbled header, ...
+            raise DataError(f"cannot read '{self.key}' of {self.path} (corrupted?): "
+                            f"{_first_line(exc)}") from None
 
 
 def _npy_header(f) -> tuple:
@@ -393,7 +449,7 @@ def _npz_members(path: Path) -> dict[str, _NpzMember]:
         with zipfile.ZipFile(path) as zf:
             return {m.key: m for m in (_NpzMember(path, info, zf) for info in zf.infolist()
                                        if info.filename.endswith(".npy"))}
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # BadZipFile, zlib.error, a garbled .npy header (TokenError), ...
         raise DataError(f"cannot read {path} as .npz: {_first_line(exc)}") from None
 
 
@@ -404,7 +460,7 @@ def _open_npy(path: Path) -> _FileRows | np.ndarray:
             if not fortran:
                 return _FileRows(path, f.tell(), shape, dtype)
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # a garbled header (ValueError, TokenError, SyntaxError), OSError
         raise DataError(f"cannot read {path} as .npy: {_first_line(exc)}") from None
 
 
@@ -425,11 +481,22 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
     if n == 0:
         raise DataError(f"{name} holds no samples")
     inputs = {s.name: arrays[s.name] for s in specs}
+    per_sample = []
+    for spec in specs:
+        if spec.shape == ():  # tiny: read whole; a 0-d value is repeated for every sample
+            value = np.asarray(_whole(inputs[spec.name]))
+            if value.ndim == 1:
+                per_sample.append(spec.name)
+            inputs[spec.name] = value if value.ndim == 1 else np.broadcast_to(value, (n,))
+    if per_sample:
+        common = _scalar_batches(common, per_sample, name)
     uint8 = any(np.dtype(a.dtype) == np.uint8 for a in inputs.values())
     pre = [np.asarray(_whole(arrays[k]), np.float32) if uint8 and k in arrays and k not in inputs
            else None for k in PREPROCESS]
     for key, value in zip(PREPROCESS, pre):
         for spec in specs:
+            if spec.shape == ():
+                continue
             sample = inputs[spec.name].shape[1:]
             if value is not None and not _broadcasts(value.shape, sample):
                 raise DataError(f"{key} of shape {_fmt(value.shape) or '()'} in {name} does not "
@@ -453,6 +520,16 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
     return Dataset(chunks, name=name, num_samples=count,
                    labels=None if labels is None else labels[:count],
                    ignored=tuple(sorted(set(arrays) - used)), **common)
+
+
+def _scalar_batches(common: dict, names: list[str], where: str) -> dict:
+    """A scalar input takes one value per onnxruntime run, so one value per sample means
+    batches of one sample."""
+    if common["fixed_batch"] and common["batch_size"] != 1:
+        raise DataError(f"{where} gives one value per sample for scalar input "
+                        f"{_names(names)}, which needs batches of 1, but the model's batch is "
+                        f"fixed at {common['batch_size']}; give one 0-d value for all samples")
+    return {**common, "batch_size": 1}
 
 
 def _broadcasts(shape: tuple, sample: tuple) -> bool:
@@ -497,8 +574,13 @@ def _item_feeds(item: Any, specs: list[InputSpec], name: str, index: int) -> Fee
                         f"{_names([s.name for s in specs])}")
     for spec in specs:
         a = feeds.get(spec.name)
-        if a is not None and a.ndim == len(spec.shape) - 1:
+        if a is not None and spec.shape != () and a.ndim == len(spec.shape) - 1:
             feeds[spec.name] = a[None]
+    rows = next((len(feeds[s.name]) for s in specs if s.shape != () and s.name in feeds), 1)
+    for spec in specs:  # a scalar input's one value holds for the item's samples
+        a = feeds.get(spec.name)
+        if a is not None and spec.shape == () and a.ndim == 0:
+            feeds[spec.name] = np.broadcast_to(a, (rows,))
     return feeds
 
 
@@ -559,7 +641,7 @@ def _image_dataset(root: Path, options: ImageOptions, common: dict) -> Dataset:
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
                 return np.asarray(im, np.float32)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, ValueError, DecompressionBombError, ...
             raise DataError(f"cannot read image {path}: {_first_line(exc)}") from None
 
     def chunks() -> Iterator[Feeds]:

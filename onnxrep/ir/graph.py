@@ -131,3 +131,24 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 def _np_dtype(data_type: int) -> np.dtype:
     return onnx.helper.tensor_dtype_to_np_dtype(data_type)
+
+
+SUBGRAPH_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def subgraph_layers(graph: onnx.GraphProto, where: str = "") -> list[tuple[str, str]]:
+    """(layer label, where) for every Conv/ConvTranspose/Gemm/MatMul inside an If/Loop/Scan
+    body, at any depth: onnxrep's passes work on the main graph only and leave these alone."""
+    found = []
+    for i, node in enumerate(graph.node):
+        label = node.name or f"{node.op_type}#{i}"
+        for a in node.attribute:
+            bodies = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+            for body in bodies:
+                inside = f"{where} > " if where else ""
+                here = f"{inside}{node.op_type} '{label}' {a.name}"
+                for j, n in enumerate(body.node):
+                    if n.op_type in SUBGRAPH_LAYER_OPS and n.domain in ("", "ai.onnx"):
+                        found.append((n.name or f"{n.op_type}#{j}", here))
+                found.extend(subgraph_layers(body, here))
+    return found

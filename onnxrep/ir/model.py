@@ -8,8 +8,10 @@ the destination directory) and switches to external data past protobuf's 2 GB li
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -29,19 +31,14 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 
     Files up to 64 MB go through ``onnx.checker``; larger ones only through the parser, since
     the checker would hold a second copy, and are validated when onnxruntime loads them."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected an .onnx file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: file is empty")
+    path = check_input_file(path, "an .onnx file")
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
         reason = "not an ONNX model or truncated" if "pars" in str(exc).lower() else str(exc)
         raise InputError(f"{path}: cannot read ONNX: {reason}") from None
-    if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
+    if model.ir_version == 0 or not model.HasField("graph") or not (
+            model.graph.node or model.graph.output):
         raise InputError(f"{path}: not an ONNX model (no graph) or truncated")
     if path.stat().st_size <= _CHECKER_LIMIT:
         try:
@@ -50,6 +47,48 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
             raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
     check_opset(model)
     return model
+
+
+def check_input_file(path: str | os.PathLike, what: str = "a file") -> Path:
+    """``path`` as a Path when it is an existing, non-empty regular file; one-sentence
+    :class:`InputError` otherwise. Only ``stat`` is used, so a FIFO is refused without being
+    opened (opening one blocks until a writer appears)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {_strerror(exc)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path}: is a directory, expected {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: is {_kind(st.st_mode)}, not a regular file; expected {what}")
+    if st.st_size == 0:
+        raise InputError(f"{path}: file is empty")
+    return path
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _errno(exc: OSError) -> int | None:
+    if exc.errno is not None:
+        return exc.errno
+    return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+
+
+def _strerror(exc: OSError) -> str:
+    """'no space left on device', 'permission denied', ..."""
+    code = _errno(exc)
+    text = exc.strerror or (os.strerror(code) if code else str(exc))
+    return (text or type(exc).__name__).lower()
 
 
 def check_opset(model: onnx.ModelProto) -> int:
@@ -88,17 +127,55 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path}: output exists", option="force")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _check_writable_target(path)
+    tmpdir = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         tmp = tmpdir / path.name
         yield tmp
         data = tmpdir / f"{path.name}.data"
         if data.exists():
             os.replace(data, path.parent / data.name)
         os.replace(tmp, path)
+    except OSError as exc:
+        if _errno(exc) in _WRITE_ERRORS or isinstance(exc, PermissionError):
+            raise InputError(f"cannot write {path}: {_strerror(exc)}", option="output") from None
+        raise
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def os_error_text(exc: OSError) -> str | None:
+    """'cannot write FILE: no space left on device' for an error of the disk or the
+    permissions (temporary files included), else None."""
+    if _errno(exc) not in WRITE_ERRORS and not isinstance(exc, PermissionError):
+        return None
+    target = exc.filename or "a temporary file"
+    return f"cannot write {target}: {_strerror(exc)}"
+
+
+# errors of the destination (disk, quota, permissions), not of onnxrep: exit 2, one line
+WRITE_ERRORS = _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                 errno.EFBIG, errno.EIO, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR,
+                 errno.EEXIST, errno.ENOENT, errno.EXDEV}
+
+
+def _check_writable_target(path: Path) -> None:
+    """An existing output must be a regular file (a rename over /dev/null or a FIFO would
+    replace the node) and never a directory."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {_strerror(exc)}", option="output") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path}: is a directory", option="output")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: is {_kind(st.st_mode)}, not a regular file; onnxrep writes "
+                         "only regular files", option="output")
 
 
 def write_to(model: onnx.ModelProto, path: Path) -> None:
@@ -181,17 +258,79 @@ def default_output(input_path: str | os.PathLike, suffix: str) -> Path:
 
 
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike,
-                      force: bool) -> Path:
-    """Refuse to write over the input, or over an existing output without ``force``."""
-    src, dst = Path(input_path), Path(output_path)
-    if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and dst.samefile(src)):
-        raise InputError(f"{dst}: output path is the input file; choose another output",
-                         option="output")
+                      force: bool, *, suffix: str | None = None) -> Path:
+    """Refuse to write over the input, over any file the input reads (its external data), over
+    a device, FIFO, socket or directory, or over an existing output without ``force``.
+
+    With ``suffix``, an output path that names a directory (a trailing slash, or an existing
+    directory) means ``<dir>/<input stem>.<suffix>.onnx`` inside it (created if missing). The
+    output's own ``<out>.data`` (written past 2 GB) is checked the same way."""
+    src, text = Path(input_path), os.fspath(output_path)
+    dst = Path(text)
+    if suffix is not None and (text.endswith(("/", os.sep)) or dst.is_dir()):
+        dst = dst / default_output(src, suffix).name
+    elif text.endswith(("/", os.sep)):
+        raise InputError(f"{text}: names a directory; give a file name", option="output")
+    targets = (dst, dst.with_name(f"{dst.name}.data"))
+    # only an existing file can be damaged: read the input's references only then
+    protected = input_files(src) if any(t.exists() for t in targets) else [src]
+    for target in targets:
+        for p in protected:
+            if _same(target, p):
+                what = ("the input file" if p == protected[0]
+                        else f"a file the input reads ({p.name}, its external data)")
+                name = "output path" if target == dst else f"the output's external data {target.name}"
+                raise InputError(f"{target}: {name} is {what}; choose another output",
+                                 option="output")
+    _check_writable_target(dst)
     if dst.exists() and not force:
         raise InputError(f"{dst}: output exists", option="force")
-    if dst.is_dir():
-        raise InputError(f"{dst}: is a directory")
     return dst
+
+
+def _same(a: Path, b: Path) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b) or a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and every external-data file its tensors reference (read from the graph
+    without loading the data; only for a regular file, so a FIFO is never opened)."""
+    path = Path(path)
+    files = [path]
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return files
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: load() reports it later
+        return files
+    base = path.parent
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                f = base / location
+                if f not in files:
+                    files.append(f)
+    return files
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    yield from (s.values for s in graph.sparse_initializer)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for g in a.graphs:
+                yield from _tensors(g)
 
 
 def _first_line(exc: BaseException) -> str:

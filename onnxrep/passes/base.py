@@ -125,6 +125,7 @@ class Verifier:
         self.original, self.feeds, self.rtol, self.bounds = original, feeds, rtol, bounds
         self.dataset = dataset
         self.reference = reference if reference is not None else verify.run(original, feeds)
+        verify.check_reference(self.reference, "the verification inputs")
 
     def check(self, candidate: verify.ModelLike, passes: list[Pass], what: str
               ) -> tuple[verify.Comparison, verify.Comparison | None]:

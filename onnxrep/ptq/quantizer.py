@@ -186,6 +186,10 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     config = config or QuantizeConfig()
     start = time.monotonic()
     check_opset(model)
+    from onnxrep.verify import is_float16  # validation: the INT8 path is float32-only
+    if is_float16(model):
+        raise UnsupportedModelError("a float16 model: INT8 quantization needs float32; "
+                                    "convert it first")
     dataset = as_dataset(calib, model, batch_size=batch_size)
     if config.max_drop is not None and evaluation is None:
         raise InputError("max_drop needs labelled evaluation data")

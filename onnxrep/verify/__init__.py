@@ -185,24 +185,130 @@ class Comparison:
 def metrics(reference: np.ndarray, candidate: np.ndarray, bound: float = 0.0
             ) -> OutputMetrics:
     """``bound``: the output's activation range (:func:`output_bounds`), a floor for the
-    relative error's denominator."""
+    relative error's denominator. Never raises on inf/NaN: a value the candidate gets wrong
+    where the reference is finite counts as an infinite error; identical non-finite values
+    (the same inf, NaN against NaN) count as equal. Computed in float64 without overflow."""
     ref = np.asarray(reference, np.float64)
     cand = np.asarray(candidate, np.float64)
     if ref.shape != cand.shape:
         raise VerificationError(f"output shapes differ: {ref.shape} vs {cand.shape}")
-    diff = np.abs(ref - cand)
-    max_abs = float(diff.max(initial=0.0))
-    scale = max(float(np.abs(ref).max(initial=0.0)), bound)
-    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    noise = float(np.sum(diff**2))
-    signal = float(np.sum(ref**2))
-    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    norms = float(np.linalg.norm(ref) * np.linalg.norm(cand))
-    cosine = float(np.sum(ref * cand) / norms) if norms > 0 else float(max_abs == 0)
+    with np.errstate(all="ignore"):
+        same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
+        diff = np.where(same, 0.0, np.abs(ref - cand))
+        diff[np.isnan(diff)] = np.inf
+        max_abs = float(diff.max(initial=0.0))
+        ref_f = np.where(np.isfinite(ref), ref, 0.0)
+        cand_f = np.where(np.isfinite(cand), cand, 0.0)
+        scale = max(float(np.abs(ref_f).max(initial=0.0)), bound)
+        rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+        # sums of squares on values scaled to <= 1, so 1e200 outputs do not overflow
+        unit = max(float(np.abs(ref_f).max(initial=0.0)), float(np.abs(cand_f).max(initial=0.0)))
+        unit = unit if unit > 0 else 1.0
+        r, c = ref_f / unit, cand_f / unit
+        d = np.where(np.isfinite(diff), diff / unit, np.inf)
+        noise, signal = float(np.sum(d * d)), float(np.sum(r * r))
+        norms = float(np.linalg.norm(r) * np.linalg.norm(c))
+        cosine = float(np.sum(r * c) / norms) if norms > 0 else float(max_abs == 0)
     top1 = None
     if ref.ndim == 2 and ref.shape[1] > 1:
-        top1 = float(np.mean(ref.argmax(1) == cand.argmax(1)))
-    return OutputMetrics(max_abs, rel, sqnr, cosine, top1)
+        top1 = float(np.mean(np.argmax(ref_f, 1) == np.argmax(cand_f, 1)))
+    return OutputMetrics(max_abs, rel, sqnr_db(signal, noise), cosine, top1)
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise), total on every input: inf without noise, -inf without signal
+    (or infinite noise), never a math domain error."""
+    if noise == 0:
+        return math.inf
+    if not signal > 0 or not math.isfinite(noise) or math.isnan(signal):
+        return -math.inf
+    ratio = signal / noise
+    if ratio == 0:
+        return -math.inf
+    return math.inf if math.isinf(ratio) else 10 * math.log10(ratio)
+
+
+def nonfinite(outputs: Mapping[str, np.ndarray]) -> str | None:
+    """'output 'y' holds 3 NaN and 1 inf value(s)' for the first output with non-finite
+    values, else None."""
+    for name, value in outputs.items():
+        a = np.asarray(value)
+        if a.dtype.kind not in "fc":
+            continue
+        finite = np.isfinite(a)
+        if not finite.all():
+            nan = int(np.isnan(a).sum())
+            inf = int(a.size - finite.sum()) - nan
+            parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
+            return f"output '{name}' holds {' and '.join(p for p in parts if p)} value(s)"
+    return None
+
+
+def check_reference(outputs: Mapping[str, np.ndarray], where: str) -> None:
+    """The original model must give finite outputs to be verified against: when it already
+    outputs inf/NaN, say so (an input problem, exit 2), rather than blame the first pass."""
+    problem = nonfinite(outputs)
+    if problem:
+        raise InputError(f"the original model already outputs inf/NaN on {where} ({problem}): "
+                         "its outputs cannot be verified; check its weights (a BatchNormalization "
+                         "with variance 0 and epsilon 0, a division by zero) or the data")
+
+
+def check_weights(model: onnx.ModelProto) -> None:
+    """Refuse NaN/inf in any float initializer or Constant, naming the tensor and a node that
+    reads it: 'weight 'W' of node 'conv3' holds 2 NaN values'."""
+    from onnx import numpy_helper
+
+    consumers: dict[str, str] = {}
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            consumers.setdefault(name, node.name or f"{node.op_type}#{i}")
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    tensors.append((node.output[0], a.t))
+    for name, tensor in tensors:
+        if tensor.data_type not in _FLOAT_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL \
+                and not tensor.raw_data:
+            continue
+        try:
+            a = numpy_helper.to_array(tensor)
+        except Exception:  # noqa: BLE001 - unreadable tensors are onnxruntime's to report
+            continue
+        finite = np.isfinite(a)
+        if finite.all():
+            continue
+        nan = int(np.isnan(a).sum())
+        inf = int(a.size - finite.sum()) - nan
+        what = " and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "")
+                            if p)
+        node = consumers.get(name)
+        where = f" of node '{node}'" if node else ""
+        raise InputError(f"weight '{name}'{where} holds {what} value{'s' if nan + inf > 1 else ''}; "
+                         "onnxrep needs finite weights")
+
+
+FP16_RTOL = 1e-2  # ~20 float16 ulps of the largest output: what fp16 rounding of a few layers gives
+
+
+def is_float16(model: onnx.ModelProto) -> bool:
+    """Whether the model computes in float16 (a float16 input, output or initializer)."""
+    f16 = onnx.TensorProto.FLOAT16
+    return (any(v.type.tensor_type.elem_type == f16
+                for v in [*model.graph.input, *model.graph.output])
+            or any(t.data_type == f16 for t in model.graph.initializer))
+
+
+def effective_rtol(model: onnx.ModelProto, rtol: float) -> float:
+    """The tolerance a check uses: ``rtol``, floored at :data:`FP16_RTOL` for float16 models,
+    whose own rounding (eps 9.8e-4 per op) exceeds float32's default 1e-4."""
+    return max(rtol, FP16_RTOL) if is_float16(model) else rtol
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
 
 
 def compare_outputs(reference: Mapping[str, np.ndarray],
@@ -235,7 +341,7 @@ def check(comparison: Comparison, rtol: float, what: str) -> None:
 
 def needed_tolerance(rel: float) -> float:
     """The power of ten at or above ``rel``: the tolerance that would have passed."""
-    if not math.isfinite(rel):
+    if not math.isfinite(rel) or rel > 1e300:
         return math.inf
     return 10.0 ** math.ceil(math.log10(max(rel, 1e-30)))
 

@@ -18,8 +18,8 @@ import onnx
 from onnxrep.data import as_dataset
 from onnxrep.errors import InputError
 from onnxrep.progress import Progress
-from onnxrep.verify import (Comparison, ModelLike, OutputMetrics, check, output_bounds, run,
-                            session)
+from onnxrep.verify import (Comparison, ModelLike, OutputMetrics, check, nonfinite,
+                            output_bounds, run, session, sqnr_db)
 
 
 def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
@@ -36,7 +36,13 @@ def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
         for feeds in dataset.batches():
             ref, out = run(ref_sess, feeds), run(cand_sess, feeds)
             for name, acc in sums.items():
-                acc.update(ref[name], out[name], name)
+                try:
+                    acc.update(ref[name], out[name], name)
+                except InputError as exc:
+                    text = str(exc).replace("the reference model outputs",
+                                            "the original model already outputs", 1)
+                    raise InputError(f"{text} of the calibration data; its outputs cannot be "
+                                     "verified") from None
             n = len(next(iter(feeds.values())))
             samples += n
             bar.update(n)
@@ -61,7 +67,12 @@ class Fidelity:
         if ref.shape != cand.shape:
             raise InputError(f"output '{name}' has shape {cand.shape} in the model but "
                              f"{ref.shape} in the reference")
-        diff = ref - cand
+        if not np.isfinite(ref).all():  # nothing to measure against: an input problem
+            raise InputError(f"the reference model outputs inf/NaN ({nonfinite({name: ref})}) "
+                             f"on samples {self.rows}..{self.rows + len(ref) - 1}")
+        with np.errstate(all="ignore"):
+            diff = ref - cand
+        diff[~np.isfinite(diff)] = np.inf  # a NaN error must not read as no error
         self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
         self.ref_max = max(self.ref_max, float(np.abs(ref).max(initial=0.0)))
         self.noise += float(np.vdot(diff, diff))
@@ -77,10 +88,7 @@ class Fidelity:
         m = self.max_abs
         scale = max(self.ref_max, self.bound)
         rel = m / scale if scale > 0 else (0.0 if m == 0 else math.inf)
-        if self.noise == 0:
-            sqnr = math.inf
-        else:
-            sqnr = 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        sqnr = sqnr_db(self.signal, self.noise)
         norms = math.sqrt(self.signal) * math.sqrt(self.cand_sq)
         cosine = self.dot / norms if norms > 0 else float(m == 0)
         top1 = self.agree / self.rows if self.classifier and self.rows else None
