@@ -9,21 +9,32 @@ fixed (same calibrated ranges), for each Conv / ConvTranspose / Gemm in topologi
 
 where y is the FP32 layer's output before its activation and y_q the same tensor in the
 quantized model with every earlier correction already applied, so corrections compose. Between
-layers only the quantized model's int32 bias changes, round(b / s_b) with its own scale s_b, so
-one onnxruntime session serves all layers (the biases are fed as inputs). The corrected FP32
-biases are then quantized again with the same ranges; the mean error |E[y - y_q]| per channel is
-reported before and after, measured on the final model.
+layers only the quantized model's int32 bias changes, round(b / s_b) with its own scale s_b.
+The corrected FP32 biases are then quantized again with the same ranges; the mean error
+|E[y - y_q]| per channel is reported before and after.
+
+How it runs (about one inference of each model per sample, whatever the number of layers):
+1. the FP32 model once over the analysis samples: each layer's channel means E[y] (ReduceMean
+   outputs, not whole activations) and the graph outputs;
+2. the uncorrected QDQ model once: the "before" means and its outputs (for the guard);
+3. one sweep of the QDQ model cut into per-layer segments in topological order
+   (:class:`_Sweep`): each segment runs on the cached outputs of the earlier ones, the layer's
+   mean gives its correction, and the change of its dequantized bias is added to its cached
+   output before any consumer runs, as a rerun with the new bias would compute. The last
+   segment yields the corrected model's outputs; the "after" means are the measured ones plus
+   the change. When onnxruntime, quantizing the corrected biases, chooses other parameters
+   (it may widen a weight scale to fit a large int32 bias), the written model is run once
+   instead. Memory: the tensors live at one layer frontier for all analysis samples (each
+   layer's mean needs every sample before its consumers run), plus one batch's intermediates.
 
 Guard: the corrected model is kept only when its output SQNR against FP32 on the same samples
-is higher than without the correction. Matching channel means helped both shipped models
-(logit SQNR +2 to +4 dB on the 10k test set) but lowered PP-OCRv4's detector per-channel
-(probability-map SQNR 12.8 -> 11.9 dB on test images, 13.0 -> 11.4 dB on the analysis images
-themselves), so the check on the analysis samples catches it.
+is higher than without the correction; both numbers come from the runs above. Matching channel
+means helped both shipped models (logit SQNR +2 to +4 dB on the 10k test set) but lowered
+PP-OCRv4's detector per-channel (probability-map SQNR 12.8 -> 11.9 dB on test images, 13.0 ->
+11.4 dB on the analysis images themselves), so the check on the analysis samples catches it.
 
-Cost: one run of the quantized model over the analysis samples per corrected layer (seconds on
-the shipped models; about 3 minutes for PP-OCRv4's detector on four 480x640 images). Correcting
-all layers at once from one run and repeating (Jacobi rounds) diverged on the shipped models
-(logit SQNR 31 -> 14 dB after three rounds), so the order stays sequential.
+Correcting all layers at once from one run and repeating (Jacobi rounds) diverged on the
+shipped models (logit SQNR 31 -> 14 dB after three rounds), so the order stays sequential.
 """
 
 from __future__ import annotations
