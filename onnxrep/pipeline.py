@@ -111,10 +111,14 @@ def optimize(model: onnx.ModelProto, config: OptimizeConfig | None = None,
 
 
 def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None = None, *,
-                          calib=None, copy: bool = True, progress=None) -> Optimized:
+                          calib=None, copy: bool = True, progress=None,
+                          check_each: bool = True) -> Optimized:
     """Like :func:`optimize`, also returning per-pass results, weight statistics before and
     after, and the verification comparisons. ``copy=False`` optimizes ``model`` in place; a
-    copy is then made only when the result will be compared with it on calibration data."""
+    copy is then made only when the result will be compared with it on calibration data.
+    ``check_each=False`` verifies the result once, by the contracts of every pass that changed
+    it (one run over the data instead of one per data-dependent pass; a failure then names the
+    passes, not the one)."""
     config = config or OptimizeConfig()
     check_opset(model)
     verify.check_weights(model)
@@ -133,7 +137,10 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
                             bounds=verify.output_bounds(work),
                             dataset=dataset if replay else None)
     before = weight_stats(work)
-    run = _manager(work, config, dataset, progress, verifier, check_each=True).run(work)
+    manager = _manager(work, config, dataset, progress, verifier, check_each=check_each)
+    run = manager.run(work)
+    if verifier is not None and not check_each and run.changed:
+        manager.verify_result(run, work)
     comparison = run.comparison
     if verifier is not None and comparison is None:  # nothing changed: exact
         comparison = verify.compare_outputs(verifier.reference, verifier.reference)

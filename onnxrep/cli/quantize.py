@@ -17,6 +17,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -108,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
     scores = None
     if evaluation is not None:
         scores = (evaluate(model, evaluation), evaluate(result.model, evaluation, reference=model))
+    began = time.monotonic()
     save(result.model, out, force=args.force)
     if args.save_float is not None:
         save(result.float_model, args.save_float, force=args.force)
+    result.stages["save"] = time.monotonic() - began
     if args.json:
         emit_json("quantize", as_json(result, args.model, out, scores))
         return 0
@@ -161,6 +164,7 @@ def summary(result: Quantized, src, out) -> str:
              + (f" ({', '.join(result.excluded)})" if result.excluded else "")
              + f"; calibrated on {cal.samples} samples in {cal.seconds:.1f} s; "
              f"total {result.seconds:.1f} s"]
+    lines.append("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.stages.items()))
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 
@@ -192,7 +196,7 @@ def as_json(result: Quantized, src, out, scores) -> dict:
         "input": str(src), "output": str(out), "config": config,
         "calibration": vars(result.calibration), "excluded": list(result.excluded),
         "quantized_nodes": quantized_nodes(result.model), "notes": result.notes,
-        "seconds": result.seconds,
+        "seconds": result.seconds, "stages": result.stages,
         "evaluation": None if scores is None else {"fp32": scores[0].as_dict(),
                                                    "int8": scores[1].as_dict()},
         "bias_correction": result.bias.as_dict() if result.bias is not None else None,

@@ -9,21 +9,32 @@ fixed (same calibrated ranges), for each Conv / ConvTranspose / Gemm in topologi
 
 where y is the FP32 layer's output before its activation and y_q the same tensor in the
 quantized model with every earlier correction already applied, so corrections compose. Between
-layers only the quantized model's int32 bias changes, round(b / s_b) with its own scale s_b, so
-one onnxruntime session serves all layers (the biases are fed as inputs). The corrected FP32
-biases are then quantized again with the same ranges; the mean error |E[y - y_q]| per channel is
-reported before and after, measured on the final model.
+layers only the quantized model's int32 bias changes, round(b / s_b) with its own scale s_b.
+The corrected FP32 biases are then quantized again with the same ranges; the mean error
+|E[y - y_q]| per channel is reported before and after.
+
+How it runs (about one inference of each model per sample, whatever the number of layers):
+1. the FP32 model once over the analysis samples: each layer's channel means E[y] (ReduceMean
+   outputs, not whole activations) and the graph outputs;
+2. the uncorrected QDQ model once: the "before" means and its outputs (for the guard);
+3. one sweep of the QDQ model cut into per-layer segments in topological order
+   (:class:`_Sweep`): each segment runs on the cached outputs of the earlier ones, the layer's
+   mean gives its correction, and the change of its dequantized bias is added to its cached
+   output before any consumer runs, as a rerun with the new bias would compute. The last
+   segment yields the corrected model's outputs; the "after" means are the measured ones plus
+   the change. When onnxruntime, quantizing the corrected biases, chooses other parameters
+   (it may widen a weight scale to fit a large int32 bias), the written model is run once
+   instead. Memory: the tensors live at one layer frontier for all analysis samples (each
+   layer's mean needs every sample before its consumers run), plus one batch's intermediates.
 
 Guard: the corrected model is kept only when its output SQNR against FP32 on the same samples
-is higher than without the correction. Matching channel means helped both shipped models
-(logit SQNR +2 to +4 dB on the 10k test set) but lowered PP-OCRv4's detector per-channel
-(probability-map SQNR 12.8 -> 11.9 dB on test images, 13.0 -> 11.4 dB on the analysis images
-themselves), so the check on the analysis samples catches it.
+is higher than without the correction; both numbers come from the runs above. Matching channel
+means helped both shipped models (logit SQNR +2 to +4 dB on the 10k test set) but lowered
+PP-OCRv4's detector per-channel (probability-map SQNR 12.8 -> 11.9 dB on test images, 13.0 ->
+11.4 dB on the analysis images themselves), so the check on the analysis samples catches it.
 
-Cost: one run of the quantized model over the analysis samples per corrected layer (seconds on
-the shipped models; about 3 minutes for PP-OCRv4's detector on four 480x640 images). Correcting
-all layers at once from one run and repeating (Jacobi rounds) diverged on the shipped models
-(logit SQNR 31 -> 14 dB after three rounds), so the order stays sequential.
+Correcting all layers at once from one run and repeating (Jacobi rounds) diverged on the
+shipped models (logit SQNR 31 -> 14 dB after three rounds), so the order stays sequential.
 """
 
 from __future__ import annotations
@@ -112,7 +123,12 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
     ``quantize``, which must keep the quantization parameters fixed) and the record.
 
     The correction is kept only when it raises the output SQNR against the FP32 model on
-    ``batches``; otherwise ``model`` is restored and the uncorrected QDQ model returned."""
+    ``batches``; otherwise ``model`` is restored and the uncorrected QDQ model returned.
+
+    Cost: one run of the FP32 model and one of the uncorrected QDQ model over ``batches``
+    (reference means, the "before" error and the uncorrected outputs), then one layer-by-layer
+    sweep of the QDQ model (:class:`_Sweep`): about one inference per sample in all, whatever
+    the number of layers."""
     original = onnx.ModelProto()
     original.CopyFrom(model)
     skips: list[Skip] = []
@@ -123,28 +139,41 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
     if not layers:
         model.CopyFrom(original)
         return plain, BiasCorrection([], skips, samples)
-    reference = _Means(model, _outputs(model, layers), batches)(None)
-    fed = _bias_inputs(plain, layers)
-    biases = {lay.qbias: numpy_helper.to_array(_init(plain.graph, lay.qbias)) for lay in layers}
-    measure = _Means(fed, _outputs(plain, layers), batches)
-    before = measure(biases)
-    shifts = {}
+    reference, ref_out = _means_and_outputs(model, _outputs(model, layers), batches)
+    before, plain_out = _means_and_outputs(plain, _outputs(plain, layers), batches)
+    index = GraphIndex(model.graph)
+    plain_index = GraphIndex(plain.graph)
+    biases = {lay.qbias: plain_index.const(lay.qbias) for lay in layers}
+    by_node = {lay.node: lay for lay in layers}
+    shifts, after = {}, {}
+
+    def correct(node: str, measured: np.ndarray) -> np.ndarray:
+        """Correct ``node`` from its measured channel means (every earlier correction applied);
+        returns the change of its dequantized bias, which the sweep adds to its output."""
+        lay = by_node[node]
+        delta = reference[node] - measured
+        index.set_const(lay.bias, index.const(lay.bias).astype(np.float64) + delta)
+        old, new = biases[lay.qbias], _requantize(index.const(lay.bias), lay)
+        biases[lay.qbias] = new
+        scale = lay.scale.astype(np.float32)
+        shift = new.astype(np.float32) * scale - old.astype(np.float32) * scale
+        shifts[node] = float(np.max(np.abs(delta), initial=0.0))
+        after[node] = measured + shift.astype(np.float64)
+        return shift
+
     with Progress(len(layers), "bias correction") as bar:
-        for lay in layers:
-            delta = reference[lay.node] - measure(biases, [lay])[lay.node]
-            index = GraphIndex(model.graph)
-            b = index.const(lay.bias).astype(np.float64) + delta
-            index.set_const(lay.bias, b)
-            biases[lay.qbias] = _requantize(b, lay)
-            shifts[lay.node] = float(np.max(np.abs(delta), initial=0.0))
-            bar.update(1)
+        swept = _Sweep(plain, [lay.node for lay in layers],
+                       {lay.node: lay.rank for lay in layers}).run(batches, correct, bar)
     corrected = quantize(model)
-    after = _Means(corrected, _outputs(corrected, layers), batches)(None)
+    if not _same_but_biases(corrected, plain, biases):
+        # onnxruntime chose other parameters for the corrected biases (it may widen a weight
+        # scale to fit a large int32 bias): measure the model it wrote instead
+        after, swept = _means_and_outputs(corrected, _outputs(corrected, layers), batches)
     records = [LayerCorrection(lay.node, len(reference[lay.node]),
                                float(np.mean(np.abs(reference[lay.node] - before[lay.node]))),
                                float(np.mean(np.abs(reference[lay.node] - after[lay.node]))),
                                shifts[lay.node]) for lay in layers]
-    sqnr = _output_sqnr(original, [plain, corrected], batches)
+    sqnr = _output_sqnr(ref_out, [plain_out, swept], batches)
     record = BiasCorrection(records, skips, samples, sqnr[1] > sqnr[0], *sqnr)
     if record.kept:
         return corrected, record
@@ -152,20 +181,37 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
     return plain, record
 
 
-def _output_sqnr(reference: onnx.ModelProto, models: list[onnx.ModelProto],
-                 batches: list[dict]) -> list[float]:
-    """Each model's SQNR (dB) against ``reference`` over all outputs and ``batches``."""
-    ref_sess = verify.session(reference)
-    sessions = [verify.session(m) for m in models]
-    signal, noise = 0.0, [0.0] * len(models)
-    for feeds in batches:
-        ref = ref_sess.run(None, feeds)
-        signal += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref)
-        for k, sess in enumerate(sessions):
-            out = sess.run(None, feeds)
-            noise[k] += sum(float(np.sum(np.square(r.astype(np.float64) - o)))
-                            for r, o in zip(ref, out))
+def _output_sqnr(reference: list[list[np.ndarray]], candidates: list[list[list[np.ndarray]]],
+                 batches=None) -> list[float]:
+    """Each candidate's SQNR (dB) against ``reference`` over all outputs and batches; both are
+    per batch lists of the graph outputs, as the runs already made them."""
+    signal = sum(float(np.sum(np.square(r, dtype=np.float64))) for ref in reference for r in ref)
+    noise = [sum(float(np.sum(np.square(np.asarray(r, np.float64) - o)))
+                 for ref, out in zip(reference, cand) for r, o in zip(ref, out))
+             for cand in candidates]
     return [10 * np.log10(signal / n) if n > 0 else np.inf for n in noise]
+
+
+def _same_but_biases(corrected: onnx.ModelProto, plain: onnx.ModelProto,
+                     biases: dict[str, np.ndarray]) -> bool:
+    """Whether ``corrected`` is ``plain`` with the int32 biases ``biases`` (same nodes, every
+    other initializer byte for byte): then the sweep measured ``corrected`` itself."""
+    if len(corrected.graph.node) != len(plain.graph.node) or any(
+            a.SerializeToString() != b.SerializeToString()
+            for a, b in zip(corrected.graph.node, plain.graph.node)):
+        return False
+    mine = {t.name: t for t in plain.graph.initializer}
+    if len(mine) != len(corrected.graph.initializer):
+        return False
+    for t in corrected.graph.initializer:
+        if t.name not in mine:
+            return False
+        if t.name in biases:
+            if not np.array_equal(numpy_helper.to_array(t), biases[t.name]):
+                return False
+        elif t.SerializeToString() != mine[t.name].SerializeToString():
+            return False
+    return True
 
 
 def _requantize(b: np.ndarray, lay: _Layer) -> np.ndarray:
@@ -253,20 +299,6 @@ def _match_quantized(qdq: onnx.ModelProto, layers: list[_Layer], skips) -> list[
     return kept
 
 
-def _bias_inputs(qdq: onnx.ModelProto, layers: list[_Layer]) -> onnx.ModelProto:
-    """A copy of ``qdq`` whose corrected layers read their int32 bias from graph inputs."""
-    fed = onnx.ModelProto()
-    fed.CopyFrom(qdq)
-    wanted = {lay.qbias for lay in layers}
-    keep = [t for t in fed.graph.initializer if t.name not in wanted]
-    moved = [t for t in fed.graph.initializer if t.name in wanted]
-    del fed.graph.initializer[:]
-    fed.graph.initializer.extend(keep)
-    fed.graph.input.extend(helper.make_tensor_value_info(t.name, TensorProto.INT32, list(t.dims))
-                           for t in moved)
-    return fed
-
-
 def _outputs(model: onnx.ModelProto, layers: list[_Layer]) -> dict[str, tuple[str, int]]:
     """{layer: (its output tensor in ``model``, rank)}; in a QDQ model the tensor before the
     output's QuantizeLinear (onnxruntime may have renamed it when it folded a ReLU)."""
@@ -276,44 +308,213 @@ def _outputs(model: onnx.ModelProto, layers: list[_Layer]) -> dict[str, tuple[st
 
 def _with_means(model: onnx.ModelProto, outputs: dict) -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` with one extra output per layer: the per-channel mean of its output
-    over the batch and spatial axes (ReduceMean; axes are an input from opset 18)."""
+    over the batch and spatial axes."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     opset = opset_version(out)
     names = {}
     for layer, (tensor, rank) in outputs.items():
-        axes = [0] + list(range(2, rank))
         name = f"bias_correction::{layer}"
-        if opset >= 18:
-            axes_name = f"{name}::axes"
-            out.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64),
-                                                                 axes_name))
-            node = helper.make_node("ReduceMean", [tensor, axes_name], [name], keepdims=0)
-        else:
-            node = helper.make_node("ReduceMean", [tensor], [name], axes=axes, keepdims=0)
+        node, extra = _mean_node(tensor, rank, name, opset)
+        out.graph.initializer.extend(extra)
         out.graph.node.append(node)
         out.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
         names[layer] = name
     return out, names
 
 
-class _Means:
-    """Per-channel means of the layers' outputs over ``batches`` (sample-weighted)."""
+def _means_and_outputs(model: onnx.ModelProto, outputs: dict, batches
+                       ) -> tuple[dict[str, np.ndarray], list[list[np.ndarray]]]:
+    """One run of ``model`` over ``batches``: the per-channel means of the layers' outputs
+    (sample-weighted) and, per batch, the graph outputs."""
+    augmented, means = _with_means(model, outputs)
+    sess = verify.session(augmented)
+    graph_outputs = [o.name for o in model.graph.output]
+    names = graph_outputs + list(means.values())
+    sums, rows, per_batch = {}, 0, []
+    for feeds in batches:
+        n = len(next(iter(feeds.values())))
+        values = sess.run(names, feeds)
+        per_batch.append(values[:len(graph_outputs)])
+        for key, v in zip(means, values[len(graph_outputs):]):
+            sums[key] = sums.get(key, 0.0) + np.asarray(v, np.float64) * n
+        rows += n
+    return {k: v / rows for k, v in sums.items()}, per_batch
 
-    def __init__(self, model: onnx.ModelProto, outputs: dict, batches):
-        augmented, self.outputs = _with_means(model, outputs)
-        self.sess = verify.session(augmented)
-        self.batches = batches
 
-    def __call__(self, extra: dict | None, only: list[_Layer] | None = None) -> dict:
-        wanted = {k: v for k, v in self.outputs.items()
-                  if only is None or k in {lay.node for lay in only}}
-        names = list(wanted.values())
-        sums, rows = {}, 0
-        for feeds in self.batches:
-            n = len(next(iter(feeds.values())))
-            values = self.sess.run(names, {**feeds, **(extra or {})})
-            for key, v in zip(wanted, values):
-                sums[key] = sums.get(key, 0.0) + np.asarray(v, np.float64) * n
-            rows += n
-        return {k: v / rows for k, v in sums.items()}
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs and the outer-scope names its subgraphs use."""
+    names = [x for x in node.input if x]
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                  list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            inner = {t.name for t in g.initializer} | {v.name for v in g.input}
+            inner |= {o for n in g.node for o in n.output}
+            names += [x for n in g.node for x in _node_inputs(n) if x not in inner]
+    return names
+
+
+class _Sweep:
+    """The QDQ model run layer by layer in topological order, each corrected layer's bias
+    changed before anything downstream of it is computed.
+
+    The graph is cut into one segment per corrected layer: the layer and those of its
+    ancestors no earlier segment computed (onnx.utils.Extractor-like, by producer maps), plus a
+    last segment for the graph outputs. Each segment is its own onnxruntime session (graph
+    optimizations off, as every other run here) fed, batch by batch, with the tensors earlier
+    segments left in the cache. After a segment ran over all batches, the layer's channel means
+    (a ReduceMean added to the segment) go to ``correct``, which returns the change of the
+    layer's dequantized bias; that change is added to the cached layer output, which is what
+    running the layer again with the new bias would give (up to float rounding). A cached
+    tensor is dropped after the last segment that reads it, so memory holds the tensors live at
+    one layer frontier, for all batches (they are all needed before the next layer's mean
+    exists), plus one batch's intermediates inside a segment."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[str], ranks: dict[str, int]):
+        self.model, self.ranks = model, ranks
+        g = model.graph
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_inputs = {v.name: v for v in g.input if v.name not in self.inits}
+        self.outputs = [o.name for o in g.output]
+        producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self.reads = [_node_inputs(n) for n in self.nodes]
+        deps = [[producer[x] for x in r if x in producer] for r in self.reads]
+        pos = _topological_positions(deps)
+        by_name = {n.name: i for i, n in enumerate(self.nodes)}
+        done: set[int] = set()
+        self.segments: list[tuple[list[int], str | None]] = []
+        for t in sorted((by_name[name] for name in layers), key=pos.__getitem__):
+            self.segments.append((_ancestors([t], deps, done, pos), self.nodes[t].name))
+        roots = [producer[o] for o in self.outputs if o in producer]
+        self.segments.append((_ancestors(roots, deps, done, pos), None))
+        self.last_use: dict[str, int] = {}
+        for k, (seg, _) in enumerate(self.segments):
+            for i in seg:
+                for x in self.reads[i]:
+                    self.last_use[x] = k
+        for o in self.outputs:
+            self.last_use[o] = len(self.segments)
+
+    def run(self, batches: list[dict], correct: Callable[[str, np.ndarray], np.ndarray],
+            bar=None) -> list[list[np.ndarray]]:
+        """Sweep ``batches``; returns the graph outputs per batch (every correction applied)."""
+        cache: list[dict[str, np.ndarray]] = [{} for _ in batches]
+        for k, (seg, layer) in enumerate(self.segments):
+            session, inputs, outputs, mean = self._session(k, seg, layer, cache, batches)
+            sums, rows = 0.0, 0
+            for feeds, store in zip(batches, cache):
+                values = session.run(outputs, {x: store[x] if x in store else feeds[x]
+                                               for x in inputs})
+                for name, v in zip(outputs, values):
+                    if name == mean:
+                        n = len(next(iter(feeds.values())))
+                        sums, rows = sums + np.asarray(v, np.float64) * n, rows + n
+                    else:
+                        store[name] = v
+            del session
+            if layer is not None:
+                tensor = self.nodes[next(i for i in seg if self.nodes[i].name == layer)].output[0]
+                shift = correct(layer, sums / rows)
+                shape = [1, -1] + [1] * (self.ranks[layer] - 2)
+                for store in cache:
+                    y = store[tensor]
+                    if y.flags.writeable:
+                        y += shift.reshape(shape).astype(y.dtype)
+                    else:
+                        store[tensor] = y + shift.reshape(shape).astype(y.dtype)
+                if bar is not None:
+                    bar.update(1)
+            for store in cache:
+                for name in [x for x in store if self.last_use.get(x, -1) <= k]:
+                    del store[name]
+        return [[store[o] if o in store else feeds[o] for o in self.outputs]
+                for feeds, store in zip(batches, cache)]
+
+    def _session(self, k: int, seg: list[int], layer: str | None, cache, batches):
+        produced = {o for i in seg for o in self.nodes[i].output if o}
+        inputs, used_inits = [], []
+        for i in seg:
+            for x in self.reads[i]:
+                if x in produced or x in inputs or x in used_inits:
+                    continue
+                (used_inits if x in self.inits and x not in batches[0] else inputs).append(x)
+        vis = []
+        for x in inputs:
+            if x in self.graph_inputs and x not in cache[0]:
+                vis.append(self.graph_inputs[x])
+            else:
+                value = cache[0][x] if x in cache[0] else batches[0][x]
+                vis.append(helper.make_tensor_value_info(
+                    x, helper.np_dtype_to_tensor_dtype(value.dtype), None))
+        outputs = [o for i in seg for o in self.nodes[i].output
+                   if o and self.last_use.get(o, -1) > k]
+        nodes = [self.nodes[i] for i in seg]
+        initializers = [self.inits[x] for x in used_inits]
+        mean = None
+        if layer is not None:
+            tensor = next(self.nodes[i] for i in seg if self.nodes[i].name == layer).output[0]
+            if tensor not in outputs:
+                outputs.append(tensor)
+            mean = f"bias_correction::{layer}"
+            node, extra = _mean_node(tensor, self.ranks[layer], mean,
+                                     opset_version(self.model))
+            nodes.append(node)
+            initializers += extra
+            outputs.append(mean)
+        graph = helper.make_graph(nodes, f"sweep{k}", vis,
+                                  [onnx.ValueInfoProto(name=o) for o in outputs],
+                                  initializer=initializers)
+        part = onnx.ModelProto()
+        part.ir_version = self.model.ir_version
+        part.opset_import.extend(self.model.opset_import)
+        part.functions.extend(self.model.functions)
+        part.graph.CopyFrom(graph)
+        return verify.session(part), inputs, outputs, mean
+
+
+def _topological_positions(deps: list[list[int]]) -> list[int]:
+    """A topological position per node (depth-first, stable for a graph already sorted)."""
+    pos, state = [0] * len(deps), [0] * len(deps)
+    count = 0
+    for root in range(len(deps)):
+        if state[root]:
+            continue
+        stack = [(root, iter(deps[root]))]
+        state[root] = 1
+        while stack:
+            i, it = stack[-1]
+            j = next(it, None)
+            if j is None:
+                stack.pop()
+                state[i], pos[i], count = 2, count, count + 1
+            elif not state[j]:
+                state[j] = 1
+                stack.append((j, iter(deps[j])))
+    return pos
+
+
+def _ancestors(roots: list[int], deps: list[list[int]], done: set[int], pos: list[int]
+               ) -> list[int]:
+    """``roots`` and their ancestors not in ``done`` (added to it), in topological order."""
+    found, stack = [], [r for r in roots if r not in done]
+    done.update(stack)
+    while stack:
+        i = stack.pop()
+        found.append(i)
+        for j in deps[i]:
+            if j not in done:
+                done.add(j)
+                stack.append(j)
+    return sorted(found, key=pos.__getitem__)
+
+
+def _mean_node(tensor: str, rank: int, name: str, opset: int
+               ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """ReduceMean of ``tensor`` over the batch and spatial axes (axes an input from opset 18)."""
+    axes = [0] + list(range(2, rank))
+    if opset >= 18:
+        axes_name = f"{name}::axes"
+        return (helper.make_node("ReduceMean", [tensor, axes_name], [name], keepdims=0),
+                [numpy_helper.from_array(np.array(axes, np.int64), axes_name)])
+    return helper.make_node("ReduceMean", [tensor], [name], axes=axes, keepdims=0), []

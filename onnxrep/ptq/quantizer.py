@@ -150,7 +150,9 @@ class CalibrationInfo:
 @dataclass
 class Quantized:
     """The QDQ model and how it was made. ``float_model`` is the prepared FP32 model that was
-    quantized (optimized, Constant weights lifted, bias-corrected when asked)."""
+    quantized (optimized, Constant weights lifted, bias-corrected when asked). ``stages``:
+    seconds per stage (optimize, prepare, calibration, report, bias correction, quantize_static
+    = onnxruntime writing QDQ models, max-drop evaluation), in the order they first ran."""
 
     model: onnx.ModelProto
     float_model: onnx.ModelProto
@@ -162,6 +164,7 @@ class Quantized:
     report: sensitivity.LayerReport | None = None
     exclusion_trials: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def quantize(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None, *,
@@ -185,6 +188,7 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
 
     config = config or QuantizeConfig()
     start = time.monotonic()
+    clock = _Clock()
     check_opset(model)
     from onnxrep.verify import is_float16  # validation: the INT8 path is float32-only
     if is_float16(model):
@@ -198,16 +202,24 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     named = name_nodes(work.graph)
     if config.optimize:
         log("optimizing (equivalence-preserving passes)")
-        work = optimize_with_details(work, config.passes, calib=dataset, copy=False).model
+        with clock("optimize"):
+            # verified once at the end, on the first batch and over all data: one run of both
+            # models over the data instead of one per data-dependent pass
+            work = optimize_with_details(work, config.passes, calib=dataset, copy=False,
+                                         check_each=False).model
     notes = ([f"{named} unnamed or duplicate node names made unique"] if named else [])
-    notes += prepare(work, per_channel=config.per_channel)
+    with clock("prepare"):
+        notes += prepare(work, per_channel=config.per_channel)
     _check_excluded(work, config.exclude)
     with tempfile.TemporaryDirectory(prefix="onnxrep-quant-") as tmp:
-        ranges, info, kept = calibrate(work, dataset, config, Path(tmp))
+        with clock("calibration"):
+            ranges, info, kept = calibrate(work, dataset, config, Path(tmp))
         quantizer = Quantizer(config, ranges, Path(tmp))
         excluded, report, ranked = list(config.exclude), None, []
         if config.auto_exclude or config.max_drop is not None:
-            report = sensitivity.layer_report(work, quantizer(work, excluded), kept)
+            qdq = quantizer(work, excluded)
+            with clock("report"):
+                report = sensitivity.layer_report(work, qdq, kept)
             ranked = [r.node for r in report.layers if r.node not in excluded]
             if config.auto_exclude:
                 excluded += ranked[:config.auto_exclude]
@@ -218,7 +230,10 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
             fl = _copy(work)
             if not config.bias_correction:
                 return fl, quantizer(fl, exclude), None
+            inside, began = quantizer.seconds, time.monotonic()
             qdq, corr = bias_correction.correct_biases(fl, lambda m: quantizer(m, exclude), kept)
+            clock.add("bias correction",
+                      time.monotonic() - began - (quantizer.seconds - inside))
             return fl, qdq, corr
 
         final_float, qdq, bias = build(excluded)
@@ -226,11 +241,31 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
         if config.max_drop is not None:
             (final_float, qdq, bias, excluded,
              trials) = _exclude_until(model, evaluation, config, build, excluded, ranked,
-                                      (final_float, qdq, bias))
+                                      (final_float, qdq, bias), clock)
         if config.report:
-            report = sensitivity.layer_report(final_float, qdq, kept)
+            with clock("report"):
+                report = sensitivity.layer_report(final_float, qdq, kept)
+        clock.add("quantize_static", quantizer.seconds)
     return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
-                     trials, time.monotonic() - start)
+                     trials, time.monotonic() - start, clock.stages)
+
+
+class _Clock:
+    """Seconds per stage, summed over repeated entries (in the order stages first ran)."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add(stage, time.monotonic() - began)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -509,8 +544,16 @@ class Quantizer:
         self.cache = tmp / "ranges.json"
         save_tensors_data(ranges, self.cache)
         self._n = 0
+        self.seconds = 0.0  # spent in quantize_static, for the stage split
 
     def __call__(self, model: onnx.ModelProto, exclude=()) -> onnx.ModelProto:
+        began = time.monotonic()
+        try:
+            return self._quantize(model, exclude)
+        finally:
+            self.seconds += time.monotonic() - began
+
+    def _quantize(self, model: onnx.ModelProto, exclude) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         self._n += 1
@@ -535,21 +578,24 @@ class Quantizer:
 # ---- exclusion against an accuracy budget ------------------------------------------------------
 
 def _exclude_until(original, evaluation, config, build: Callable, excluded: list[str],
-                   ranked: list[str], current):
+                   ranked: list[str], current, clock: "_Clock | None" = None):
     """Keep nodes in FP32, most sensitive first, until top-1 is within ``max_drop`` points.
 
     Returns the first model that meets the budget, or the best one tried."""
     data = as_dataset(evaluation, original)
     if data.labels is None:
         raise DataError("max_drop needs evaluation data with labels")
-    fp32 = evaluate(original, data).top1
+    clock = clock or _Clock()
+    with clock("max-drop evaluation"):
+        fp32 = evaluate(original, data).top1
     trials = []
     best = None
     candidates = [n for n in ranked if n not in excluded][:config.max_auto_exclude]
     for k in range(len(candidates) + 1):
         chosen = excluded + candidates[:k]
         fl, qdq, corr = current if k == 0 else build(chosen)
-        top1 = evaluate(qdq, data).top1
+        with clock("max-drop evaluation"):
+            top1 = evaluate(qdq, data).top1
         drop = 100 * (fp32 - top1)
         trials.append((k, drop))
         log(f"max-drop: {k} extra node(s) in FP32 -> top-1 drop {drop:.2f} pp")
