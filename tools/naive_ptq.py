@@ -29,8 +29,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                      QuantType, )
-                                      quantize_static)
+                                      QuantType, quantize_static)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [REPO / "models" / "repvgg_fmnist.onnx", REPO / "models" / "mobileone_fmnist.onnx"]
