@@ -13,7 +13,8 @@ import sys
 from onnxrep.errors import OnnxrepError
 from onnxrep.progress import set_quiet
 
-SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "qat"]
+SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "qat",
+               "bench"]
 
 
 class _Parser(argparse.ArgumentParser):
