@@ -482,10 +482,10 @@ ONNXRUNTIME = Target(
 
 OPENVINO = Target(
     "openvino", "OpenVINO CPU: onnxruntime's QDQ layout (uint8 activations, int8 per-channel "
-    "weights), depthwise convolutions in float",
+    "weights), depthwise convolutions in int8 too",
     activation_type="uint8", weight_type="int8", activation_symmetric=False,
     weight_symmetric=True, per_channel=True, op_types=ORT_OP_TYPES, extra_options={},
-    float_depthwise=True)
+    float_depthwise=False)
 
 TENSORRT = Target(
     "tensorrt", "TensorRT explicit quantization (ModelOpt placement): int8 symmetric, Q/DQ on "
