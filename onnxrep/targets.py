@@ -12,12 +12,14 @@ an optional post-processing function over the QDQ ``ModelProto``. ``TARGETS`` ho
     QLinearConv with an int32 bias.
 
 ``openvino``
-    What OpenVINO's CPU plugin turns into int8 kernels: the same types and placement as
-    ``onnxruntime`` (measured fastest in OpenVINO 2026.4 with the shipped models; placement on
-    op inputs only, NNCF's ONNX layout, and symmetric activations were no faster: see
-    ``tools/bench_targets.py``), per-channel weights by default (OpenVINO reads per-channel
-    DequantizeLinear into the convolution at no cost), and depthwise convolutions left in
-    float (``keep_float``): int8 depthwise kernels ran slower than float ones there.
+    What OpenVINO's CPU plugin turns into int8 kernels: onnxruntime's QDQ layout and types
+    (uint8 activations, int8 symmetric weights, outputs quantized with the ReLU folded in,
+    int32 bias), which it reads as FakeQuantize and runs as int8 convolutions, depthwise
+    ones included; per-channel weights by default (no slower there, and more accurate).
+    Measured with OpenVINO 2026.4 on the shipped models (``tools/bench_targets.py``): Q/DQ on
+    op inputs only, as NNCF writes ONNX, and the TensorRT layout were no faster; leaving
+    the depthwise convolutions in float (``float_depthwise``) made MobileOne slower (its
+    float depthwise kernels are no faster than the int8 ones and need reorders around them).
 
 ``tensorrt``
     TensorRT explicit quantization as NVIDIA ModelOpt places it (``modelopt.onnx.quantization``:
