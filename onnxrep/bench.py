@@ -201,13 +201,25 @@ def _example(dims) -> str:
 
 # ---- the benchmark ----------------------------------------------------------------------------
 
+def default_batches(model: onnx.ModelProto) -> tuple[int, ...]:
+    """DEFAULT_BATCHES, or the model's own batch size when its first input fixes it."""
+    from onnxrep.verify import input_specs
+
+    specs = input_specs(model)
+    if specs and specs[0].shape and isinstance(specs[0].shape[0], int) \
+            and specs[0].shape[0] > 0:
+        return (specs[0].shape[0],)
+    return DEFAULT_BATCHES
+
+
 def bench(models: Sequence[ModelLike], *, runtime: str = "onnxruntime",
-          batches: Sequence[int] = DEFAULT_BATCHES, threads: int = 0,
+          batches: Sequence[int] | None = None, threads: int = 0,
           rounds: int = DEFAULT_ROUNDS, warmup: int | None = None,
           shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0,
           labels: Sequence[str] | None = None, sessions: Sequence[Session] | None = None,
           ) -> BenchResult:
-    """Time one or two models (paths or ModelProtos) at each batch size (see module doc).
+    """Time one or two models (paths or ModelProtos) at each batch size (see module doc;
+    default: 1 and 32, or the first model's fixed batch size).
 
     ``warmup``: untimed calls per model and batch size before timing (default
     max(3, rounds // 10)). ``sessions``: already built sessions of ``models`` (to reuse)."""
@@ -215,10 +227,11 @@ def bench(models: Sequence[ModelLike], *, runtime: str = "onnxruntime",
 
     if not 1 <= len(models) <= 2:
         raise InputError(f"bench takes one or two models, not {len(models)}")
-    if not batches:
-        raise InputError("give at least one --batch")
     warmup = max(3, rounds // 10) if warmup is None else warmup
     protos = [m if isinstance(m, onnx.ModelProto) else load(m) for m in models]
+    batches = default_batches(protos[0]) if batches is None else tuple(batches)
+    if not batches:
+        raise InputError("give at least one --batch")
     labels = list(labels or [_label(m, i) for i, m in enumerate(models)])
     for proto, label in zip(protos[1:], labels[1:]):
         _check_same_inputs(protos[0], proto, label)

@@ -95,6 +95,7 @@ def test_input_shapes_batch_overrides_and_errors():
     with pytest.raises(InputError, match="fixed batch dimension 1"):
         B.input_shapes(tiny(batch=1), 32)
     assert B.input_shapes(tiny(batch=1), 1) == {"input": (1, 1, 8, 8)}
+    assert B.default_batches(tiny(batch=1)) == (1,) and B.default_batches(tiny()) == (1, 32)
     with pytest.raises(InputError, match="--input-shape x:"):
         B.input_shapes(_symbolic_hw(), 4)
     # the override gives H and W; its batch is replaced by --batch

@@ -33,7 +33,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                    help="where both models run (default onnxruntime)")
     p.add_argument("--batch", type=int, nargs="+", metavar="N",
-                   help=f"batch sizes (default {' '.join(map(str, DEFAULT_BATCHES))})")
+                   help=f"batch sizes (default {' '.join(map(str, DEFAULT_BATCHES))}, or the "
+                        "model's own when it fixes its batch dimension)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="intra-op threads (default 0: the runtime's default)")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N",
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be >= 0, not {args.threads}")
     if args.warmup is not None and args.warmup < 0:
         raise InputError(f"--warmup must be >= 0, not {args.warmup}")
-    batches = args.batch or list(DEFAULT_BATCHES)
-    bad = [b for b in batches if b < 1]
+    batches = args.batch
+    bad = [b for b in batches or [] if b < 1]
     if bad:
         raise InputError(f"--batch must be >= 1, not {bad[0]}")
     models = [args.model] + ([args.other] if args.other else [])
