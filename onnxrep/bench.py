@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -254,6 +255,4 @@ def bench(models: Sequence[ModelLike], *, runtime: str = "onnxruntime",
 def _label(model: ModelLike, index: int) -> str:
     if isinstance(model, onnx.ModelProto):
         return model.graph.name or f"model{index + 1}"
-    from pathlib import Path
-
     return Path(model).name

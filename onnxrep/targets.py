@@ -53,7 +53,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
 from onnxrep.errors import InputError
 

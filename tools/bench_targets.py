@@ -239,9 +239,10 @@ def main(argv=None) -> int:
     print()
     for note in rule_notes:
         print(note)
-    print(f"\ntensorrt top-1 minus onnxruntime-profile top-1 (both in onnxruntime): "
-          + ", ".join(f"{name} {top1(q['tensorrt'], data, 'onnxruntime') - top1(q['onnxruntime'], data, 'onnxruntime'):+.2f} pp"
-                      for name, q in quantized.items()))
+    diffs = [f"{name} {top1(q['tensorrt'], data, 'onnxruntime') - top1(q['onnxruntime'], data, 'onnxruntime'):+.2f} pp"  # noqa: E501
+             for name, q in quantized.items()]
+    print("\ntensorrt top-1 minus onnxruntime-profile top-1 (both in onnxruntime): "
+          + ", ".join(diffs))
 
     # ---- 2. OpenVINO variants
     print("\n## OpenVINO: placement and types (each INT8 vs FP32 in OpenVINO, all alternating)\n")
