@@ -5,8 +5,9 @@ DATA is an .npz (one array per input keyed by input name, first axis = samples, 
 .npy (single-input models) or a folder of images (needs pillow; class subfolders give labels
 in sorted name order; pixels become (p*scale - mean)/std, see the image options). With
 --reference (e.g. the FP32 model when evaluating an INT8 one) every output is also compared
-over the whole set: max abs and relative error, SQNR, cosine, top-1 agreement. Both models run
-in onnxruntime with graph optimizations on; samples/s counts the model's own run time.
+over the whole set: max abs and relative error, SQNR, cosine, top-1 agreement. The model runs
+in --runtime (onnxruntime with graph optimizations on, or openvino: the accuracy of the runtime
+you deploy with), the reference in onnxruntime; samples/s counts the model's own run time.
 
 example: onnxrep eval models/mobileone_fmnist.onnx --data models/fmnist_eval.npz
 """
@@ -24,6 +25,7 @@ from onnxrep.evaluation import EvalResult, evaluate
 from onnxrep.ir.model import check_input_file, load
 from onnxrep.progress import log
 from onnxrep.report import fmt, table
+from onnxrep.runtime import RUNTIMES
 
 _IMAGE_FLAGS = ("resize", "mean", "std", "scale", "layout", "grayscale")
 
@@ -36,6 +38,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="samples per run (default 32; a model's fixed batch dim wins)")
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N samples")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="where the model runs (default onnxruntime; openvino needs "
+                        "pip install 'onnxrep[openvino]')")
     g = p.add_argument_group("image folders (defaults: the model's size, layout and channels)")
     g.add_argument("--resize", type=_size, metavar="HxW", help="resize images to H x W")
     g.add_argument("--mean", type=_floats, metavar="M[,M,M]",
@@ -60,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
                         image_options=_image_options(args))
     log(f"evaluating {args.model} on {args.data}"
         + (f" against {args.reference}" if args.reference else ""))
-    result = evaluate(model, dataset, reference=args.reference)
+    result = evaluate(model, dataset, reference=args.reference, runtime=args.runtime)
     if args.json:
-        emit_json("eval", {"model": args.model, "data": args.data,
+        emit_json("eval", {"model": args.model, "data": args.data, "runtime": args.runtime,
                            "reference": args.reference, "unused_keys": list(dataset.ignored),
                            **result.as_dict()})
         return 0

@@ -31,6 +31,7 @@ from onnxrep.verify import check_weights, is_float16
 from onnxrep.ir.model import check_output_path, load, save
 from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
+from onnxrep.ptq.targets import TARGETS
 from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig,
                                    Quantized, quantize_with_details)
 from onnxrep.analysis.qdq import quantized_nodes
@@ -46,16 +47,19 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="calibration data: .npz/.npy, or a folder of images")
     p.add_argument("--calib-limit", type=positive_int, metavar="N", help="use at most N samples")
     p.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch (default 32)")
-    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
-                   help="per-output-channel weight scales (default: per-tensor)")
+    p.add_argument("--target", choices=list(TARGETS), default=_D.profile.name,
+                   help="the runtime the model is for: its QDQ placement, types and default "
+                        "granularity (default %(default)s; openvino and tensorrt default to "
+                        "per-channel)")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-output-channel weight scales (default: the target's)")
     p.add_argument("--method", choices=METHODS, default=_D.method.value,
                    help="calibration method (default %(default)s)")
     p.add_argument("--percentile", type=bounded(float, lo=0, hi=100, lo_open=True), default=_D.percentile,
                    help="for --method percentile: share of |x| kept (default %(default)s)")
-    p.add_argument("--activation-type", choices=ACTIVATION_TYPES, default=_D.activation_type.value,
-                   help="default %(default)s")
-    p.add_argument("--weight-type", choices=WEIGHT_TYPES, default=_D.weight_type.value,
-                   help="default %(default)s")
+    p.add_argument("--activation-type", choices=ACTIVATION_TYPES,
+                   help="default: the target's (onnxruntime, openvino uint8; tensorrt int8)")
+    p.add_argument("--weight-type", choices=WEIGHT_TYPES, help="default: the target's (int8)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="run onnxrep's equivalence-preserving passes first (default on)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="NODE",
@@ -142,7 +146,8 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
             names.append(item)
     passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape), rtol=args.rtol)
     try:
-        return QuantizeConfig(per_channel=args.per_channel, method=args.method,
+        return QuantizeConfig(target=args.target, per_channel=args.per_channel,
+                              method=args.method,
                               activation_type=args.activation_type, weight_type=args.weight_type,
                               optimize=args.optimize, passes=passes, exclude=tuple(names),
                               auto_exclude=auto, max_drop=args.max_drop,
@@ -156,7 +161,8 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
 
 def summary(result: Quantized, src, out) -> str:
     c, cal = result.config, result.calibration
-    lines = [f"quantized {src} -> {out}: {'per-channel' if c.per_channel else 'per-tensor'}, "
+    lines = [f"quantized {src} -> {out} for {c.profile.name}: "
+             f"{'per-channel' if c.per_channel else 'per-tensor'}, "
              f"{c.method.value}, {c.activation_type.value} activations / "
              f"{c.weight_type.value} weights, "
              f"{len(quantized_nodes(result.model))} nodes quantized, "

@@ -42,12 +42,14 @@ from onnx import numpy_helper
 
 from onnxrep.data import Dataset, as_dataset
 from onnxrep.evaluation import evaluate
-from onnxrep.errors import DataError, InputError, OnnxrepError, UnsupportedModelError
+from onnxrep.errors import (DataError, InputError, OnnxrepError, UnsupportedModelError,
+                            VerificationError)
 from onnxrep.ir.model import check_opset, opset_version, write_to
 from onnxrep.pipeline import OptimizeConfig, optimize_with_details
 from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.progress import Progress, log
 from onnxrep.ptq import bias_correction, sensitivity
+from onnxrep.ptq.targets import TARGETS, Target, get_target
 
 class Method(str, enum.Enum):
     """Calibration method: onnxruntime's MinMax, Entropy and Percentile."""
@@ -67,10 +69,6 @@ class QType(str, enum.Enum):
 METHODS = tuple(m.value for m in Method)
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
-# Weight layers, the activations folded into them, and the shape/pool ops between them that
-# onnxruntime runs in int8 (QLinearGlobalAveragePool, MaxPool, ...); see the module docstring.
-DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "MaxPool",
-                    "AveragePool", "GlobalAveragePool", "Flatten", "Reshape")
 PER_CHANNEL_MIN_OPSET = 13
 Feeds = dict[str, np.ndarray]
 
@@ -90,13 +88,16 @@ class QuantizeConfig:
     per-tensor / per-channel: MobileOne +4.2 / +2.1 dB, RepVGG +2.8 / +2.0 dB).
     ``calibration_chunk``: batches per calibrator call (bounds histogram memory).
     ``analysis_samples``: calibration samples kept for bias correction and the report.
-    ``op_types``: op types onnxruntime quantizes.
+    ``op_types``: op types onnxruntime quantizes. ``target``: the runtime the model is for
+    (:mod:`onnxrep.ptq.targets`: "onnxruntime", "openvino", "tensorrt"); ``per_channel``, the
+    types and ``op_types`` default to the target's (None), and its QDQ placement and
+    post-processing apply.
     """
 
-    per_channel: bool = False
+    per_channel: bool | None = None
     method: Method = Method.MINMAX
-    activation_type: QType = QType.UINT8
-    weight_type: QType = QType.INT8
+    activation_type: QType | None = None
+    weight_type: QType | None = None
     optimize: bool = True
     passes: OptimizeConfig = field(default_factory=OptimizeConfig)
     exclude: tuple[str, ...] = ()
@@ -108,9 +109,16 @@ class QuantizeConfig:
     percentile: float = 99.999
     calibration_chunk: int = 4
     analysis_samples: int = 256
-    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    op_types: tuple[str, ...] | None = None
+    target: str | Target = "onnxruntime"
 
     def __post_init__(self):
+        if not isinstance(self.target, Target) and self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        profile = self.profile
+        for name in ("per_channel", "activation_type", "weight_type", "op_types"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(profile, name))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "op_types", tuple(self.op_types))
         problems = []
@@ -132,10 +140,18 @@ class QuantizeConfig:
             problems.append("calibration_chunk and analysis_samples must be >= 1")
         if not self.op_types:
             problems.append("op_types must name at least one op type")
+        if profile.activation_symmetric and QType.UINT8 in (self.activation_type,
+                                                            self.weight_type):
+            problems.append(f"target {profile.name} needs int8 activations and weights")
         if any(not isinstance(n, str) or not n for n in self.exclude):
             problems.append("exclude must hold node names")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def profile(self) -> Target:
+        """The deployment target's settings (:class:`onnxrep.ptq.targets.Target`)."""
+        return get_target(self.target)
 
 
 @dataclass
@@ -215,6 +231,9 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
         with clock("calibration"):
             ranges, info, kept = calibrate(work, dataset, config, Path(tmp))
         quantizer = Quantizer(config, ranges, Path(tmp))
+        # bias correction measures int32 biases; a float-bias target is quantized afterwards
+        measure = (quantizer if quantizer.options.get("QuantizeBias", True)
+                   else Quantizer(config, ranges, Path(tmp), quantize_bias=True))
         excluded, report, ranked = list(config.exclude), None, []
         if config.auto_exclude or config.max_drop is not None:
             qdq = quantizer(work, excluded)
@@ -231,9 +250,11 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
             if not config.bias_correction:
                 return fl, quantizer(fl, exclude), None
             inside, began = quantizer.seconds, time.monotonic()
-            qdq, corr = bias_correction.correct_biases(fl, lambda m: quantizer(m, exclude), kept)
+            qdq, corr = bias_correction.correct_biases(fl, lambda m: measure(m, exclude), kept)
             clock.add("bias correction",
                       time.monotonic() - began - (quantizer.seconds - inside))
+            if measure is not quantizer:  # float biases: quantize the corrected model for real
+                qdq = quantizer(fl, exclude)
             return fl, qdq, corr
 
         final_float, qdq, bias = build(excluded)
@@ -245,7 +266,13 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
         if config.report:
             with clock("report"):
                 report = sensitivity.layer_report(final_float, qdq, kept)
-        clock.add("quantize_static", quantizer.seconds)
+        clock.add("quantize_static", quantizer.seconds + (measure.seconds
+                                                          if measure is not quantizer else 0))
+    broken = quantizer.profile.violations(qdq)
+    if broken:
+        raise VerificationError(f"the QDQ model breaks {config.profile.name}'s placement rules: "
+                                + "; ".join(broken[:3]) + (f" (+{len(broken) - 3} more)"
+                                                           if len(broken) > 3 else ""))
     return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
                      trials, time.monotonic() - start, clock.stages)
 
@@ -531,7 +558,8 @@ class Quantizer:
     correction) or in which nodes are excluded.
     """
 
-    def __init__(self, config: QuantizeConfig, ranges, tmp: Path):
+    def __init__(self, config: QuantizeConfig, ranges, tmp: Path, *,
+                 quantize_bias: bool | None = None):
         from onnxruntime.quantization import quantize_static
         from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -541,8 +569,13 @@ class Quantizer:
             raise OnnxrepError(f"onnxruntime {onnxruntime.__version__} lacks quantize_static("
                                "calibration_cache_path=...); upgrade onnxruntime")
         self.config, self.tmp = config, tmp
+        self.profile = config.profile
+        self.options = self.profile.options()
+        if quantize_bias is not None:  # bias correction reads int32 biases
+            self.options["QuantizeBias"] = quantize_bias
         self.cache = tmp / "ranges.json"
-        save_tensors_data(ranges, self.cache)
+        if not self.cache.exists():
+            save_tensors_data(ranges, self.cache)
         self._n = 0
         self.seconds = 0.0  # spent in quantize_static, for the stage split
 
@@ -559,16 +592,17 @@ class Quantizer:
         self._n += 1
         out = self.tmp / f"qdq{self._n}.onnx"
         c = self.config
+        keep = list(dict.fromkeys([*exclude, *self.profile.keep_float(model)]))
         with quiet_onnxruntime():
             quantize_static(model, str(out), None, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(c.op_types), per_channel=c.per_channel,
                             activation_type=_ort_type(c.activation_type),
                             weight_type=_ort_type(c.weight_type),
-                            nodes_to_exclude=list(exclude),
+                            nodes_to_exclude=keep, extra_options=dict(self.options),
                             calibrate_method=_ort_method(c.method),
                             calibration_cache_path=str(self.cache),
                             use_external_data_format=_big(model))
-        qdq = onnx.load(str(out))
+        qdq = self.profile.finish(onnx.load(str(out)))
         out.unlink()
         for extra in self.tmp.glob(f"{out.name}.data"):
             extra.unlink()

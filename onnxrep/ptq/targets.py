@@ -1,0 +1,512 @@
+"""Deployment targets: how to quantize for the runtime that will run the model.
+
+A :class:`Target` is a frozen record of what ``onnxruntime.quantization.quantize_static``
+needs for one runtime (activation and weight types, symmetry, per-channel default, op types,
+``extra_options`` under onnxruntime 1.32's own key names) plus the nodes to keep in float and
+an optional post-processing function over the QDQ ``ModelProto``. ``TARGETS`` holds three:
+
+``onnxruntime``
+    onnxrep's QDQ as before: uint8 asymmetric activations, int8 symmetric weights,
+    per-tensor by default, the Conv/Gemm/MatMul layers and the ops around them; onnxruntime
+    folds a ReLU into the preceding layer's output quantization and fuses DQ -> Conv -> Q into
+    QLinearConv with an int32 bias.
+
+``openvino``
+    What OpenVINO's CPU plugin turns into int8 kernels: onnxruntime's QDQ layout and types
+    (uint8 activations, int8 symmetric weights, outputs quantized with the ReLU folded in,
+    int32 bias), which it reads as FakeQuantize and runs as int8 convolutions, depthwise
+    ones included; per-channel weights by default (no slower there, and more accurate).
+    Measured with OpenVINO 2026.4 on the shipped models (``tools/bench_targets.py``): Q/DQ on
+    op inputs only, as NNCF writes ONNX, and the TensorRT layout were no faster; leaving
+    the depthwise convolutions in float (``float_depthwise``) made MobileOne slower (its
+    float depthwise kernels are no faster than the int8 ones and need reorders around them).
+
+``tensorrt``
+    TensorRT explicit quantization as NVIDIA ModelOpt places it (``modelopt.onnx.quantization``:
+    its ``trt_guided_options`` and post-processing): int8 symmetric activations and weights
+    (every zero point 0), per-channel weights on axis 0 (ConvTranspose axis 1), float biases
+    (no int32 bias DequantizeLinear), Q/DQ only on the inputs of quantized ops (no op output is
+    quantized, so nothing sits between a Conv and its BatchNormalization or ReLU), and then
+    :func:`tensorrt_postprocess`: a residual Add keeps Q/DQ on its skip input only (the
+    Conv's branch is fed unquantized so TensorRT fuses Conv+Add(+ReLU)), and the quantized
+    inputs of a Concat and its output quantizer share one scale (TensorRT then drops the
+    concatenation's re-quantization). Weights are int8 initializers with a DequantizeLinear
+    (ModelOpt's ``AddQDQPairToWeight`` keeps float weights behind a Q/DQ pair instead; TensorRT
+    accepts both). :func:`check_tensorrt_rules` lists every departure from these rules.
+
+``QuantizeConfig(target=...)`` selects one: ``target.quantize_static_kwargs(per_channel)`` are
+the keyword arguments for ``quantize_static`` (besides model paths, calibration cache and
+``nodes_to_exclude``), ``target.keep_float(model)`` the node names it adds to
+``nodes_to_exclude``, ``target.finish(qdq)`` the post-processing of its output and
+``target.violations(qdq)`` the rules the result breaks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxrep.errors import InputError
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TYPES = ("uint8", "int8")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One runtime's quantization settings (see the module docstring)."""
+
+    name: str
+    description: str
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    per_channel: bool = False  # the default when the user does not say
+    op_types: tuple[str, ...] = ()
+    extra_options: Mapping[str, object] = field(default_factory=dict)
+    float_depthwise: bool = False  # keep depthwise Conv in float
+    postprocess: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+    check: Callable[[onnx.ModelProto], list[str]] | None = None
+
+    def __post_init__(self):
+        if self.activation_type not in TYPES or self.weight_type not in TYPES:
+            raise ValueError(f"{self.name}: types must be uint8 or int8")
+        object.__setattr__(self, "op_types", tuple(self.op_types))
+        # frozen all the way down: the options are read-only; quantize_static gets a copy
+        object.__setattr__(self, "extra_options", MappingProxyType(dict(self.extra_options)))
+
+    def options(self) -> dict:
+        """``extra_options`` for ``quantize_static`` (a fresh deep-enough copy), with the
+        symmetry flags under onnxruntime's names."""
+        opts = {k: (list(v) if isinstance(v, (list, tuple)) else
+                    dict(v) if isinstance(v, Mapping) else v)
+                for k, v in self.extra_options.items()}
+        opts["ActivationSymmetric"] = self.activation_symmetric
+        opts["WeightSymmetric"] = self.weight_symmetric
+        return opts
+
+    def quantize_static_kwargs(self, per_channel: bool | None = None) -> dict:
+        """Keyword arguments for ``onnxruntime.quantization.quantize_static``: quant_format,
+        op_types_to_quantize, per_channel, activation_type, weight_type, extra_options."""
+        from onnxruntime.quantization import QuantFormat, QuantType
+
+        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        return {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": list(self.op_types),
+                "per_channel": self.per_channel if per_channel is None else per_channel,
+                "activation_type": types[self.activation_type],
+                "weight_type": types[self.weight_type], "extra_options": self.options()}
+
+    def keep_float(self, model: onnx.ModelProto) -> list[str]:
+        """Names of the nodes this target leaves in float (for ``nodes_to_exclude``)."""
+        return depthwise_convs(model) if self.float_depthwise else []
+
+    def finish(self, qdq: onnx.ModelProto) -> onnx.ModelProto:
+        """The target's post-processing of ``quantize_static``'s output (in place; returned)."""
+        return self.postprocess(qdq) if self.postprocess is not None else qdq
+
+    def violations(self, qdq: onnx.ModelProto) -> list[str]:
+        return self.check(qdq) if self.check is not None else []
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "activation_type": self.activation_type, "weight_type": self.weight_type,
+                "activation_symmetric": self.activation_symmetric,
+                "weight_symmetric": self.weight_symmetric, "per_channel": self.per_channel,
+                "op_types": list(self.op_types), "extra_options": self.options(),
+                "float_depthwise": self.float_depthwise,
+                "postprocess": getattr(self.postprocess, "__name__", None)}
+
+
+# ---- graph helpers ----------------------------------------------------------------------------
+
+class _Graph:
+    """Producer / readers / initializers of a graph (rebuilt after each edit)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            for x in node.input:
+                if x:
+                    self.readers[x].append(node)
+        self.outputs = {o.name for o in graph.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        if t is not None:
+            return numpy_helper.to_array(t)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits or (name in self.producer
+                                      and self.producer[name].op_type == "Constant")
+
+    def op(self, name: str) -> str | None:
+        node = self.producer.get(name)
+        return node.op_type if node is not None else None
+
+    def dq_source(self, name: str) -> tuple[onnx.NodeProto, onnx.NodeProto | None] | None:
+        """(DequantizeLinear, its QuantizeLinear or None) when ``name`` is a DQ output."""
+        dq = self.producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None
+        q = self.producer.get(dq.input[0])
+        return dq, (q if q is not None and q.op_type == "QuantizeLinear" else None)
+
+    def through_qdq(self, name: str) -> str:
+        """The float tensor behind a Q -> DQ pair, else ``name`` itself."""
+        pair = self.dq_source(name)
+        if pair is not None and pair[1] is not None:
+            return pair[1].input[0]
+        return name
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def depthwise_convs(model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv nodes with group > 1 and one input channel per group (depthwise,
+    any depth multiplier) whose weight is a constant."""
+    g = _Graph(model.graph)
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or int(_attr(node, "group", 1)) <= 1 or len(node.input) < 2:
+            continue
+        w = g.const(node.input[1])
+        if w is not None and w.ndim >= 3 and w.shape[1] == 1:
+            names.append(node.name)
+    return names
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Remove Q/DQ nodes whose outputs nobody reads, then unused initializers."""
+    graph = model.graph
+    while True:
+        g = _Graph(graph)
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(g.readers.get(o) or o in g.outputs for o in n.output)]
+        if not dead:
+            break
+        ids = {id(n) for n in dead}
+        keep = [n for n in graph.node if id(n) not in ids]
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+# ---- TensorRT: residual Add and Concat ---------------------------------------------------------
+
+_BACKBONE_OPS = ("Conv", "ConvTranspose")
+_PASS_THROUGH = ("BatchNormalization",)  # Conv -> BN -> Add still fuses
+
+
+def _backbone(g: _Graph, tensor: str) -> onnx.NodeProto | None:
+    """The Conv whose output (through Q/DQ and BatchNormalization) is ``tensor``."""
+    seen = 0
+    name = g.through_qdq(tensor)
+    while seen < 8:
+        node = g.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in _BACKBONE_OPS:
+            return node
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        name = g.through_qdq(node.input[0])
+        seen += 1
+    return None
+
+
+def _ancestor_depths(g: _Graph, tensor: str, limit: int = 10000) -> dict[str, int]:
+    """Producer node name -> shortest distance (in nodes, Q/DQ not counted) from ``tensor``."""
+    depths: dict[str, int] = {}
+    frontier = [(g.through_qdq(tensor), 1)]
+    while frontier and len(depths) < limit:
+        nxt = []
+        for name, d in frontier:
+            node = g.producer.get(name)
+            if node is None or node.name in depths:
+                continue
+            depths[node.name] = d
+            for x in node.input:
+                if x and not g.is_const(x):
+                    nxt.append((g.through_qdq(x), d + 1))
+        frontier = nxt
+    return depths
+
+
+def residual_adds(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int]]:
+    """(Add node, index of its non-residual input) for each residual Add, by ModelOpt's rule:
+    both inputs computed (not constant, not graph inputs), at least one produced by a Conv
+    (through BatchNormalization); the conv-branch input is the one with the longer path to the
+    two inputs' lowest common ancestor; an Add whose other input branches off the Conv's own
+    output is not residual."""
+    g = _Graph(model.graph)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        a, b = node.input
+        if g.is_const(a) or g.is_const(b) or g.through_qdq(a) not in g.producer \
+                or g.through_qdq(b) not in g.producer:
+            continue
+        bb = [_backbone(g, a), _backbone(g, b)]
+        if not any(bb):
+            continue
+        da, db = _ancestor_depths(g, a), _ancestor_depths(g, b)
+        common = set(da) & set(db)
+        lca = min(common, key=lambda n: da[n] + db[n]) if common else None
+        if bb[0] is not None and bb[1] is not None:
+            if bb[0].name == bb[1].name:
+                continue
+            d0 = da.get(lca, 10**9) if lca else 0
+            d1 = db.get(lca, 10**9) if lca else 0
+            found.append((node, 0 if d0 > d1 else 1))
+        else:
+            k = 0 if bb[0] is not None else 1
+            if lca is not None and lca == bb[k].name:  # Conv -> (branch) -> Add: not residual
+                continue
+            found.append((node, k))
+    return found
+
+
+def _set_scale(g: _Graph, node: onnx.NodeProto, value: float) -> None:
+    t = g.inits.get(node.input[1])
+    if t is None:
+        return
+    arr = numpy_helper.to_array(t)
+    t.CopyFrom(numpy_helper.from_array(np.full_like(arr, value), t.name))
+
+
+def _scale(g: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    return g.const(node.input[1]) if len(node.input) > 1 else None
+
+
+def concat_groups(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
+    """(Concat, its Q/DQ nodes): the DequantizeLinear nodes feeding it, their QuantizeLinear
+    nodes, and the QuantizeLinear nodes reading its output (with their DQs)."""
+    g = _Graph(model.graph)
+    groups = []
+    for node in model.graph.node:
+        if node.op_type != "Concat":
+            continue
+        members: list[onnx.NodeProto] = []
+        for x in node.input:
+            pair = g.dq_source(x)
+            if pair is not None and not g.is_const(pair[0].input[0]):
+                members += [n for n in pair if n is not None]
+        for reader in g.readers.get(node.output[0], []):
+            if reader.op_type == "QuantizeLinear":
+                members.append(reader)
+                members += [r for r in g.readers.get(reader.output[0], [])
+                            if r.op_type == "DequantizeLinear"]
+        if sum(m.op_type == "DequantizeLinear" for m in members) + \
+                sum(m.op_type == "QuantizeLinear" for m in members) >= 2:
+            groups.append((node, members))
+    return groups
+
+
+def tensorrt_postprocess(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ModelOpt's post-processing of onnxruntime's QDQ output (in place; returned):
+
+    1. residual Add: the conv branch's input bypasses its Q/DQ (reads the float tensor), the
+       skip input keeps its Q/DQ, so TensorRT fuses Conv+Add(+ReLU) with an int8 skip;
+    2. Concat: its quantized inputs and the quantizer of its output share one scale, the
+       largest of theirs (symmetric int8: the union of their ranges);
+    3. Q/DQ nodes left unread and unused initializers are dropped."""
+    graph = model.graph
+    for add, k in residual_adds(model):
+        g = _Graph(graph)
+        pair = g.dq_source(add.input[k])
+        if pair is not None and pair[1] is not None:
+            add.input[k] = pair[1].input[0]
+    g = _Graph(graph)
+    for _, members in concat_groups(model):
+        scales = [_scale(g, m) for m in members]
+        if any(s is None or np.size(s) != 1 for s in scales):
+            continue  # per-channel activation scales: left alone
+        shared = float(max(float(np.max(s)) for s in scales))
+        for m in members:
+            _set_scale(g, m, shared)
+    _drop_dead(model)
+    return model
+
+
+# ---- TensorRT: the rules, checked --------------------------------------------------------------
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return -1  # MatMul: the output axis of B [K, N]
+
+
+def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) -> list[str]:
+    """Every departure of a QDQ model from the TensorRT rules, one ``"rule: node: what"``
+    string each (empty: compliant). Rules:
+
+    - ``zero-point``: every QuantizeLinear/DequantizeLinear zero point is 0;
+    - ``int8``: activations and weights are int8 (a QuantizeLinear without a zero point
+      produces uint8);
+    - ``per-channel``: (with ``per_channel``) the weight DQ of a Conv/ConvTranspose/Gemm/MatMul
+      is per-channel on axis 0 (ConvTranspose 1, Gemm without transB and MatMul the last);
+    - ``float-bias``: no bias is an int32 DequantizeLinear;
+    - ``input-placement``: no op output of Conv/ConvTranspose/Gemm/MatMul is quantized, and a
+      layer with a quantized weight reads a quantized activation;
+    - ``conv-bn-relu``: no Q/DQ between a Conv (or its BatchNormalization) and the
+      BatchNormalization/Relu/Clip after it;
+    - ``residual-add``: a residual Add reads its conv branch unquantized and its skip input
+      through Q/DQ;
+    - ``concat-scale``: a Concat's quantized inputs and its output's quantizer share one scale.
+    """
+    g = _Graph(model.graph)
+    problems: list[str] = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is not None and np.any(zp != 0):
+            problems.append(f"zero-point: {node.name or node.output[0]}: zero point "
+                            f"{np.unique(zp)[:3].tolist()} is not 0")
+        if node.op_type == "QuantizeLinear":
+            dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
+            if dtype != np.int8:
+                problems.append(f"int8: {node.name or node.output[0]}: quantizes to "
+                                f"{dtype.name}, not int8")
+        elif g.is_const(node.input[0]):
+            w = g.const(node.input[0])
+            if w.dtype not in (np.int8, np.int32):
+                problems.append(f"int8: {node.name or node.output[0]}: weight stored as "
+                                f"{w.dtype.name}, not int8")
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+            continue
+        wpair = g.dq_source(node.input[1])
+        weight_quantized = wpair is not None
+        if weight_quantized and per_channel:
+            dq = wpair[0]
+            scale = _scale(g, dq)
+            w = g.const(dq.input[0]) if wpair[1] is None else g.const(wpair[1].input[0])
+            axis = _weight_axis(node)
+            if w is not None:
+                axis = axis % w.ndim
+                want = w.shape[axis] if node.op_type != "ConvTranspose" else w.shape[1]
+                got = int(_attr(dq, "axis", 1)) % w.ndim
+                if scale is None or np.ndim(scale) != 1 or np.size(scale) != want or got != axis:
+                    problems.append(f"per-channel: {node.name}: weight scale of shape "
+                                    f"{list(np.shape(scale))} on axis {got}, expected {want} "
+                                    f"scales on axis {axis}")
+        if len(node.input) > 2 and node.input[2]:
+            bpair = g.dq_source(node.input[2])
+            if bpair is not None:
+                problems.append(f"float-bias: {node.name}: bias is quantized (int32 "
+                                "DequantizeLinear)")
+        if weight_quantized and g.dq_source(node.input[0]) is None:
+            problems.append(f"input-placement: {node.name}: quantized weight but its "
+                            "activation input has no Q/DQ")
+        for out in node.output:
+            if any(r.op_type == "QuantizeLinear" for r in g.readers.get(out, [])):
+                problems.append(f"input-placement: {node.name}: its output is quantized "
+                                "(Q/DQ belongs on the inputs of the next layer)")
+    for node in model.graph.node:
+        if node.op_type not in ("BatchNormalization", "Relu", "Clip") or not node.input:
+            continue
+        pair = g.dq_source(node.input[0])
+        if pair is None or pair[1] is None:
+            continue
+        src = g.op(pair[1].input[0])
+        if src in ("Conv", "ConvTranspose", "BatchNormalization"):
+            problems.append(f"conv-bn-relu: {node.name}: Q/DQ between the {src} before it "
+                            f"and this {node.op_type}")
+    for add, k in residual_adds(model):
+        if g.dq_source(add.input[k]) is not None:
+            problems.append(f"residual-add: {add.name}: the conv-branch input "
+                            f"'{add.input[k]}' goes through Q/DQ (blocks Conv+Add fusion)")
+        if g.dq_source(add.input[1 - k]) is None:
+            problems.append(f"residual-add: {add.name}: the skip input '{add.input[1 - k]}' "
+                            "has no Q/DQ")
+    for concat, members in concat_groups(model):
+        scales = [_scale(g, m) for m in members]
+        values = {round(float(np.max(s)), 12) for s in scales if s is not None}
+        if len(values) > 1:
+            problems.append(f"concat-scale: {concat.name}: {len(values)} different scales "
+                            f"on its quantized inputs/output ({min(values):.4g}.."
+                            f"{max(values):.4g})")
+    return problems
+
+
+# ---- the targets --------------------------------------------------------------------------------
+
+ORT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "MaxPool",
+                "AveragePool", "GlobalAveragePool", "Flatten", "Reshape")
+TRT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool",
+                "GlobalAveragePool")
+# every op type: ModelOpt sets OpTypesToExcludeOutputQuantization to all op types in the model
+_ALL_OPS = tuple(sorted({*ORT_OP_TYPES, *TRT_OP_TYPES, "Concat", "Mul", "Sigmoid", "Resize",
+                         "Flatten", "Reshape", "Transpose", "BatchNormalization", "Relu",
+                         "Clip", "Softmax", "Pad", "Split", "Slice"}))
+
+ONNXRUNTIME = Target(
+    "onnxruntime", "onnxruntime CPU: QDQ fused into QLinearConv/QGemm (uint8 activations, "
+    "int8 weights)",
+    activation_type="uint8", weight_type="int8", activation_symmetric=False,
+    weight_symmetric=True, per_channel=False, op_types=ORT_OP_TYPES, extra_options={})
+
+OPENVINO = Target(
+    "openvino", "OpenVINO CPU: onnxruntime's QDQ layout (uint8 activations, int8 per-channel "
+    "weights), depthwise convolutions in int8 too",
+    activation_type="uint8", weight_type="int8", activation_symmetric=False,
+    weight_symmetric=True, per_channel=True, op_types=ORT_OP_TYPES, extra_options={},
+    float_depthwise=False)
+
+TENSORRT = Target(
+    "tensorrt", "TensorRT explicit quantization (ModelOpt placement): int8 symmetric, Q/DQ on "
+    "op inputs, float bias, residual-Add and Concat rules",
+    activation_type="int8", weight_type="int8", activation_symmetric=True,
+    weight_symmetric=True, per_channel=True, op_types=TRT_OP_TYPES,
+    extra_options={"QuantizeBias": False,
+                   "OpTypesToExcludeOutputQuantization": list(_ALL_OPS),
+                   "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
+                   "DedicatedQDQPair": False,
+                   "ForceQuantizeNoInputCheck": True},
+    postprocess=tensorrt_postprocess, check=check_tensorrt_rules)
+
+TARGETS: Mapping[str, Target] = MappingProxyType(
+    {t.name: t for t in (ONNXRUNTIME, OPENVINO, TENSORRT)})
+
+
+def get_target(name: str | Target) -> Target:
+    if isinstance(name, Target):
+        return name
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise InputError(f"unknown target '{name}': expected one of "
+                         f"{', '.join(TARGETS)}") from None
