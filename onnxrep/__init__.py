@@ -10,6 +10,7 @@ from onnxrep.passes.absorb_bias import AbsorbHighBias
 from onnxrep.passes.dead_channels import ZeroDeadInputs
 from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
 from onnxrep.passes.fold_batchnorm import FoldBatchNorm, fold_bn
+from onnxrep.passes.reparameterize import Reparameterize, find_blocks, reparameterize
 from onnxrep.passes.restore_batchnorm import RestoreBatchNorm, restore_bn
 from onnxrep.evaluate import EvalResult, evaluate
 from onnxrep.quantize.ptq import QuantizeConfig, quantize
@@ -18,6 +19,7 @@ from onnxrep.verify import compare
 __all__ = [
     "AbsorbHighBias", "ChannelStats", "FoldBatchNorm", "RestoreBatchNorm", "Statistics",
     "ZeroDeadInputs", "collect_statistics", "fold_bn", "restore_bn",
+    "Reparameterize", "find_blocks", "reparameterize",
     "DataError", "Dataset", "EqualizeConfig", "EqualizeCrossLayer", "EvalResult", "ImageOptions",
     "InputError", "OnnxrepError", "OptimizeConfig", "UnsupportedModelError", "VerificationError",
     "QuantizeConfig", "quantize", "compare", "evaluate", "load", "load_data", "optimize", "optimize_with_details", "save",

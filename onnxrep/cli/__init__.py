@@ -13,7 +13,7 @@ import sys
 from onnxrep.errors import OnnxrepError
 from onnxrep.progress import set_quiet
 
-SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "qat"]
+SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "reparam", "qat"]
 
 
 class _Parser(argparse.ArgumentParser):

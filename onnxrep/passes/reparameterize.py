@@ -838,7 +838,7 @@ def _merge(index: GraphIndex, block: _Block, taken: set, names: set
         kernel_shape=list(geo.kernel), strides=list(geo.strides), dilations=list(geo.dilations),
         pads=list(geo.begins) + list(geo.ends), group=g)
     counts: dict[str, int] = {}
-    for br in block.branches:
+    for br in sorted(block.branches, key=_order):
         counts[br.label] = counts.get(br.label, 0) + 1
     branches = " + ".join(f"{n}x {lab}" if n > 1 else lab for lab, n in counts.items())
     after = [a.kind for a in block.post]
@@ -851,6 +851,14 @@ def _merge(index: GraphIndex, block: _Block, taken: set, names: set
             "strides": list(geo.strides), "convs_before": convs, "convs_after": 1,
             "bns_folded": bns, "detail": detail}
     return conv, info
+
+
+def _order(branch: _Branch) -> tuple:
+    """Table order: Conv branches by kernel size (largest first), sequences, average pools,
+    then identity branches."""
+    rank = {"conv": 0, "seq": 1, "avg": 2, "identity": 3}[branch.kind]
+    size = math.prod(branch.geometry.kernel) if branch.geometry else 1
+    return (rank, -size, branch.label)
 
 
 def _branch_kernel(index: GraphIndex, branch: _Branch, block: _Block
