@@ -78,7 +78,7 @@ class Reparameterize(Pass):
         blocks_info: list[dict] = []
         skips: list[Skip] = []
         for _ in range(len(graph.node) + 1):  # sweeps; one is enough for every known family
-            index = GraphIndex(graph)
+            index = _index(model)
             blocks = _find(index)
             skips = [Skip(b.root, b.reason) for b in blocks if b.reason is not None]
             plans = [b for b in blocks if b.reason is None]
@@ -143,7 +143,7 @@ def find_blocks(model: onnx.ModelProto) -> list[RepBlock]:
     computing any merged weight: cheap enough to decide whether to run :class:`Reparameterize`
     (``any(b.reason is None for b in find_blocks(model))``)."""
     return [RepBlock(b.root, b.x, tuple(br.label for br in b.branches), b.reason)
-            for b in _find(GraphIndex(model.graph))]
+            for b in _find(_index(model))]
 
 
 # ---- constants and affine ops -----------------------------------------------------------------
@@ -171,6 +171,52 @@ def _const(index: GraphIndex, name: str) -> np.ndarray | None:
 
 def _is_const(index: GraphIndex, name: str) -> bool:
     return bool(name) and index.is_const(_through_identity(index, name))
+
+
+SMALL_SUBGRAPH = 64  # nodes: torch builds a Pad's pads from constants with a dozen ops
+
+
+def _computed_const(index: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of a tensor computed from constants alone by at most SMALL_SUBGRAPH nodes
+    (torch's export of F.pad builds the pads with ConstantOfShape, Concat, Reshape, Slice,
+    Transpose and Cast), evaluated with onnx's reference runtime; None otherwise."""
+    if _is_const(index, name):
+        return _const(index, name)
+    needed, stack = set(), [name]
+    while stack:
+        t = stack.pop()
+        if not t or _is_const(index, t):
+            continue
+        i = index.producer.get(t)
+        if i is None or not _default(index.node(i)) or len(needed) >= SMALL_SUBGRAPH:
+            return None
+        if i not in needed:
+            needed.add(i)
+            stack.extend(index.node(i).input)
+    nodes = [index.node(i) for i in sorted(needed)]
+    inputs = {n for node in nodes for n in node.input if n and _is_const(index, n)}
+    inits = [numpy_helper.from_array(_const(index, n), n) for n in sorted(inputs)]
+    graph = helper.make_graph(nodes, "constant", [], [helper.make_value_info(name, onnx.TypeProto())],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _opset(index))])
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    except Exception:  # an op the reference runtime lacks: treat the value as unknown
+        return None
+
+
+def _opset(index: GraphIndex) -> int:
+    return getattr(index, "opset", None) or onnx.defs.onnx_opset_version()
+
+
+def _index(model: onnx.ModelProto) -> GraphIndex:
+    """A GraphIndex that also knows the model's default-domain opset."""
+    index = GraphIndex(model.graph)
+    index.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                       None)
+    return index
 
 
 def _label(index: GraphIndex, i: int) -> str:
@@ -385,7 +431,7 @@ def _base_branches(index: GraphIndex, i: int, nodes: list[int], tensors: list[st
         if j is None or not _default(index.node(j)):
             return out
         prev = index.node(j)
-        step = _affine(index, j, BRANCH_AFFINE)
+        step = _affine(index, j, POST_AFFINE)  # between two convs an Add is no branch sum
         if step is not None:
             mid.insert(0, step[0])
             t = step[1]
@@ -514,15 +560,17 @@ def _pad(index: GraphIndex, k: int, r: int) -> tuple[list[int], list[int], float
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode != "constant":
         raise _Refuse(f"{where} pads in mode '{mode}'")
-    if len(node.input) < 2 or not _is_const(index, node.input[1]):
+    value = _computed_const(index, node.input[1]) if len(node.input) > 1 else None
+    if value is None:
         raise _Refuse(f"the pads of {where} are not a constant")
-    pads = [int(p) for p in _const(index, node.input[1]).reshape(-1)]
+    pads = [int(p) for p in value.reshape(-1)]
     rank = r + 2
     axes = list(range(rank))
     if len(node.input) > 3 and node.input[3]:
-        if not _is_const(index, node.input[3]):
+        value = _computed_const(index, node.input[3])
+        if value is None:
             raise _Refuse(f"the axes of {where} are not a constant")
-        axes = [int(a) % rank for a in _const(index, node.input[3]).reshape(-1)]
+        axes = [int(a) % rank for a in value.reshape(-1)]
     if len(pads) != 2 * len(axes):
         raise _Refuse(f"{where} has {len(pads)} pads for {len(axes)} axes")
     full = [0] * 2 * rank
@@ -534,9 +582,10 @@ def _pad(index: GraphIndex, k: int, r: int) -> tuple[list[int], list[int], float
         raise _Refuse(f"{where} pads the batch or channel axis")
     fill = 0.0
     if len(node.input) > 2 and node.input[2]:
-        if not _is_const(index, node.input[2]):
+        value = _computed_const(index, node.input[2])
+        if value is None:
             raise _Refuse(f"the constant_value of {where} is not a constant")
-        fill = float(_const(index, node.input[2]).reshape(-1)[0])
+        fill = float(value.reshape(-1)[0])
     return full[2:rank], full[rank + 2:], fill
 
 
@@ -941,20 +990,20 @@ def _count(graph: onnx.GraphProto, op: str) -> int:
 
 
 def _remove_dead(graph: onnx.GraphProto) -> int:
-    """Drop Constant nodes, Identity copies of constants and initializers that nothing reads
-    any more (graph inputs and outputs kept), and stale value_info; returns how many."""
+    """Drop nodes computing constants alone (Constant, Identity copies, the Pad-pads ops
+    torch emits) and initializers that nothing reads any more (graph inputs and outputs
+    kept), and stale value_info; returns how many."""
     removed = 0
     while True:
         used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
         used |= _subgraph_reads(graph)
         consts = {t.name for t in graph.initializer}
-        for node in graph.node:  # topological: Identity copies of constants are constants
+        for node in graph.node:  # topological: ops of constants alone compute constants
             if _default(node) and (node.op_type == "Constant" or (
-                    node.op_type == "Identity" and all(n in consts for n in node.input))):
+                    node.input and all(n in consts for n in node.input if n))):
                 consts.update(node.output)
         dead = [i for i, node in enumerate(graph.node)
-                if node.op_type in ("Constant", "Identity") and _default(node)
-                and all(o in consts and o not in used for o in node.output)]
+                if all(o in consts and o not in used for o in node.output if o)]
         if not dead:
             break
         for i in reversed(dead):
