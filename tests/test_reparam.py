@@ -96,9 +96,9 @@ FAMILIES = {
     "dbb": (lambda: tf.stack(tf.DBB(4, 8), tf.DBB(8, 8, 3, 2, groups=2), tf.DBB(8, 8, 5)),
             (1, 4, 12, 12), 3),
     "dbb-depthwise-avg": (lambda: tf.DepthwiseAvgDBB(6), (1, 6, 8, 8), 1),
-    "learnable-rep-layer": (lambda: tf.stack(tf.LearnableRepLayer(8, 8, 3),
-                                             tf.LearnableRepLayer(8, 16, 5, 2, num_conv_branches=3)),
-                            (1, 8, 10, 10), 2),
+    "learnable-rep-layer": (lambda: tf.stack(
+        tf.LearnableRepLayer(8, 8, 3), tf.LearnableRepLayer(8, 16, 5, 2, num_conv_branches=3)),
+        (1, 8, 10, 10), 2),
 }
 
 
@@ -229,7 +229,8 @@ class Block:
             [helper.make_tensor_value_info("input", elem, ["N", self.cin, *self.hw])]
             + self.extra_inputs,
             [helper.make_tensor_value_info(t, elem, [None] * 4)]
-            + [helper.make_tensor_value_info(o, elem, [None] * 4) for o in self.outputs], self.inits)
+            + [helper.make_tensor_value_info(o, elem, [None] * 4) for o in self.outputs],
+            self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = 8
         onnx.checker.check_model(model)

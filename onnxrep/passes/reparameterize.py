@@ -196,8 +196,8 @@ def _computed_const(index: GraphIndex, name: str) -> np.ndarray | None:
     nodes = [index.node(i) for i in sorted(needed)]
     inputs = {n for node in nodes for n in node.input if n and _is_const(index, n)}
     inits = [numpy_helper.from_array(_const(index, n), n) for n in sorted(inputs)]
-    graph = helper.make_graph(nodes, "constant", [], [helper.make_value_info(name, onnx.TypeProto())],
-                              inits)
+    result = helper.make_value_info(name, onnx.TypeProto())
+    graph = helper.make_graph(nodes, "constant", [], [result], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _opset(index))])
     try:
         from onnx.reference import ReferenceEvaluator
@@ -768,7 +768,7 @@ def _check_geometry(index: GraphIndex, block: _Block, constants: list[str]) -> N
             raise _Refuse("dilations differ: " + _listing(
                 block.branches, [list(geo.dilations) for geo in geos]))
         d = d.pop()
-        extents = {geo.begins[a] + geo.ends[a] - (geo.kernel[a] - 1) * d for geo in geos}
+        extents = {geo.extent(a) for geo in geos}  # equal dilations where kernel > 1
         if len(extents) > 1:
             raise _Refuse(f"pads are not centre-aligned on spatial axis {a}: " + _listing(
                 block.branches, [f"k={geo.kernel[a]} pads=({geo.begins[a]},{geo.ends[a]})"
