@@ -83,10 +83,13 @@ def export(net, path: Path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-def top1(model, data: dict) -> float:
+def top1(model, data: dict, speed: bool = False):
+    """Top-1 in %; with ``speed`` also samples/s (onnxruntime, optimizations on, the model's
+    own run time as `onnxrep eval` counts it)."""
     from onnxrep.evaluate import evaluate
 
-    return 100 * evaluate(model, data, batch_size=250).top1
+    result = evaluate(model, data, batch_size=250)
+    return (100 * result.top1, result.samples_per_second) if speed else 100 * result.top1
 
 
 def conv_stats(model: onnx.ModelProto) -> tuple[int, float]:
@@ -139,7 +142,7 @@ def measure(arch: str, workdir: Path, data: dict, tmp: Path) -> dict:
             start = time.perf_counter()
             q = quantize(model, str(CALIB), QuantizeConfig(per_channel=per_channel))
             cells["seconds", per_channel] = time.perf_counter() - start
-            cells[per_channel] = top1(q, data)
+            cells[per_channel], cells["speed", per_channel] = top1(q, data, speed=True)
         row[form] = cells
     return row
 
@@ -178,14 +181,15 @@ def main(argv=None) -> int:
     print(f"Top-1 (%) on the full Fashion-MNIST test set ({n} images), `onnxrep quantize` "
           "defaults, calibration models/fmnist_calib.npz (512 images); in parentheses the "
           "change vs the form's FP32 in points.\n")
-    print("| model | form | Convs | max \\|w\\| | FP32 | INT8 per-tensor | INT8 per-channel |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | form | Convs | max \\|w\\| | FP32 | INT8 per-tensor | INT8 per-channel "
+          "| INT8 per-tensor samples/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for arch, row in rows.items():
         for form in ("train form, quantized directly", "after onnxrep reparam"):
             c = row[form]
             cells = [f"{c[pc]:.2f} ({c[pc] - c['fp32']:+.2f})" for pc in (False, True)]
             print(f"| {arch} | {form} | {c['convs']} | {c['worst']:.3g} | {c['fp32']:.2f} | "
-                  + " | ".join(cells) + " |")
+                  + " | ".join(cells) + f" | {c['speed', False]:.0f} |")
     print("\nreparam: blocks merged, blocks left, max rel output error vs the train form (256 "
           "test images), max |difference| from the torch model's own reparameterize() weights:\n")
     for arch, row in rows.items():
