@@ -15,6 +15,7 @@ from onnxrep.passes.absorb_bias import AbsorbHighBias
 from onnxrep.passes.dead_inputs import ZeroDeadInputs
 from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
 from onnxrep.passes.fold_affine import FoldAffine, FoldBatchNorm, fold_bn
+from onnxrep.passes.reparameterize import Reparameterize, find_blocks, reparameterize
 from onnxrep.passes.restore_bn import RestoreBatchNorm
 from onnxrep.pipeline import OptimizeConfig, optimize, optimize_with_details, restore_bn
 from onnxrep.ptq.quantizer import QuantizeConfig, quantize, quantize_with_details
@@ -27,10 +28,11 @@ __all__ = [
     "AbsorbHighBias", "ChannelStats", "DataError", "Dataset", "EqualizeConfig",
     "EqualizeCrossLayer", "EvalResult", "FoldAffine", "FoldBatchNorm", "ImageOptions",
     "InputError", "OnnxrepError", "OptimizeConfig", "QATConfig", "QuantizeConfig",
-    "RestoreBatchNorm", "Statistics", "UnsupportedModelError", "VerificationError",
-    "ZeroDeadInputs", "as_dataset", "collect_statistics", "compare", "evaluate", "fold_bn",
-    "load", "load_data", "optimize", "optimize_with_details", "qat", "qat_with_details",
-    "quantize", "quantize_with_details", "restore_bn", "save",
+    "Reparameterize", "RestoreBatchNorm", "Statistics", "UnsupportedModelError",
+    "VerificationError", "ZeroDeadInputs", "as_dataset", "collect_statistics", "compare",
+    "evaluate", "find_blocks", "fold_bn", "load", "load_data", "optimize",
+    "optimize_with_details", "qat", "qat_with_details", "quantize", "quantize_with_details",
+    "reparameterize", "restore_bn", "save",
 ]
 
 

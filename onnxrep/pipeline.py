@@ -1,8 +1,9 @@
 """The main job: passes that make a deploy-form Rep model quantize well, each one verified.
 
-Pipeline: fold per-channel affine ops (BatchNormalization, Mul/Add/Sub/Div by a constant) into
+Pipeline: merge train-form Rep blocks (parallel branches of one tensor) into one Conv each ->
+fold per-channel affine ops (BatchNormalization, Mul/Add/Sub/Div by a constant) into
 the layer before them -> zero dead inputs -> cross-layer equalization -> high-bias
-absorption. Folding and CLE are EQUIVALENT. Dead-input cleanup runs with calibration data
+absorption. Merging, folding and CLE are EQUIVALENT. Dead-input cleanup runs with calibration data
 (channels observed dead) or a stated ``input_range`` (channels proven dead by interval
 arithmetic); absorption needs calibration data. Those two are EQUIVALENT_ON_DATA: the function
 is unchanged wherever their statistics or bounds hold.
@@ -40,6 +41,7 @@ from onnxrep.passes.base import PassManager, PassResult, Stage, StatisticsCache,
 from onnxrep.passes.dead_inputs import ZeroDeadInputs, input_bounds_from_stats, zero_below
 from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
 from onnxrep.passes.fold_affine import FoldAffine
+from onnxrep.passes.reparameterize import Reparameterize, find_blocks
 from onnxrep.passes.restore_bn import RestoreBatchNorm, select_convs
 from onnxrep.verify.streaming import compare_on_data
 
@@ -48,8 +50,8 @@ from onnxrep.verify.streaming import compare_on_data
 class OptimizeConfig:
     """``rtol``: largest relative output error accepted (max |a - b| / max |reference|);
     ``input_shapes``: concrete shapes for symbolic inputs, e.g. ``{"input": (1, 3, 224, 224)}``;
-    ``fold_bn`` (BatchNormalization and the other per-channel affine ops), ``dead_inputs``,
-    ``absorb_bias``: switch those passes (absorption needs calibration data);
+    ``reparameterize`` (train-form blocks), ``fold_bn`` (BatchNormalization and the other
+    per-channel affine ops), ``dead_inputs``, ``absorb_bias``: switch those passes (absorption needs calibration data);
     ``input_range``: (lo, hi) bounding every float input, which proves dead channels without
     data and bounds the random verification inputs; ``batch_size`` and ``calib_limit``: how
     ``calib`` is read when it is not already a Dataset."""
@@ -59,6 +61,7 @@ class OptimizeConfig:
     rtol: float = 1e-4
     input_shapes: dict | None = None
     seed: int = 0
+    reparameterize: bool = True
     fold_bn: bool = True
     dead_inputs: bool = True
     absorb_bias: bool = True
@@ -225,6 +228,8 @@ def _manager(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress,
         dataset = None
     stats = StatisticsCache(dataset) if dataset is not None else None
     stages = []
+    if config.reparameterize and any(b.reason is None for b in find_blocks(model)):
+        stages.append(Stage("reparameterize", lambda m, s: Reparameterize()))
     if config.fold_bn and any(n.op_type in FoldAffine.ops for n in model.graph.node):
         stages.append(Stage("fold-affine", lambda m, s: FoldAffine()))
     if config.dead_inputs and (dataset is not None or config.input_range is not None):

@@ -228,15 +228,18 @@ def _model(nodes, inits, out, c=4, hw=8):
 
 
 def residual_block():
-    """stem Conv -> Relu (r); Conv(r) -> Add(., r) -> Relu -> Conv: a ResNet basic block."""
+    """stem Conv -> Relu (r); Conv(r) -> Relu -> Conv -> Add(., r) -> Relu -> Conv: a ResNet
+    basic block (two convs in the branch, so it is no Rep block to merge)."""
     rng = np.random.default_rng(0)
     n1, i1, y1 = _conv("stem", "input", 1, 4, rng)
-    n2, i2, y2 = _conv("branch", "r", 4, 4, rng)
+    n0, i0, y0 = _conv("inner", "r", 4, 4, rng)
+    n2, i2, y2 = _conv("branch", "q", 4, 4, rng)
     n3, i3, y3 = _conv("head", "s", 4, 2, rng)
-    nodes = [n1, helper.make_node("Relu", [y1], ["r"], "relu1"), n2,
+    nodes = [n1, helper.make_node("Relu", [y1], ["r"], "relu1"), n0,
+             helper.make_node("Relu", [y0], ["q"], "relu0"), n2,
              helper.make_node("Add", [y2, "r"], ["a"], "add"),
              helper.make_node("Relu", ["a"], ["s"], "relu2"), n3]
-    return _model(nodes, i1 + i2 + i3, y3)
+    return _model(nodes, i1 + i0 + i2 + i3, y3)
 
 
 def dense_block():

@@ -14,8 +14,8 @@ import warnings
 from onnxrep.errors import OnnxrepError, VerificationError
 from onnxrep.progress import quiet
 
-SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "qat",
-               "bench"]
+SUBCOMMANDS = ["optimize", "inspect", "eval", "quantize", "restore-bn", "fold-bn", "reparam",
+               "qat", "bench"]
 
 
 class _Parser(argparse.ArgumentParser):

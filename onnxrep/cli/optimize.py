@@ -49,7 +49,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="bounds of every float input (write --input-range=-1,1): proves dead "
                         "channels without data (default with --calib: the data's min/max)")
-    for name, what in (("fold-bn", "fold BatchNormalization and Mul/Add/Sub/Div by per-channel "
+    for name, what in (("reparam", "merge train-form Rep blocks (parallel branches of one "
+                                   "tensor) into one Conv each first"),
+                       ("fold-bn", "fold BatchNormalization and Mul/Add/Sub/Div by per-channel "
                                    "constants into the layer before them first"),
                        ("dead-inputs", "zero weights reading dead channels"),
                        ("absorb-bias", "absorb high biases (needs --calib)")):
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = OptimizeConfig(equalize=equalize, verify=args.verify, rtol=args.rtol,
                                 input_shapes=parse_input_shapes(args.input_shape),
+                                reparameterize=args.reparam,
                                 fold_bn=args.fold_bn, dead_inputs=args.dead_inputs,
                                 absorb_bias=args.absorb_bias, input_range=args.input_range,
                                 batch_size=args.batch_size, calib_limit=args.calib_limit)
@@ -138,6 +141,11 @@ def summary(result: Optimized, out) -> str:
     if result.data_comparison:
         verified += f"; on all calibration data: {result.data_comparison.summary()}"
     lines = []
+    if "reparameterize" in passes:
+        r = passes["reparameterize"].summary
+        lines.append(f"reparameterized {r.merged} train-form block(s) into one Conv each: Convs "
+                     f"{r.convs_before} -> {r.convs_after}, BatchNormalization "
+                     f"{r.bns_before} -> {r.bns_after}")
     if "fold-affine" in passes:
         r = passes["fold-affine"]
         lines.append(f"folded {r.summary.folded} per-channel affine op(s) (BatchNormalization, "

@@ -1,0 +1,81 @@
+"""Merge the branches of re-parameterizable blocks (train form) into one Conv each (deploy form).
+
+Finds sums (Add trees, Sum) whose branches all read one tensor, each a Conv (with its
+BatchNormalization, or a 1x1 -> kxk sequence, or an AveragePool), a BatchNormalization of the
+tensor or the tensor itself: RepVGG, MobileOne, ACNet, DBB, QARepVGG, RepViT and PP-LCNetV3
+blocks as exported from their training form. Each becomes one Conv with bias, smaller kernels
+zero-padded at the centre, the identity as an identity kernel, BNs and a BN or scalar /
+per-channel Mul/Add after the sum folded in (float64). A block that does not merge exactly is
+left alone and listed with the reason. The result is checked against the input with
+onnxruntime on seeded random inputs (exit 3 and nothing written past --rtol). Default output:
+<stem>.deploy.onnx.
+
+example: onnxrep reparam repvgg.train.onnx -o repvgg.deploy.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from onnxrep import verify
+from onnxrep.cli.common import (add_input_shape, add_output, add_reporting, emit_json,
+                                output_path, parse_input_shapes, tolerance)
+from onnxrep.ir.model import load, save
+from onnxrep.passes.base import PassManager, Stage, Verifier
+from onnxrep.passes.reparameterize import Reparameterize
+from onnxrep.report import table
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="input ONNX model (never modified)")
+    add_output(p, "deploy")
+    p.add_argument("--rtol", type=tolerance, default=1e-5,
+                   help="largest relative output error accepted (default %(default)g)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare outputs before/after with onnxruntime (default on)")
+    add_input_shape(p)
+    add_reporting(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_path(args)
+    model = load(args.model)
+    verifier = None
+    if args.verify:
+        feeds = verify.random_inputs(model, parse_input_shapes(args.input_shape))
+        verifier = Verifier(model, feeds, rtol=args.rtol, bounds=verify.output_bounds(model))
+    stages = [Stage("reparameterize", lambda m, s: Reparameterize())]
+    done = PassManager(stages, verifier=verifier).run(model)  # in place: the file is the original
+    (_, result), comparison = done.results[0], done.comparison
+    if verifier is not None and comparison is None:  # nothing merged: exact
+        comparison = verify.compare_outputs(verifier.reference, verifier.reference)
+    save(model, out, force=args.force)
+    info = result.summary
+    if args.json:
+        emit_json("reparam", {
+            "input": args.model, "output": str(out),
+            "blocks": [{k: v for k, v in asdict(b).items() if k != "detail"}
+                       for b in info.blocks],
+            "skipped": [vars(s) for s in result.skips],
+            "convs": {"before": info.convs_before, "after": info.convs_after},
+            "batchnorms": {"before": info.bns_before, "after": info.bns_after},
+            "verification": comparison.as_dict() if comparison else None})
+        return 0
+    if info.blocks:
+        rows = [[b.conv, b.branches + (" then " + ", ".join(b.after) if b.after else ""),
+                 b.kernel, b.groups, f"{b.convs_before} -> {b.convs_after}"]
+                for b in info.blocks]
+        print(table(["merged Conv", "branches merged", "kernel", "groups", "Convs"], rows,
+                    "llrrr"))
+    if result.skips:
+        print(f"\nnot merged ({len(result.skips)}):")
+        print(table(["block (root)", "reason"], [[s.node, s.reason] for s in result.skips],
+                    "ll"))
+    if not info.blocks and not result.skips:
+        print("no re-parameterizable block found (no sum of branches of one tensor)")
+    verified = f"verified: {comparison.summary()}" if comparison else "not verified"
+    print(f"\nmerged {info.merged} block(s), {len(result.skips)} left; Convs "
+          f"{info.convs_before} -> {info.convs_after}, BatchNormalization "
+          f"{info.bns_before} -> {info.bns_after}; {verified}; wrote {out}")
+    return 0
