@@ -15,7 +15,8 @@ line boxes) and probability-map SQNR vs FP32; cls/orientation = top-1 vs the ren
 layout = SQNR of all outputs vs FP32 and F1 of decoded boxes vs FP32's boxes.
 
 usage: python tools/bench_zoo.py [--models a,b] [--calib 64] [--test 64] [--json]
-                                 [--cache-dir DIR] [--keep DIR] [--timeout S]
+                                 [--cache-dir DIR] [--keep DIR] [--timeout S] [--save FILE]
+       python tools/bench_zoo.py --from-json FILE        (the table of an earlier run)
 """
 
 from __future__ import annotations
@@ -215,7 +216,15 @@ def main(argv=None) -> int:
                    help="seconds per quantize run before it is killed (default 3600)")
     p.add_argument("--onnxrep-args", default="",
                    help="extra arguments for onnxrep quantize, e.g. '--analysis-samples 16'")
+    p.add_argument("--save", type=Path, metavar="FILE",
+                   help="also write the --json document to FILE after every model")
+    p.add_argument("--from-json", type=Path, metavar="FILE",
+                   help="print the table of an earlier --json run instead of running")
     args = p.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        report(doc["header"], doc["rows"])
+        return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in SPECS]
     if unknown:
@@ -225,13 +234,22 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         rows.append(bench_model(name, args))
+        if args.save:
+            part = args.save.with_name(args.save.name + ".part")
+            part.write_text(json.dumps({"header": info, "rows": rows}, indent=1))
+            part.replace(args.save)
     if args.json:
         print(json.dumps({"header": info, "rows": rows}, indent=1))
         return 0
+    report(info, rows)
+    return 0
+
+
+def report(info: dict, rows: list[dict]) -> None:
     print(f"CPU: {info['cpu']}")
     print(f"onnxruntime {info['onnxruntime']}, onnx {info['onnx']}, Python {info['python']}, "
-          f"commit {info['commit']}; {args.calib} calibration / {args.test} test samples"
-          + (f"; onnxrep quantize {args.onnxrep_args}" if args.onnxrep_args else ""))
+          f"commit {info['commit']}; {info['calib']} calibration / {info['test']} test samples"
+          + (f"; onnxrep quantize {info['onnxrep_args']}" if info["onnxrep_args"] else ""))
     print("Each quantize cell: task metric; wall time and peak RSS of that quantize "
           "subprocess.\n")
     print(table(rows))
@@ -241,7 +259,6 @@ def main(argv=None) -> int:
             for key, run in r["runs"].items():
                 for n in run.get("ort_log", {}).get("notes", []):
                     print(f"- {r['model']} {key}: {n}")
-    return 0
 
 
 if __name__ == "__main__":
