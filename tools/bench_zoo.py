@@ -64,8 +64,8 @@ def cpu_flags() -> str:
 
 
 def measure(cmd: list[str], cwd: Path, timeout: float) -> dict:
-    """Run one child; its wall time, peak RSS (os.wait4: this child and the descendants it
-    waited for), exit code, and the last line of its stderr."""
+    """Run one child; its wall time, CPU time and peak RSS (os.wait4: this child and the
+    descendants it waited for), exit code, and the last line of its stderr."""
     out_path, err_path = cwd / "child.stdout", cwd / "child.stderr"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(TOOLS.parent), env.get("PYTHONPATH")] if p)
@@ -91,7 +91,8 @@ def measure(cmd: list[str], cwd: Path, timeout: float) -> dict:
     elif proc.returncode != 0:
         lines = [ln for ln in stderr if ln.strip()]
         error = lines[-1].strip() if lines else ""
-    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"rc": proc.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024,
             "error": error, "stdout": out_path.read_text(errors="replace").strip()[-2000:]}
 
 
