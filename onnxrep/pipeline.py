@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from onnxrep import verify
+from onnxrep.errors import VerificationError
 from onnxrep.analysis.statistics import Statistics, collect_statistics
 from onnxrep.analysis.weights import WeightStats, weight_stats
 from onnxrep.data import as_dataset
@@ -50,7 +51,8 @@ from onnxrep.verify.streaming import compare_on_data
 class OptimizeConfig:
     """``rtol``: largest relative output error accepted (max |a - b| / max |reference|);
     ``input_shapes``: concrete shapes for symbolic inputs, e.g. ``{"input": (1, 3, 224, 224)}``;
-    ``reparameterize`` (train-form blocks), ``fold_bn`` (BatchNormalization and the other
+    ``strict``: abort when a pass fails its check instead of rolling back the units that
+    break it; ``reparameterize`` (train-form blocks), ``fold_bn`` (BatchNormalization and the other
     per-channel affine ops), ``dead_inputs``, ``absorb_bias``: switch those passes (absorption needs calibration data);
     ``input_range``: (lo, hi) bounding every float input, which proves dead channels without
     data and bounds the random verification inputs; ``batch_size`` and ``calib_limit``: how
@@ -61,6 +63,7 @@ class OptimizeConfig:
     rtol: float = 1e-4
     input_shapes: dict | None = None
     seed: int = 0
+    strict: bool = False
     reparameterize: bool = True
     fold_bn: bool = True
     dead_inputs: bool = True
@@ -128,7 +131,9 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
     dataset = _dataset(calib, model, config)
     replay = dataset is not None and _replayable(dataset)
     work, original = model, model
-    if copy or (config.verify and replay):
+    # a copy of the input stays when the result is compared with it over the data, or when a
+    # check made once at the end may have to be redone pass by pass (to roll units back)
+    if copy or (config.verify and (replay or (not check_each and not config.strict))):
         work = onnx.ModelProto()
         work.CopyFrom(model)
         if not copy:
@@ -143,7 +148,13 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
     manager = _manager(work, config, dataset, progress, verifier, check_each=check_each)
     run = manager.run(work)
     if verifier is not None and not check_each and run.changed:
-        manager.verify_result(run, work)
+        try:
+            manager.verify_result(run, work)
+        except VerificationError:
+            if config.strict:
+                raise
+            work.CopyFrom(original)  # again, pass by pass, rolling back what breaks
+            run = _manager(work, config, dataset, progress, verifier, check_each=True).run(work)
     comparison = run.comparison
     if verifier is not None and comparison is None:  # nothing changed: exact
         comparison = verify.compare_outputs(verifier.reference, verifier.reference)
@@ -186,7 +197,17 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
         del model  # onnxruntime reads the written file; the proto's memory goes back first
         verify.release_memory()
         if verifier is not None:
-            manager.verify_result(run, tmp)
+            try:
+                manager.verify_result(run, tmp)
+            except VerificationError:
+                if config.strict:
+                    raise
+                # again in memory, pass by pass, rolling back the units that break the check
+                again = optimize_with_details(load(src), config, calib=dataset, copy=False,
+                                              progress=progress)
+                write_to(again.model, tmp)
+                return Optimized(None, again.results, before, again.after, again.comparison,
+                                 again.data_comparison, nested)
     return Optimized(None, run.results, before, after, run.comparison, run.data_comparison,
                      nested)
 
@@ -239,7 +260,7 @@ def _manager(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress,
         stages.append(Stage("absorb-bias", lambda m, s: AbsorbHighBias(
             s.get(m, relu_inputs(m)))))
     return PassManager(stages, verifier=verifier, stats=stats, check_each=check_each,
-                       progress=progress)
+                       strict=config.strict, progress=progress)
 
 
 def _dead_inputs(model: onnx.ModelProto, config: OptimizeConfig,

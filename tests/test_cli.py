@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from graphs import mobileone_like
+from onnxrep import verify
 from onnxrep.cli import main
 
 
@@ -71,7 +72,7 @@ def test_existing_output_needs_force(model_path):
 
 
 def test_verification_failure_is_exit_3_and_nothing_written(model_path, capsys):
-    assert main(["optimize", str(model_path), "--rtol", "0", "-q"]) == 3
+    assert main(["optimize", str(model_path), "--rtol", "0", "--strict", "-q"]) == 3
     err = capsys.readouterr().err
     assert "would have needed --rtol" in err
     assert not (model_path.parent / "net.opt.onnx").exists()
@@ -112,3 +113,12 @@ def test_python_dash_m_entry_point(model_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["schema"] == "onnxrep.inspect"
+
+
+def test_a_failing_pass_rolls_back_its_units_by_default(model_path, capsys, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(model_path), "--rtol", "0", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rolled back: pass 'equalize' changed the model's outputs" in printed
+    assert verify.compare(onnx.load(model_path), onnx.load(out),
+                          verify.random_inputs(onnx.load(model_path))).rel == 0

@@ -45,6 +45,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="largest relative output error accepted (default %(default)g)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare outputs before/after with onnxruntime (default on)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when a pass fails its check, instead of rolling back the units "
+                        "(channels, pairs, folds) that break it and keeping the rest")
     add_calib(p, required=False)
     p.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="bounds of every float input (write --input-range=-1,1): proves dead "
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = OptimizeConfig(equalize=equalize, verify=args.verify, rtol=args.rtol,
                                 input_shapes=parse_input_shapes(args.input_shape),
-                                reparameterize=args.reparam,
+                                strict=args.strict, reparameterize=args.reparam,
                                 fold_bn=args.fold_bn, dead_inputs=args.dead_inputs,
                                 absorb_bias=args.absorb_bias, input_range=args.input_range,
                                 batch_size=args.batch_size, calib_limit=args.calib_limit)
@@ -161,6 +164,10 @@ def summary(result: Optimized, out) -> str:
         r = passes["absorb-bias"]
         lines.append(f"absorbed high biases of {r.summary.channels} channel(s) in "
                      f"{len(r.changes)} layer pair(s), {len(r.skips)} pair(s) skipped")
+    rolled = [(name, s) for name, r in result.results for s in r.skips
+              if s.reason.startswith("rolled back:")]
+    for name, s in rolled:
+        lines.append(f"{name}: {s.node} {s.reason}")
     e = eq.summary
     lines.append(f"equalized {len(eq.changes)}/{e.pairs} pairs in {e.rounds} "
                  f"rounds{'' if e.converged else ' (not converged)'}, {len(eq.skips)} "

@@ -84,9 +84,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis-samples", type=positive_int, default=_D.analysis_samples, metavar="N",
                    help="calibration samples used by --report, --exclude auto, --max-drop and "
                         "bias correction (default %(default)s)")
-    p.add_argument("--rtol", type=tolerance, default=OptimizeConfig.rtol,
+    p.add_argument("--rtol", type=tolerance, default=_D.passes.rtol,
                    help="largest relative output error accepted from the FP32 passes before "
-                        "quantization (default %(default)g)")
+                        "quantization (default %(default)g: a tenth of the error of one "
+                        "uint8 step over the output's range)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when a pass fails its check, instead of rolling back the units "
+                        "that break it")
     add_input_shape(p)
     add_reporting(p)
 
@@ -144,7 +148,8 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
             auto = int(k)
         else:
             names.append(item)
-    passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape), rtol=args.rtol)
+    passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape), rtol=args.rtol,
+                            strict=args.strict)
     try:
         return QuantizeConfig(target=args.target, per_channel=args.per_channel,
                               method=args.method,

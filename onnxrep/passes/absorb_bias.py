@@ -70,6 +70,10 @@ class AbsorbHighBias(Pass):
             if reason:
                 skips.append(Skip(label, reason))
                 continue
+            held = self.held(label)
+            if held:
+                skips.append(held)
+                continue
             s = self.stats[node.output[0]]
             c = np.where(s.min > _MIN_SHIFT * np.abs(s.max), s.min, 0.0)
             if not c.any():

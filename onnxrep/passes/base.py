@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import onnx
 
 from onnxrep import verify
+from onnxrep.errors import VerificationError
 from onnxrep.verify.streaming import compare_on_data
 
 
@@ -68,13 +69,27 @@ class PassResult:
 
 
 class Pass:
-    """Base class: subclasses set ``name`` and ``contract`` and implement ``call``."""
+    """Base class: subclasses set ``name`` and ``contract`` and implement ``call``.
+
+    A pass's units are the places it changes, named by the first node of each
+    :class:`Change`; :meth:`withhold` makes the pass leave some of them alone (a Skip with the
+    given reason instead), which is how the manager rolls back the unit that broke a check."""
 
     name: str = "pass"
     contract: Contract = Contract.EQUIVALENT
+    _withheld: dict[str, str] = {}
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         return self.call(model)
+
+    def withhold(self, units: dict[str, str]) -> None:
+        """Leave these units (first-node labels) unchanged, each reported with its reason."""
+        self._withheld = dict(units)
+
+    def held(self, unit: str) -> Skip | None:
+        """The Skip for a withheld unit, or None when the pass may change it."""
+        reason = self._withheld.get(unit)
+        return None if reason is None else Skip(unit, reason)
 
     def call(self, model: onnx.ModelProto) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -160,37 +175,88 @@ class PassManager:
 
     With a ``verifier`` and ``check_each`` the model is checked after every pass that changed
     it, so a failure names its pass; a data check made stale by a later pass is repeated at the
-    end. Without ``check_each`` the caller verifies once (e.g. the file it wrote) through
+    end. When a pass fails its check, the manager rolls back only the units that break it
+    (bisecting over the pass's changes from a copy of the model before the pass) and keeps the
+    rest, each rolled-back unit a Skip with the error it caused, unless ``strict`` (the
+    default for single-pass commands, whose whole job is that pass) raises instead.
+    Without ``check_each`` the caller verifies once (e.g. the file it wrote) through
     :meth:`verify_result`."""
 
     def __init__(self, stages: list[Stage], *, verifier: Verifier | None = None,
                  stats: StatisticsCache | None = None, check_each: bool = True,
-                 progress: Callable[[str], None] | None = None):
+                 strict: bool = True, progress: Callable[[str], None] | None = None):
         self.stages, self.verifier, self.stats = stages, verifier, stats
-        self.check_each, self.progress = check_each, progress
+        self.check_each, self.strict, self.progress = check_each, strict, progress
 
     def run(self, model: onnx.ModelProto) -> Run:
         run = Run()
         stale = False
+        checking = self.verifier is not None and self.check_each
         for stage in self.stages:
             if self.progress:
                 self.progress(f"{stage.name}...")
+            before = None
+            if checking and not self.strict:
+                before = onnx.ModelProto()
+                before.CopyFrom(model)
             p = stage.make(model, self.stats)
             result = p(model)
+            if result.modified and checking:
+                try:
+                    run.comparison, on_data = self.verifier.check(model, [p], f"pass '{p.name}'")
+                except VerificationError as error:
+                    if before is None:
+                        raise
+                    p, result, (run.comparison, on_data) = self._roll_back(
+                        stage, model, before, result, error)
+                if result.modified:
+                    stale = stale or run.data_comparison is not None
+                    if on_data is not None:
+                        run.data_comparison, stale = on_data, False
             run.results.append((p.name, result))
-            if not result.modified:
-                continue
-            run.changed.append(p)
-            if self.stats is not None:
-                self.stats.invalidate()
-            if self.verifier is not None and self.check_each:
-                run.comparison, on_data = self.verifier.check(model, [p], f"pass '{p.name}'")
-                stale = stale or run.data_comparison is not None
-                if on_data is not None:
-                    run.data_comparison, stale = on_data, False
+            if result.modified:
+                run.changed.append(p)
+                if self.stats is not None:
+                    self.stats.invalidate()
         if stale:
             _, run.data_comparison = self.verifier.check(model, run.changed, "the passes")
         return run
+
+    def _roll_back(self, stage: Stage, model: onnx.ModelProto, before: onnx.ModelProto,
+                   failed: PassResult, error: VerificationError):
+        """Find the units whose change breaks the check (adding halves of the pass's units to
+        an accepted set, down to single units), and leave ``model`` with the pass applied to
+        the accepted units only. Returns (pass, result, comparisons) of that final run."""
+        units = list(dict.fromkeys(c.nodes[0] for c in failed.changes))
+        accepted: list[str] = []
+        rejected: dict[str, str] = {}
+
+        def attempt(keep: list[str]):
+            model.CopyFrom(before)
+            p = stage.make(model, self.stats)
+            p.withhold({u: f"rolled back: {rejected.get(u, 'not tried')}" for u in units
+                        if u not in keep})
+            result = p(model)
+            try:
+                return p, result, self.verifier.check(model, [p], f"pass '{p.name}'")
+            except VerificationError as exc:
+                return exc
+
+        def add(part: list[str], known: VerificationError | None = None) -> None:
+            outcome = known or attempt(accepted + part)
+            if not isinstance(outcome, VerificationError):
+                accepted.extend(part)
+            elif len(part) == 1:
+                rejected[part[0]] = str(outcome)
+            else:
+                add(part[:len(part) // 2])
+                add(part[len(part) // 2:])
+
+        add(units, error)
+        final = attempt(accepted)
+        if isinstance(final, VerificationError):  # accepted units passed together before
+            raise final
+        return final
 
     def verify_result(self, run: Run, candidate: verify.ModelLike) -> None:
         """Check ``candidate`` (the run's result, e.g. as written to a file) once, by the

@@ -142,6 +142,10 @@ class ZeroDeadInputs(Pass):
             if not found.any():
                 continue
             label = index.labels[i]
+            held = self.held(label)
+            if held:
+                skips.append(held)
+                continue
             totals.dead += int((found & const.dead).sum())
             totals.constant += int((found & ~const.dead).sum())
             totals.proven += int((found & const.proven).sum())

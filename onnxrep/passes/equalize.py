@@ -145,7 +145,14 @@ class EqualizeCrossLayer(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         index = GraphIndex(model.graph)
-        pairs, skips = find_pairs(model, index)
+        found, skips = find_pairs(model, index)
+        pairs = []
+        for pair in found:
+            held = self.held(index.labels[pair.first])
+            if held:
+                skips.append(held)
+            else:
+                pairs.append(pair)
         layers = _load_layers(index, pairs)
         totals, rounds, converged = _equalize(layers, pairs, self.config)
         if self.config.never_worse:

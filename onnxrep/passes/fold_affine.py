@@ -64,6 +64,10 @@ class FoldAffine(Pass):
                     if node.op_type == "BatchNormalization":
                         skips.append(Skip(index.labels[i], plan))
                     continue
+                held = self.held(index.labels[i])
+                if held:
+                    skips.append(held)
+                    continue
                 detail = _fold(index, i, *plan)
                 changes.append(Change("folded", (index.labels[i], index.labels[plan[0]]),
                                       detail))

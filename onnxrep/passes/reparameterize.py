@@ -115,7 +115,8 @@ class Reparameterize(Pass):
             index = _index(model)
             blocks = _find(index)
             skips = [Skip(b.root, b.reason) for b in blocks if b.reason is not None]
-            plans = [b for b in blocks if b.reason is None]
+            skips += [self.held(b.root) for b in blocks if b.reason is None and self.held(b.root)]
+            plans = [b for b in blocks if b.reason is None and not self.held(b.root)]
             if not plans:
                 break
             taken = set(index.producer) | set(index.initializers) | index.graph_inputs

@@ -70,6 +70,10 @@ METHODS = tuple(m.value for m in Method)
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
 PER_CHANNEL_MIN_OPSET = 13
+# The FP32 passes before quantization may move outputs by this much relative to their largest
+# magnitude: a tenth of one uint8 step over the output's range (1/255), so the passes' error
+# stays an order of magnitude below the quantization noise that follows.
+PASSES_RTOL = 4e-4
 Feeds = dict[str, np.ndarray]
 
 
@@ -99,7 +103,7 @@ class QuantizeConfig:
     activation_type: QType | None = None
     weight_type: QType | None = None
     optimize: bool = True
-    passes: OptimizeConfig = field(default_factory=OptimizeConfig)
+    passes: OptimizeConfig = field(default_factory=lambda: OptimizeConfig(rtol=PASSES_RTOL))
     exclude: tuple[str, ...] = ()
     auto_exclude: int = 0
     max_drop: float | None = None
