@@ -255,12 +255,21 @@ def test_npy_for_multi_input_model(tmp_path):
         [X[0, 0, 0, :3]], two_inputs())
 
 
-def test_different_sample_counts_and_bad_labels(tmp_path):
+def test_different_sample_counts(tmp_path):
     message = error({"a": np.zeros((4, 3)), "b": np.zeros((5, 3))}, two_inputs())
     assert message == "inputs of the dict have different sample counts: a 4, b 5"
-    assert "labels in the dict must be integers, one per sample (70)" in error(
-        {"input": X, "labels": np.zeros(69, np.int64)})
-    assert "must be integers" in error({"input": X, "labels": np.zeros(70)})
+
+
+@pytest.mark.parametrize("labels", [np.zeros(69, np.int64), np.zeros(70),
+                                    np.array(["text"] * 70)])
+def test_labels_that_are_not_class_indices_are_metadata(labels):
+    """An OCR calibration file carries its text as labels: calibration needs none, so they are
+    listed as not used instead of refused, and accuracy is not scored."""
+    data = load_data({"input": X, "labels": labels, "widths": np.ones(70)}, MODEL)
+    assert data.labels is None
+    assert data.ignored[0] == "widths" and data.ignored[1].startswith(
+        "labels (not integer class indices, one per sample (70)")
+    assert sum(len(b["input"]) for b in data.batches()) == 70
 
 
 def test_variable_sample_shapes_cannot_share_a_batch():

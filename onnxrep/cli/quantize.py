@@ -123,9 +123,12 @@ def run(args: argparse.Namespace) -> int:
         save(result.float_model, args.save_float, force=args.force)
     result.stages["save"] = time.monotonic() - began
     if args.json:
-        emit_json("quantize", as_json(result, args.model, out, scores))
+        emit_json("quantize", {**as_json(result, args.model, out, scores),
+                               "unused_keys": list(calib.ignored)})
         return 0
     print(summary(result, args.model, out))
+    if calib.ignored:
+        print(f"not used from {args.calib}: {', '.join(calib.ignored)}")
     if scores:
         print()
         print(accuracy_table(*scores))

@@ -501,9 +501,10 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
             if value is not None and not _broadcasts(value.shape, sample):
                 raise DataError(f"{key} of shape {_fmt(value.shape) or '()'} in {name} does not "
                                 f"broadcast against samples of shape {_fmt(sample)}")
-    has_labels = LABELS in arrays and LABELS not in inputs
-    labels = _labels(_whole(arrays[LABELS]), n, name) if has_labels else None
-    used = {*inputs, *([LABELS] if has_labels else []),
+    labels, unusable = None, None
+    if LABELS in arrays and LABELS not in inputs:
+        labels, unusable = _labels(_whole(arrays[LABELS]), n)
+    used = {*inputs, *([LABELS] if labels is not None or unusable else []),
             *(k for k, v in zip(PREPROCESS, pre) if v is not None)}
     size, limit = common["batch_size"], common["limit"]
     count = min(n, limit or n)
@@ -519,7 +520,8 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
 
     return Dataset(chunks, name=name, num_samples=count,
                    labels=None if labels is None else labels[:count],
-                   ignored=tuple(sorted(set(arrays) - used)), **common)
+                   ignored=tuple(sorted(set(arrays) - used)) + (
+                       (f"{LABELS} ({unusable})",) if unusable else ()), **common)
 
 
 def _scalar_batches(common: dict, names: list[str], where: str) -> dict:
@@ -550,14 +552,16 @@ def _preprocess(u8: np.ndarray, scale, mean, std) -> np.ndarray:
     return x
 
 
-def _labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
+def _labels(labels: np.ndarray, n: int) -> tuple[np.ndarray | None, str | None]:
+    """(class indices, None), or (None, why they are not class indices): labels of another
+    kind (an OCR model's strings) are metadata, which calibration never needs."""
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.dtype.kind not in "iu" or labels.shape != (n,):
-        raise DataError(f"labels in {name} must be integers, one per sample ({n}); got "
-                        f"{labels.dtype} of shape {_fmt(labels.shape) or '()'}")
-    return labels.astype(np.int64)
+        return None, (f"not integer class indices, one per sample ({n}): {labels.dtype} of "
+                      f"shape {_fmt(labels.shape) or '()'}")
+    return labels.astype(np.int64), None
 
 
 # ---- streamed: iterables and CalibrationDataReader ---------------------------------------------
