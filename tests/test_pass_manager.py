@@ -1,6 +1,7 @@
 """PassManager: verification by contract, statistics once per model state, and rollback of the
 units of a pass that break its check."""
 
+import numpy as np
 import onnx
 import pytest
 
@@ -93,3 +94,30 @@ def test_statistics_are_collected_once_per_model_state():
     cache.invalidate()
     cache.get(model, [out])
     assert len(calls) == 2
+
+
+def test_statistics_rescaled_by_cle_equal_statistics_measured_after_it():
+    from graphs import batch_for, mobileone_like
+    from onnxrep.analysis.statistics import collect_statistics
+    from onnxrep.passes.dead_inputs import ZeroDeadInputs
+    from onnxrep.passes.equalize import EqualizeCrossLayer
+    from onnxrep.pipeline import relu_inputs
+
+    model = mobileone_like()
+    x = batch_for(model, n=24)
+    tensors = relu_inputs(model)
+    before = collect_statistics(model, x, tensors)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    cle = EqualizeCrossLayer()
+    result = cle(work)
+    assert result.modified and cle.statistics_after(result)
+    rescaled = before.rescaled(cle.statistics_after(result))
+    measured = collect_statistics(work, x, tensors)
+    for name in tensors:
+        a, b = rescaled[name], measured[name]
+        scale = np.abs(b.max).max()
+        for field in ("mean", "min", "max"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-5 * scale)
+        np.testing.assert_allclose(a.var, b.var, rtol=1e-4, atol=1e-8 * scale ** 2)
+    assert ZeroDeadInputs(before, None).statistics_after(result) == {}

@@ -112,6 +112,12 @@ class ChannelStats:
                             self.m2 + other.m2 + delta**2 * (na * nb / n),
                             np.minimum(self.min, other.min), np.maximum(self.max, other.max))
 
+    def scaled(self, k: np.ndarray) -> "ChannelStats":
+        """Statistics of the tensor times ``k`` > 0 per channel (exact: moments scale)."""
+        k = np.asarray(k, np.float64)
+        return ChannelStats(self.count, self.mean * k, self.m2 * k * k, self.min * k,
+                            self.max * k)
+
     def as_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean.tolist(), "var": self.var.tolist(),
                 "min": self.min.tolist(), "max": self.max.tolist()}
@@ -134,6 +140,13 @@ class Statistics:
 
     def get(self, name: str) -> ChannelStats | None:
         return self.tensors.get(name)
+
+    def rescaled(self, factors: dict[str, np.ndarray]) -> "Statistics":
+        """The statistics after a pass multiplied tensors' channels by positive ``factors``
+        (tensor -> one factor per channel); other tensors unchanged."""
+        tensors = {name: s.scaled(factors[name]) if name in factors else s
+                   for name, s in self.tensors.items()}
+        return Statistics(tensors, self.samples, self.batches, dict(self.skipped))
 
     def merge(self, other: "Statistics") -> "Statistics":
         tensors = dict(self.tensors)

@@ -82,6 +82,12 @@ class Pass:
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         return self.call(model)
 
+    def statistics_after(self, result: PassResult) -> dict | None:
+        """How the pass changed the calibration data's activations: None (unknown: measure
+        again), or tensor -> positive per-channel factor, tensors not named being unchanged
+        (``{}``: every activation is the same on the calibration data)."""
+        return None
+
     def withhold(self, units: dict[str, str]) -> None:
         """Leave these units (first-node labels) unchanged, each reported with its reason."""
         self._withheld = dict(units)
@@ -98,8 +104,10 @@ class Pass:
 class StatisticsCache:
     """Per-channel statistics over a dataset, collected once per model state.
 
-    ``get(model, tensors)`` returns statistics of at least ``tensors``; the manager calls
-    ``invalidate()`` whenever a pass changes the model."""
+    ``get(model, tensors)`` returns statistics of at least ``tensors``; after a pass changes
+    the model the manager calls ``update()`` with what the pass says it did to the activations
+    (CLE scales channels by known factors; dead-input cleanup leaves every activation the same
+    on the data), so statistics are measured again only when a pass cannot say."""
 
     def __init__(self, dataset, collect: Callable | None = None):
         from onnxrep.analysis.statistics import collect_statistics
@@ -117,6 +125,13 @@ class StatisticsCache:
 
     def invalidate(self) -> None:
         self._stats = None
+
+    def update(self, factors: dict | None) -> None:
+        """After a pass: rescale what it scaled (``Pass.statistics_after``), or measure anew."""
+        if factors is None or self._stats is None:
+            self._stats = None
+        else:
+            self._stats = self._stats.rescaled(factors)
 
 
 @dataclass(frozen=True)
@@ -217,7 +232,7 @@ class PassManager:
             if result.modified:
                 run.changed.append(p)
                 if self.stats is not None:
-                    self.stats.invalidate()
+                    self.stats.update(p.statistics_after(result))
         if stale:
             _, run.data_comparison = self.verifier.check(model, run.changed, "the passes")
         return run

@@ -169,7 +169,31 @@ class EqualizeCrossLayer(Pass):
                     f"[{total.min():.3g}, {total.max():.3g}]"))
         for layer in layers.values():
             _write_back(index, layer)
+        self._scaled = _scaled_tensors(index, pairs, totals)
         return PassResult(model, changes, skips, EqualizeSummary(len(pairs), rounds, converged))
+
+    def statistics_after(self, result: PassResult) -> dict:
+        """The channels it scaled: the first layers' outputs and their paths (exact)."""
+        return self._scaled
+
+
+def _scaled_tensors(index: GraphIndex, pairs: list[ChainPair], totals: list[np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """Tensor -> factor per channel for what equalization scaled: the first layer's output and
+    every tensor on the path to the second layer carry channel i times 1/s_i (per feature,
+    s_i repeated H*W times, after a Flatten); everything else is unchanged."""
+    scaled = {}
+    for pair, total in zip(pairs, totals):
+        if np.all(total == 1):
+            continue
+        factor = 1.0 / total
+        scaled[index.node(pair.first).output[0]] = factor
+        for j in pair.path:
+            node = index.node(j)
+            if node.op_type in ("Flatten", "Reshape"):
+                factor = np.repeat(factor, pair.features)
+            scaled[node.output[0]] = factor
+    return scaled
 
 
 def find_pairs(model: onnx.ModelProto, index: GraphIndex | None = None
