@@ -37,11 +37,12 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-def unique_name(base: str, taken: set) -> str:
-    """``base``, or ``base_1``, ``base_2``, ... whichever is not in ``taken``; records it."""
+def unique_name(base: str, taken: set, sep: str = "_") -> str:
+    """``base``, or ``base_1``, ``base_2``, ... (``sep`` before the number) whichever is not in
+    ``taken``; records it."""
     name, k = base, 1
     while name in taken:
-        name, k = f"{base}_{k}", k + 1
+        name, k = f"{base}{sep}{k}", k + 1
     taken.add(name)
     return name
 
@@ -152,3 +153,62 @@ def subgraph_layers(graph: onnx.GraphProto, where: str = "") -> list[tuple[str, 
                         found.append((n.name or f"{n.op_type}#{j}", here))
                 found.extend(subgraph_layers(body, here))
     return found
+
+
+def remove_unused_constants(graph: onnx.GraphProto, *, listed_inputs: bool = False) -> int:
+    """Drop what nothing reads any more: nodes that compute constants alone (Constant, and ops
+    whose inputs are all constants), initializers, and the value_info of tensors gone; reads
+    from inside If/Loop/Scan bodies count. Graph outputs stay; initializers also listed as
+    graph inputs stay unless ``listed_inputs`` (then they go, with their input entry).
+    Returns how many nodes and initializers were removed."""
+    removed = 0
+    while True:
+        used = _reads(graph)
+        consts = {t.name for t in graph.initializer}
+        for node in graph.node:  # topological: ops of constants alone compute constants
+            if is_onnx(node) and (node.op_type == "Constant" or (
+                    node.input and all(n in consts for n in node.input if n))):
+                consts.update(node.output)
+        dead = [i for i, node in enumerate(graph.node)
+                if all(o in consts and o not in used for o in node.output if o)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            del graph.node[i]
+        removed += len(dead)
+    used = _reads(graph)
+    inputs = {v.name for v in graph.input}
+    keep = [t for t in graph.initializer
+            if t.name in used or (t.name in inputs and not listed_inputs)]
+    if len(keep) != len(graph.initializer):
+        gone = {t.name for t in graph.initializer} - {t.name for t in keep}
+        removed += len(gone)
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        if listed_inputs:
+            kept_inputs = [v for v in graph.input if v.name not in gone]
+            del graph.input[:]
+            graph.input.extend(kept_inputs)
+    produced = ({o for node in graph.node for o in node.output} | {v.name for v in graph.input}
+                | {t.name for t in keep})
+    info = [v for v in graph.value_info if v.name in produced]
+    if len(info) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(info)
+    return removed
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    """Tensors read by a node (at any depth of subgraphs) or listed as graph outputs."""
+    return {n for node in graph.node for n in node.input} | {o.name for o in graph.output} | (
+        subgraph_reads(graph))
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read from inside If/Loop/Scan bodies (outer-scope references included)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= {name for n in g.node for name in n.input} | subgraph_reads(g)
+    return names

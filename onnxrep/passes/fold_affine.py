@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxrep.ir.graph import GraphIndex, attr, is_onnx, set_attr
+from onnxrep.ir.graph import GraphIndex, attr, is_onnx, remove_unused_constants, set_attr
 from onnxrep.ir.layers import out_channels, write_const_input
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
@@ -241,30 +241,3 @@ def scale_outputs(node: onnx.NodeProto, w: np.ndarray, t: np.ndarray) -> np.ndar
     return w * (t[:, None] if attr(node, "transB", 0) else t[None, :])  # Gemm
 
 
-def remove_unused_constants(graph: onnx.GraphProto) -> int:
-    """Drop initializers and Constant nodes no node reads any more (graph inputs and outputs
-    kept); returns how many were removed."""
-    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    used |= _subgraph_inputs(graph)
-    inputs = {v.name for v in graph.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in inputs]
-    removed = len(graph.initializer) - len(keep)
-    if removed:
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    for i in reversed(range(len(graph.node))):
-        n = graph.node[i]
-        if n.op_type == "Constant" and not any(o in used for o in n.output):
-            del graph.node[i]
-            removed += 1
-    return removed
-
-
-def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Names read from inside If/Loop/Scan bodies (outer-scope references)."""
-    names: set[str] = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= {name for n in g.node for name in n.input} | _subgraph_inputs(g)
-    return names

@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxrep.ir.graph import GraphIndex, attr, unique_name
+from onnxrep.ir.graph import GraphIndex, attr, is_onnx, remove_unused_constants, unique_name
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
 
 SUM_OPS = ("Add", "Sum")
@@ -136,7 +136,7 @@ class Reparameterize(Pass):
                     nodes.append(node)
             del graph.node[:]
             graph.node.extend(nodes)
-        removed_consts = _remove_dead(graph) if changes else 0
+        removed_consts = remove_unused_constants(graph) if changes else 0
         summary = ReparamSummary(blocks_info, len(skips), convs_before, _count(graph, "Conv"),
                                  bns_before, _count(graph, "BatchNormalization"),
                                  removed_consts)
@@ -184,10 +184,6 @@ def find_blocks(model: onnx.ModelProto) -> list[RepBlock]:
 
 # ---- constants and affine ops -----------------------------------------------------------------
 
-def _default(node: onnx.NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx")
-
-
 def _through_identity(index: GraphIndex, name: str) -> str:
     """The tensor ``name`` copies through Identity nodes (torch exports share initializers so)."""
     for _ in range(len(index.graph.node)):
@@ -195,7 +191,7 @@ def _through_identity(index: GraphIndex, name: str) -> str:
         if i is None:
             break
         node = index.node(i)
-        if node.op_type != "Identity" or not _default(node) or len(node.input) != 1:
+        if node.op_type != "Identity" or not is_onnx(node) or len(node.input) != 1:
             break
         name = node.input[0]
     return name
@@ -224,7 +220,7 @@ def _computed_const(index: GraphIndex, name: str) -> np.ndarray | None:
         if not t or _is_const(index, t):
             continue
         i = index.producer.get(t)
-        if i is None or not _default(index.node(i)) or len(needed) >= SMALL_SUBGRAPH:
+        if i is None or not is_onnx(index.node(i)) or len(needed) >= SMALL_SUBGRAPH:
             return None
         if i not in needed:
             needed.add(i)
@@ -293,7 +289,7 @@ def _affine(index: GraphIndex, i: int, ops: tuple[str, ...]) -> tuple[_Affine, s
     """(affine map, data input) of node ``i`` when it is a per-channel affine op of one
     computed tensor and constants, else None."""
     node = index.node(i)
-    if node.op_type not in ops or not _default(node):
+    if node.op_type not in ops or not is_onnx(node):
         return None
     if node.op_type == "BatchNormalization":
         if attr(node, "training_mode", 0) or any(o for o in node.output[1:]):
@@ -424,7 +420,7 @@ def _interpretations(index: GraphIndex, leaf: str) -> list[tuple[str, object]]:
         if i is None:
             break
         node = index.node(i)
-        if not _default(node):
+        if not is_onnx(node):
             break
         step = _affine(index, i, BRANCH_AFFINE)
         if step is not None:
@@ -464,7 +460,7 @@ def _base_branches(index: GraphIndex, i: int, nodes: list[int], tensors: list[st
     t = node.input[0]
     for _ in range(len(index.graph.node) + 1):
         j = index.producer.get(t)
-        if j is None or not _default(index.node(j)):
+        if j is None or not is_onnx(index.node(j)):
             return out
         prev = index.node(j)
         step = _affine(index, j, POST_AFFINE)  # between two convs an Add is no branch sum
@@ -651,17 +647,17 @@ def _expandable(index: GraphIndex, tensor: str) -> int | None:
     if i is None or tensor in index.graph_outputs or len(index.readers(tensor)) != 1:
         return None
     node = index.node(i)
-    return i if node.op_type in SUM_OPS and _default(node) else None
+    return i if node.op_type in SUM_OPS and is_onnx(node) else None
 
 
 def _find(index: GraphIndex) -> list[_Block]:
     blocks = []
     for i, node in enumerate(index.graph.node):
-        if node.op_type not in SUM_OPS or not _default(node) or not node.output:
+        if node.op_type not in SUM_OPS or not is_onnx(node) or not node.output:
             continue
         readers = index.readers(node.output[0])
         if (_expandable(index, node.output[0]) is not None
-                and index.node(readers[0]).op_type in SUM_OPS and _default(index.node(readers[0]))):
+                and index.node(readers[0]).op_type in SUM_OPS and is_onnx(index.node(readers[0]))):
             continue  # an inner node of a larger tree
         block = _plan(index, i)
         if block is not None:
@@ -1020,49 +1016,6 @@ def _grouped_dense(w: np.ndarray, groups: int, g: int) -> np.ndarray:
 # ---- clean-up ---------------------------------------------------------------------------------
 
 def _count(graph: onnx.GraphProto, op: str) -> int:
-    return sum(1 for n in graph.node if n.op_type == op and _default(n))
+    return sum(1 for n in graph.node if n.op_type == op and is_onnx(n))
 
 
-def _remove_dead(graph: onnx.GraphProto) -> int:
-    """Drop nodes computing constants alone (Constant, Identity copies, the Pad-pads ops
-    torch emits) and initializers that nothing reads any more (graph inputs and outputs
-    kept), and stale value_info; returns how many."""
-    removed = 0
-    while True:
-        used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-        used |= _subgraph_reads(graph)
-        consts = {t.name for t in graph.initializer}
-        for node in graph.node:  # topological: ops of constants alone compute constants
-            if _default(node) and (node.op_type == "Constant" or (
-                    node.input and all(n in consts for n in node.input if n))):
-                consts.update(node.output)
-        dead = [i for i, node in enumerate(graph.node)
-                if all(o in consts and o not in used for o in node.output if o)]
-        if not dead:
-            break
-        for i in reversed(dead):
-            del graph.node[i]
-        removed += len(dead)
-    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-    used |= _subgraph_reads(graph)
-    inputs = {v.name for v in graph.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in inputs]
-    removed += len(graph.initializer) - len(keep)
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    produced = {o for node in graph.node for o in node.output} | inputs | {t.name for t in keep}
-    info = [v for v in graph.value_info if v.name in produced]
-    if len(info) != len(graph.value_info):
-        del graph.value_info[:]
-        graph.value_info.extend(info)
-    return removed
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= {n for sub in g.node for n in sub.input} | _subgraph_reads(g)
-    return names

@@ -44,6 +44,7 @@ from onnxrep.data import Dataset, as_dataset
 from onnxrep.evaluation import evaluate
 from onnxrep.errors import (DataError, InputError, OnnxrepError, UnsupportedModelError,
                             VerificationError)
+from onnxrep.ir.graph import remove_unused_constants, unique_name
 from onnxrep.ir.model import check_opset, opset_version, write_to
 from onnxrep.pipeline import OptimizeConfig, optimize_with_details
 from onnxrep.passes.fold_affine import FoldAffine
@@ -337,7 +338,7 @@ def prepare(model: onnx.ModelProto, *, per_channel: bool) -> list[str]:
                      "Mul/Add/Sub/Div by a constant) folded into the layer before them")
     for skip in folded.skips:
         notes.append(f"BatchNormalization {skip.node} left in float: {skip.reason}")
-    dropped = drop_unused_initializers(model.graph)
+    dropped = remove_unused_constants(model.graph, listed_inputs=True)
     if dropped:
         notes.append(f"{dropped} unused initializers dropped")
     renamed = name_nodes(model.graph)
@@ -367,20 +368,6 @@ def lift_constants(graph: onnx.GraphProto) -> int:
     return count
 
 
-def drop_unused_initializers(graph: onnx.GraphProto) -> int:
-    """Remove initializers that no node reads and that are not graph outputs."""
-    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-    dead = {t.name for t in graph.initializer if t.name not in used}
-    if dead:
-        keep = [t for t in graph.initializer if t.name not in dead]
-        inputs = [v for v in graph.input if v.name not in dead]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        del graph.input[:]
-        graph.input.extend(inputs)
-    return len(dead)
-
-
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
@@ -404,12 +391,10 @@ def name_nodes(graph: onnx.GraphProto) -> int:
         if node.name and node.name not in seen:
             seen.add(node.name)
             continue
-        base = node.name or f"{node.op_type}#{i}"
-        name, k = base, 1
-        while name in seen or (name != node.name and name in taken):
-            name, k = f"{base}#{k}", k + 1
-        node.name = name
-        seen.add(name)
+        # neither an earlier node's name nor a later one's (that node keeps its own)
+        node.name = unique_name(node.name or f"{node.op_type}#{i}",
+                                seen | (taken - {node.name}), sep="#")
+        seen.add(node.name)
         changed += 1
     return changed
 
