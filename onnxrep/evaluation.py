@@ -65,7 +65,7 @@ class EvalResult:
 
 
 def evaluate(model: ModelLike, data, *, reference: ModelLike | None = None,
-             batch_size: int = 32, top_k: tuple[int, ...] = (1, 5),
+             batch_size: int | None = None, top_k: tuple[int, ...] = (1, 5),
              runtime: str = "onnxruntime", threads: int = 0) -> EvalResult:
     """Run ``model`` over ``data`` (a :class:`Dataset`, or any source ``load_data`` takes, then
     batched by ``batch_size``) in ``runtime``; score top-k against the data's labels and, with

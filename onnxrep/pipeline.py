@@ -69,7 +69,7 @@ class OptimizeConfig:
     dead_inputs: bool = True
     absorb_bias: bool = True
     input_range: tuple[float, float] | None = None
-    batch_size: int = 32
+    batch_size: int | None = None
     calib_limit: int | None = None
 
     def __post_init__(self):
@@ -77,7 +77,7 @@ class OptimizeConfig:
             lo, hi = self.input_range
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"input range must be finite with lo < hi, not {lo}, {hi}")
-        if self.batch_size < 1 or (self.calib_limit is not None and self.calib_limit < 1):
+        if (self.batch_size is not None and self.batch_size < 1) or (self.calib_limit is not None and self.calib_limit < 1):
             raise ValueError("batch size and calibration limit must be at least 1")
 
 
@@ -221,7 +221,7 @@ def restore_bn(model: onnx.ModelProto, calib, layers: list[str] | None = None,
 
 def restore_bn_with_details(model: onnx.ModelProto, calib, layers: list[str] | None = None,
                             eps: float = 1e-5, *, rtol: float = 1e-5, verify: bool = True,
-                            batch_size: int = 32, workers: int = 1) -> Restored:
+                            batch_size: int | None = None, workers: int = 1) -> Restored:
     """Like :func:`restore_bn`; also returns the pass result, the statistics and the
     comparison of both models over all of the calibration data (:class:`VerificationError`
     past ``rtol``, relative to the largest output magnitude). The BN is an identity for every

@@ -165,7 +165,7 @@ def layer_outputs(model: onnx.ModelProto) -> list[str]:
 
 def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | None = None, *,
                        workers: int = 1, optimized: bool = True,
-                       batch_size: int = 32) -> Statistics:
+                       batch_size: int | None = None) -> Statistics:
     """Per-channel mean, variance, min and max of ``tensors`` (default :func:`layer_outputs`)
     over every sample of ``data`` (a Dataset or anything ``load_data`` takes).
 

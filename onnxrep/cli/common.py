@@ -36,14 +36,17 @@ def add_input_shape(p: argparse.ArgumentParser) -> None:
                         "(repeatable); other symbolic dims: batch 2, others 64")
 
 
+BATCH_HELP = ("samples per onnxruntime run (default: as many as fit 8 MiB of input, at most "
+              "32; a model's fixed batch dim wins)")
+
+
 def add_calib(p: argparse.ArgumentParser, *, required: bool) -> None:
     """--calib DATA, --calib-limit N, --batch-size N (the words `onnxrep quantize` uses)."""
     p.add_argument("--calib", required=required, metavar="DATA",
                    help="calibration data: .npz (arrays keyed by input name), .npy, or a folder "
                         "of images")
     p.add_argument("--calib-limit", type=positive_int, metavar="N", help="use at most N samples")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
-                   help="samples per onnxruntime run (default 32)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help=BATCH_HELP)
 
 
 def calib_dataset(args: argparse.Namespace, model):

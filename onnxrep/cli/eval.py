@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 
 from onnxrep.data.readers import ImageOptions, load_data
-from onnxrep.cli.common import add_reporting, emit_json, positive_float, positive_int
+from onnxrep.cli.common import (BATCH_HELP, add_reporting, emit_json, positive_float,
+                                positive_int)
 from onnxrep.errors import InputError
 from onnxrep.evaluation import EvalResult, evaluate
 from onnxrep.ir.model import check_input_file, load
@@ -35,8 +36,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=".npz, .npy or folder of images")
     p.add_argument("--reference", metavar="REF.onnx",
                    help="compare every output to this model's (e.g. the FP32 original)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
-                   help="samples per run (default 32; a model's fixed batch dim wins)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help=BATCH_HELP)
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N samples")
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                    help="where the model runs (default onnxruntime; openvino needs "

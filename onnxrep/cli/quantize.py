@@ -22,8 +22,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from onnxrep.data.readers import load_data
-from onnxrep.cli.common import (bounded, nonnegative_float, positive_int, tolerance,
-                                add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
+from onnxrep.cli.common import (BATCH_HELP, add_input_shape, add_output, add_reporting, bounded,
+                                emit_json, nonnegative_float, output_path, parse_input_shapes,
+                                positive_int, tolerance)
 from onnxrep.errors import InputError
 from onnxrep.evaluation import evaluate
 from onnxrep.errors import UnsupportedModelError
@@ -46,7 +47,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", required=True, metavar="DATA",
                    help="calibration data: .npz/.npy, or a folder of images")
     p.add_argument("--calib-limit", type=positive_int, metavar="N", help="use at most N samples")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch (default 32)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help=BATCH_HELP)
     p.add_argument("--target", choices=list(TARGETS), default=_D.profile.name,
                    help="the runtime the model is for: its QDQ placement, types and default "
                         "granularity (default %(default)s; openvino and tensorrt default to "

@@ -161,10 +161,25 @@ def _scalars_last(batch: Feeds, scalars: list[str], where: str) -> Feeds:
     return out
 
 
-def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
+def auto_batch_size(sample_bytes: int) -> int:
+    """Samples per onnxruntime run when the user gives no batch size: as many as fit
+    ``BATCH_BYTES`` of input, 1 to ``MAX_AUTO_BATCH``. Activations are tens of times the input,
+    so a batch of 32 480x640 images (118 MB of input) held gigabytes in onnxruntime's arena
+    while the same run at 2 images per batch holds a few hundred megabytes; tiny inputs keep
+    32 per run."""
+    return max(1, min(MAX_AUTO_BATCH, BATCH_BYTES // max(int(sample_bytes), 1)))
+
+
+BATCH_BYTES = 8 * 2**20
+MAX_AUTO_BATCH = 32
+
+
+def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int | None = None,
               limit: int | None = None, image_options: ImageOptions | None = None) -> Dataset:
-    """A :class:`Dataset` over ``source`` for ``model``'s inputs; array sources are checked now."""
-    if batch_size < 1:
+    """A :class:`Dataset` over ``source`` for ``model``'s inputs; array sources are checked now.
+    ``batch_size`` None: :func:`auto_batch_size` of a sample's input bytes (32 for streamed
+    sources, whose items are not known in advance)."""
+    if batch_size is not None and batch_size < 1:
         raise InputError(f"batch size must be at least 1, not {batch_size}")
     if limit is not None and limit < 1:
         raise InputError(f"limit must be at least 1, not {limit}")
@@ -191,16 +206,17 @@ def load_data(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
         return _array_dataset({_single(specs, "an array"): source}, "the array", common)
     if isinstance(source, Mapping):
         return _array_dataset({k: np.asarray(v) for k, v in source.items()}, "the dict", common)
+    streamed = {**common, "batch_size": common["batch_size"] or MAX_AUTO_BATCH}
     if callable(getattr(source, "get_next", None)):
-        return _reader_dataset(source, common)
+        return _reader_dataset(source, streamed)
     if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
-        return _iterable_dataset(source, common)
+        return _iterable_dataset(source, streamed)
     raise DataError(f"unsupported data source of type {type(source).__name__}: expected a path, "
                     "an array, a dict of arrays, an iterable of feeds or a CalibrationDataReader")
 
 
 def as_dataset(source: Any, model: onnx.ModelProto | str | os.PathLike, *,
-               batch_size: int = 32, limit: int | None = None,
+               batch_size: int | None = None, limit: int | None = None,
                image_options: ImageOptions | None = None) -> Dataset:
     """The one entry from user data to a :class:`Dataset`: ``source`` itself when it already is
     one, else :func:`load_data` over it for ``model``'s inputs (a proto, or a path whose graph
@@ -506,6 +522,9 @@ def _array_dataset(arrays: dict, name: str, common: dict) -> Dataset:
         labels, unusable = _labels(_whole(arrays[LABELS]), n)
     used = {*inputs, *([LABELS] if labels is not None or unusable else []),
             *(k for k, v in zip(PREPROCESS, pre) if v is not None)}
+    if common["batch_size"] is None:
+        sample = sum(4 * int(np.prod(a.shape[1:], dtype=np.int64)) for a in inputs.values())
+        common = {**common, "batch_size": auto_batch_size(sample)}
     size, limit = common["batch_size"], common["limit"]
     count = min(n, limit or n)
     if common["fixed_batch"]:
@@ -633,6 +652,8 @@ def _image_dataset(root: Path, options: ImageOptions, common: dict) -> Dataset:
     spec = _image_spec(common["specs"], root)
     layout, gray, (h, w), mean, std = _image_geometry(spec, options)
     files, labels = _image_files(root)
+    if common["batch_size"] is None:
+        common = {**common, "batch_size": auto_batch_size(4 * h * w * (1 if gray else 3))}
     limit, size = common["limit"], common["batch_size"]
     count = min(len(files), limit or len(files))
     if common["fixed_batch"]:

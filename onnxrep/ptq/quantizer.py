@@ -200,7 +200,7 @@ def quantize(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None
 
 
 def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None,
-                          *, evaluation=None, batch_size: int = 32) -> Quantized:
+                          *, evaluation=None, batch_size: int | None = None) -> Quantized:
     """Like :func:`quantize`, also returning what was done (see :class:`Quantized`).
 
     ``Quantized.report`` is the per-layer report of the final model with ``config.report``,
