@@ -22,7 +22,9 @@ import numpy as np
 import onnx
 
 from onnxrep.errors import InputError
+from onnxrep.ir.model import load
 from onnxrep.runtime import ModelLike, Session, session
+from onnxrep.verify import input_specs, random_inputs
 
 DEFAULT_BATCHES = (1, 32)
 DEFAULT_ROUNDS = 100
@@ -120,8 +122,6 @@ def input_shapes(model: onnx.ModelProto, batch: int,
     """Concrete input shapes at ``batch``: a symbolic (or 0) axis 0 becomes ``batch``; an
     override gives the other dims (its axis 0 is replaced by ``batch`` when the model's axis 0
     is symbolic); any other symbolic dim without an override is an InputError."""
-    from onnxrep.verify import input_specs
-
     overrides = dict(overrides or {})
     if batch < 1:
         raise InputError(f"--batch must be >= 1, not {batch}")
@@ -157,26 +157,7 @@ def input_shapes(model: onnx.ModelProto, batch: int,
     return shapes
 
 
-def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, tuple], seed: int = 0) -> dict:
-    """Seeded inputs: standard normal floats, small non-negative ints, bools."""
-    from onnxrep.verify import input_specs
-
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in input_specs(model):
-        shape = shapes[spec.name]
-        if np.issubdtype(spec.dtype, np.floating):
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype == np.bool_:
-            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[spec.name] = rng.integers(0, 4, shape).astype(spec.dtype)
-    return feeds
-
-
 def _check_same_inputs(first: onnx.ModelProto, other: onnx.ModelProto, label: str) -> None:
-    from onnxrep.verify import input_specs
-
     a = {s.name: s for s in input_specs(first)}
     b = {s.name: s for s in input_specs(other)}
     if sorted(a) != sorted(b):
@@ -204,8 +185,6 @@ def _example(dims) -> str:
 
 def default_batches(model: onnx.ModelProto) -> tuple[int, ...]:
     """DEFAULT_BATCHES, or the model's own batch size when its first input fixes it."""
-    from onnxrep.verify import input_specs
-
     specs = input_specs(model)
     if specs and specs[0].shape and isinstance(specs[0].shape[0], int) \
             and specs[0].shape[0] > 0:
@@ -224,8 +203,6 @@ def bench(models: Sequence[ModelLike], *, runtime: str = "onnxruntime",
 
     ``warmup``: untimed calls per model and batch size before timing (default
     max(3, rounds // 10)). ``sessions``: already built sessions of ``models`` (to reuse)."""
-    from onnxrep.ir.model import load
-
     if not 1 <= len(models) <= 2:
         raise InputError(f"bench takes one or two models, not {len(models)}")
     warmup = max(3, rounds // 10) if warmup is None else warmup
@@ -244,7 +221,7 @@ def bench(models: Sequence[ModelLike], *, runtime: str = "onnxruntime",
         sessions = [session(m, runtime, threads=threads) for m in models]
     results = []
     for batch, batch_shapes in zip(batches, per_batch):
-        feeds = random_feeds(protos[0], batch_shapes, seed)
+        feeds = random_inputs(protos[0], batch_shapes, seed)
         calls = [(lambda s=s: s.run(feeds)) for s in sessions]
         times = alternate(calls, rounds, warmup)
         results.append(BatchResult(batch, batch_shapes,

@@ -135,3 +135,37 @@ def _finite(obj):
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
+
+
+def add_single_pass(p: argparse.ArgumentParser, suffix: str) -> None:
+    """The options of a command whose whole job is one equivalence-preserving pass."""
+    p.add_argument("model", help="input ONNX model (never modified)")
+    add_output(p, suffix)
+    p.add_argument("--rtol", type=tolerance, default=1e-5,
+                   help="largest relative output error accepted (default %(default)g)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare outputs before/after with onnxruntime (default on)")
+    add_input_shape(p)
+    add_reporting(p)
+
+
+def run_single_pass(args: argparse.Namespace, stage):
+    """Run ``stage`` (a :class:`onnxrep.passes.base.Stage`) on the model in ``args``, verified
+    on seeded inputs (strict: exit 3 past --rtol, nothing written), and write the result.
+    Returns (output path, pass result, comparison or None)."""
+    from onnxrep import verify
+    from onnxrep.ir.model import load, save
+    from onnxrep.passes.base import PassManager, Verifier
+
+    out = output_path(args)
+    model = load(args.model)
+    verifier = None
+    if args.verify:
+        feeds = verify.random_inputs(model, parse_input_shapes(args.input_shape))
+        verifier = Verifier(model, feeds, rtol=args.rtol, bounds=verify.output_bounds(model))
+    done = PassManager([stage], verifier=verifier).run(model)  # in place: the file is the input
+    (_, result), comparison = done.results[0], done.comparison
+    if verifier is not None and comparison is None:  # nothing changed: exact
+        comparison = verify.compare_outputs(verifier.reference, verifier.reference)
+    save(model, out, force=args.force)
+    return out, result, comparison

@@ -14,38 +14,19 @@ from __future__ import annotations
 
 import argparse
 
-from onnxrep import verify
-from onnxrep.cli.common import (tolerance, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
-from onnxrep.ir.model import load, save
-from onnxrep.passes.base import PassManager, Stage, Verifier
+from onnxrep.cli.common import add_single_pass, emit_json, run_single_pass
+from onnxrep.passes.base import Stage
 from onnxrep.passes.fold_affine import FoldBatchNorm
 from onnxrep.report import table
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="input ONNX model (never modified)")
-    add_output(p, "folded")
-    p.add_argument("--rtol", type=tolerance, default=1e-5,
-                   help="largest relative output error accepted (default %(default)g)")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                   help="compare outputs before/after with onnxruntime (default on)")
-    add_input_shape(p)
-    add_reporting(p)
+    add_single_pass(p, "folded")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = output_path(args)
-    model = load(args.model)
-    verifier = None
-    if args.verify:
-        feeds = verify.random_inputs(model, parse_input_shapes(args.input_shape))
-        verifier = Verifier(model, feeds, rtol=args.rtol, bounds=verify.output_bounds(model))
-    stages = [Stage("fold-bn", lambda m, s: FoldBatchNorm())]
-    done = PassManager(stages, verifier=verifier).run(model)  # in place: the file is the original
-    (_, result), comparison = done.results[0], done.comparison
-    if verifier is not None and comparison is None:  # nothing folded: exact
-        comparison = verify.compare_outputs(verifier.reference, verifier.reference)
-    save(model, out, force=args.force)
+    stage = Stage("fold-bn", lambda m, s: FoldBatchNorm())
+    out, result, comparison = run_single_pass(args, stage)
     if args.json:
         emit_json("fold-bn", {
             "input": args.model, "output": str(out),
