@@ -20,6 +20,9 @@ OUTLIER_MAX_ABS = 100.0
 OUTLIER_SPREAD = 10.0
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SQNR_SAMPLES = 1 << 20
+# weights per layer behind the per-channel figure: it is a mean over channels, and the
+# equalization rule holds every layer of a chain's sample at once
+CHANNEL_SQNR_SAMPLES = 1 << 16
 SQNR_CAP = 200.0  # dB; an exactly representable channel counts as this, so sums stay finite
 
 
@@ -149,7 +152,7 @@ def weight_stats(model: onnx.ModelProto) -> list[WeightStats]:
     for i, node, w in weight_layers(model, index):
         ranges = channel_ranges(w, node)
         top = float(ranges.max(initial=0.0))
-        values, channel = strided_sample(w, node)
+        values, channel = strided_sample(w, node, CHANNEL_SQNR_SAMPLES)
         stats.append(WeightStats(index.labels[i], node.op_type, tuple(w.shape),
                                  int(attr(node, "group", 1)), top, spread(ranges), int8_sqnr(w),
                                  channel_sqnr(values, channel, ranges.size, top)))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxrep.analysis.weights import channel_sqnr, sample_positions
+from onnxrep.analysis.weights import CHANNEL_SQNR_SAMPLES, channel_sqnr, sample_positions
 from onnxrep.ir.graph import GraphIndex, attr, is_onnx
 from onnxrep.ir.layers import flatten_features
 from onnxrep.passes.base import Change, Contract, Pass, PassResult, Skip
@@ -361,7 +361,7 @@ def _reduce(index: GraphIndex, i: int, features: int) -> _Layer:
     w = np.abs(signed)
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     flat = signed.reshape(-1)
-    at = sample_positions(flat.size)
+    at = sample_positions(flat.size, CHANNEL_SQNR_SAMPLES)
     values = flat[at].astype(np.float64)
     if node.op_type == "Conv":
         r = w.reshape(w.shape[0], w.shape[1], -1).max(axis=2)
@@ -369,7 +369,8 @@ def _reduce(index: GraphIndex, i: int, features: int) -> _Layer:
         taps = flat.size // (cout * cin_g)
         out = at // (cin_g * taps)
         inp = (out // (cout // g)) * cin_g + (at // taps) % cin_g
-        return _Layer(i, node.input[1], bias, "Conv", g, r, (values, out, inp))
+        return _Layer(i, node.input[1], bias, "Conv", g, r,
+                      (values, out.astype(np.int32), inp.astype(np.int32)))
     transposed = node.op_type == "Gemm" and attr(node, "transB", 0)
     if transposed:
         w = w.T  # to [K, N]
@@ -377,7 +378,7 @@ def _reduce(index: GraphIndex, i: int, features: int) -> _Layer:
     k, out = (at % k_size, at // k_size) if transposed else (at // n_size, at % n_size)
     r = w.reshape(-1, features, w.shape[1]).max(axis=1).T  # [N, channels]
     return _Layer(i, node.input[1], bias, node.op_type, 1, np.ascontiguousarray(r),
-                  (values, out, k // features), features)
+                  (values, out.astype(np.int32), (k // features).astype(np.int32)), features)
 
 
 def _equalize(layers: dict[int, _Layer], pairs: list[ChainPair], config: EqualizeConfig
