@@ -30,6 +30,7 @@ import enum
 import inspect
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -515,17 +516,24 @@ def _ort_type(qtype: QType):
 
 @contextlib.contextmanager
 def quiet_onnxruntime():
-    """Silence onnxruntime's quantization warnings (Python logging) and its histogram prints
-    (stdout, which holds onnxrep's tables and JSON)."""
+    """Silence onnxruntime's quantization warnings and its histogram prints for the block.
+
+    onnxruntime logs them through the root logger itself (``logging.warning``), so a filter on
+    the root logger drops exactly the records made in its quantization package and leaves
+    everyone else's logging alone; its prints go to stdout, which holds onnxrep's tables and
+    JSON, and are captured while the block runs."""
     import io
 
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    def foreign(record: logging.LogRecord) -> bool:
+        return f"onnxruntime{os.sep}quantization" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(foreign)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        logging.disable(previous)
+        root.removeFilter(foreign)
 
 
 def _big(model: onnx.ModelProto) -> bool:
