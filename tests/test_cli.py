@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
@@ -122,3 +123,22 @@ def test_a_failing_pass_rolls_back_its_units_by_default(model_path, capsys, tmp_
     assert "rolled back: pass 'equalize' changed the model's outputs" in printed
     assert verify.compare(onnx.load(model_path), onnx.load(out),
                           verify.random_inputs(onnx.load(model_path))).rel == 0
+
+
+def test_image_options_apply_to_every_data_flag(tmp_path):
+    """--calib (and --eval) folders take the same image options as eval's --data."""
+    image = pytest.importorskip("PIL.Image")
+    from graphs import Chain
+
+    model = Chain(channels=1, hw=(6, 6), seed=0).conv(4).relu().gap().flatten().gemm(3).build()
+    onnx.save(model, tmp_path / "m.onnx")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        image.fromarray(rng.integers(0, 255, (9, 9), dtype="uint8")).save(folder / f"{k}.png")
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(folder), "--resize", "6x6",
+                 "--grayscale", "--mean", "0.5", "--no-bias-correction", "-o", str(out),
+                 "-q"]) == 0
+    assert out.exists()

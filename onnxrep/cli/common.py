@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from onnxrep.data.readers import load_data
+from onnxrep.data import ImageOptions, as_dataset
 from onnxrep.errors import InputError
 from onnxrep.ir.model import check_input_file, check_output_path, default_output
 
@@ -41,16 +41,79 @@ BATCH_HELP = ("samples per onnxruntime run (default: as many as fit 8 MiB of inp
 
 
 def add_calib(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """--calib DATA, --calib-limit N, --batch-size N (the words `onnxrep quantize` uses)."""
+    """--calib DATA, --calib-limit N, --batch-size N (the words `onnxrep quantize` uses) and
+    the image-folder options."""
     p.add_argument("--calib", required=required, metavar="DATA",
                    help="calibration data: .npz (arrays keyed by input name), .npy, or a folder "
                         "of images")
     p.add_argument("--calib-limit", type=positive_int, metavar="N", help="use at most N samples")
     p.add_argument("--batch-size", type=positive_int, metavar="N", help=BATCH_HELP)
+    add_image_options(p)
 
 
 def calib_dataset(args: argparse.Namespace, model):
-    return load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
+    return read_data(args, args.calib, model, limit=args.calib_limit)
+
+
+_IMAGE_FLAGS = ("resize", "mean", "std", "scale", "layout", "grayscale")
+
+
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """How a folder of images becomes inputs; applies to every data flag that names a folder."""
+    g = p.add_argument_group("image folders (defaults: the model's size, layout and channels)")
+    g.add_argument("--resize", type=_size, metavar="HxW", help="resize images to H x W")
+    g.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                   help="subtracted after scaling, one value or one per channel (default 0)")
+    g.add_argument("--std", type=_floats, metavar="S[,S,S]",
+                   help="divides after subtracting the mean (default 1)")
+    g.add_argument("--scale", type=positive_float, help="pixel multiplier (default 1/255)")
+    g.add_argument("--layout", choices=("NCHW", "NHWC"))
+    color = g.add_mutually_exclusive_group()
+    color.add_argument("--grayscale", dest="grayscale", action="store_const", const=True,
+                       help="read images as one channel")
+    color.add_argument("--rgb", dest="grayscale", action="store_const", const=False,
+                       help="read images as three channels")
+
+
+def read_data(args: argparse.Namespace, source, model, *, limit: int | None = None,
+              batch_size: int | None = None):
+    """The one way a command turns a data flag into a Dataset: ``--batch-size`` (or
+    ``batch_size``), and the image options when ``source`` is a folder."""
+    folder = Path(source).is_dir()
+    return as_dataset(source, model, batch_size=batch_size or getattr(args, "batch_size", None),
+                      limit=limit, image_options=_image_options(args) if folder else None)
+
+
+def _image_options(args: argparse.Namespace) -> ImageOptions | None:
+    given = {k: getattr(args, k) for k in _IMAGE_FLAGS if getattr(args, k) is not None}
+    if not given:
+        return None
+    try:
+        return ImageOptions(**given)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h > 0 and w > 0:
+            return h, w
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected HxW such as 224x224, got '{text}'")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+        if all(math.isfinite(v) for v in values):
+            return values
+        raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got '{text}'") from None
+
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:

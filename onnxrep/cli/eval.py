@@ -18,18 +18,13 @@ import argparse
 import math
 from pathlib import Path
 
-from onnxrep.data.readers import ImageOptions, load_data
-from onnxrep.cli.common import (BATCH_HELP, add_reporting, emit_json, positive_float,
-                                positive_int)
-from onnxrep.errors import InputError
+from onnxrep.cli.common import (BATCH_HELP, add_image_options, add_reporting, emit_json,
+                                positive_int, read_data)
 from onnxrep.evaluation import EvalResult, evaluate
 from onnxrep.ir.model import check_input_file, load
 from onnxrep.progress import log
 from onnxrep.report import fmt, table
 from onnxrep.runtime import RUNTIMES
-
-_IMAGE_FLAGS = ("resize", "mean", "std", "scale", "layout", "grayscale")
-
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model to evaluate")
@@ -41,19 +36,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                    help="where the model runs (default onnxruntime; openvino needs "
                         "pip install 'onnxrep[openvino]')")
-    g = p.add_argument_group("image folders (defaults: the model's size, layout and channels)")
-    g.add_argument("--resize", type=_size, metavar="HxW", help="resize images to H x W")
-    g.add_argument("--mean", type=_floats, metavar="M[,M,M]",
-                   help="subtracted after scaling, one value or one per channel (default 0)")
-    g.add_argument("--std", type=_floats, metavar="S[,S,S]",
-                   help="divides after subtracting the mean (default 1)")
-    g.add_argument("--scale", type=positive_float, help="pixel multiplier (default 1/255)")
-    g.add_argument("--layout", choices=("NCHW", "NHWC"))
-    color = g.add_mutually_exclusive_group()
-    color.add_argument("--grayscale", dest="grayscale", action="store_const", const=True,
-                       help="read images as one channel")
-    color.add_argument("--rgb", dest="grayscale", action="store_const", const=False,
-                       help="read images as three channels")
+    add_image_options(p)
     add_reporting(p)
 
 
@@ -61,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model)
     if args.reference:
         check_input_file(args.reference, "an .onnx file")
-    dataset = load_data(args.data, model, batch_size=args.batch_size, limit=args.limit,
-                        image_options=_image_options(args))
+    dataset = read_data(args, args.data, model, limit=args.limit)
     log(f"evaluating {args.model} on {args.data}"
         + (f" against {args.reference}" if args.reference else ""))
     result = evaluate(model, dataset, reference=args.reference, runtime=args.runtime)
@@ -109,34 +91,3 @@ def _metric_rows(result: EvalResult) -> list[list]:
 def _rate(result: EvalResult) -> str:
     rate = result.samples_per_second
     return "inf" if math.isinf(rate) else f"{rate:.0f}"
-
-
-def _image_options(args: argparse.Namespace) -> ImageOptions | None:
-    given = {k: getattr(args, k) for k in _IMAGE_FLAGS if getattr(args, k) is not None}
-    if not given:
-        return None
-    try:
-        return ImageOptions(**given)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-        if h > 0 and w > 0:
-            return h, w
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected HxW such as 224x224, got '{text}'")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-        if all(math.isfinite(v) for v in values):
-            return values
-        raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers separated by commas, got '{text}'") from None

@@ -18,8 +18,9 @@ import argparse
 import math
 from dataclasses import asdict
 
-from onnxrep.cli.common import (bounded, nonnegative_float, nonnegative_int, tolerance,
-                                add_calib, add_input_shape, add_output, add_reporting, emit_json, output_path, parse_input_shapes)
+from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, bounded,
+                                calib_dataset, emit_json, nonnegative_float, nonnegative_int,
+                                output_path, parse_input_shapes, tolerance)
 from onnxrep.errors import InputError
 from onnxrep.pipeline import Optimized, OptimizeConfig, optimize_file
 from onnxrep.passes.equalize import EqualizeConfig
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     log(f"optimizing {args.model}" + (f" with {args.calib}" if args.calib else ""))
-    result = optimize_file(args.model, out, config, calib=args.calib, force=args.force,
+    calib = calib_dataset(args, args.model) if args.calib else None
+    result = optimize_file(args.model, out, config, calib=calib, force=args.force,
                            progress=log)
     nested = result.subgraph_layers
     if args.json:

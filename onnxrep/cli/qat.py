@@ -25,7 +25,9 @@ import argparse
 
 from onnxrep.errors import UnsupportedModelError
 from onnxrep.verify import check_weights, is_float16
-from onnxrep.cli.common import bounded, nonnegative_int, positive_float, positive_int, tolerance, add_output, add_reporting, emit_json, output_path
+from onnxrep.cli.common import (add_image_options, add_output, add_reporting, bounded, emit_json,
+                                nonnegative_int, output_path, positive_float, positive_int,
+                                read_data, tolerance)
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.progress import log
@@ -84,6 +86,7 @@ def register(p: argparse.ArgumentParser) -> None:
                         "process is often much faster)")
     p.add_argument("--ptq", action=argparse.BooleanOptionalAction, default=True,
                    help="with --val, also score `onnxrep quantize` per-tensor (default on)")
+    add_image_options(p)
     add_reporting(p)
 
 
@@ -93,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
         import torch
     except ImportError:
         raise InputError("qat needs torch: pip install 'onnxrep[qat]'") from None
-    from onnxrep.data.readers import load_data
     from onnxrep.training.train import is_main_process, qat_with_details
 
     if args.resume and not args.checkpoint:
@@ -121,10 +123,11 @@ def run(args: argparse.Namespace) -> int:
         raise UnsupportedModelError(f"{args.model} is a float16 model; INT8 quantization and QAT "
                                     "need float32: convert it first (e.g. onnxconverter_common's "
                                     "float16.convert_float16_to_float32), then run this again")
-    val = load_data(args.val, model, batch_size=256) if args.val else None
-    calib = load_data(args.calib, model, batch_size=args.batch_size) if args.calib else None
+    val = read_data(args, args.val, model) if args.val else None
+    calib = read_data(args, args.calib, model) if args.calib else None
     log(f"qat: {args.model}")
-    result = qat_with_details(model, args.data, config=config, calib=calib)
+    train = read_data(args, args.data, model, batch_size=4096)  # held in memory, shuffled
+    result = qat_with_details(model, train, config=config, calib=calib)
     if not is_main_process():
         return 0
     save(result.model, out, force=args.force)

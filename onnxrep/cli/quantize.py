@@ -21,10 +21,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from onnxrep.data.readers import load_data
-from onnxrep.cli.common import (BATCH_HELP, add_input_shape, add_output, add_reporting, bounded,
-                                emit_json, nonnegative_float, output_path, parse_input_shapes,
-                                positive_int, tolerance)
+from onnxrep.cli.common import (add_calib, add_input_shape, add_output, add_reporting, bounded,
+                                calib_dataset, emit_json, nonnegative_float, output_path,
+                                parse_input_shapes, positive_int, read_data, tolerance)
 from onnxrep.errors import InputError
 from onnxrep.evaluation import evaluate
 from onnxrep.errors import UnsupportedModelError
@@ -44,10 +43,7 @@ _D = QuantizeConfig()
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input ONNX model (never modified)")
     add_output(p, "int8")
-    p.add_argument("--calib", required=True, metavar="DATA",
-                   help="calibration data: .npz/.npy, or a folder of images")
-    p.add_argument("--calib-limit", type=positive_int, metavar="N", help="use at most N samples")
-    p.add_argument("--batch-size", type=positive_int, metavar="N", help=BATCH_HELP)
+    add_calib(p, required=True)
     p.add_argument("--target", choices=list(TARGETS), default=_D.profile.name,
                    help="the runtime the model is for: its QDQ placement, types and default "
                         "granularity (default %(default)s; openvino and tensorrt default to "
@@ -109,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise UnsupportedModelError(f"{args.model} is a float16 model; INT8 quantization and QAT "
                                     "need float32: convert it first (e.g. onnxconverter_common's "
                                     "float16.convert_float16_to_float32), then run this again")
-    calib = load_data(args.calib, model, batch_size=args.batch_size, limit=args.calib_limit)
-    evaluation = load_data(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    calib = calib_dataset(args, model)
+    evaluation = read_data(args, args.eval, model) if args.eval else None
     if args.max_drop is not None and evaluation is None:
         raise InputError("--max-drop needs --eval DATA")
     log(f"quantizing {args.model}")
