@@ -95,7 +95,8 @@ def test_learned_codes_export_bit_exact_and_deterministic(per_channel):
         assert deq.dtype == np.float32 and np.array_equal(deq.view(np.int32),
                                                           fake.view(np.int32))
     assert changed > 0
-    assert all(r.loss_learned < r.loss_nearest for r in record.layers if r.kept)
+    assert all(r.loss_learned < r.loss_nearest and r.held_learned < r.held_nearest
+               for r in record.layers if r.kept)
     # int32 biases and every scale unchanged
     learned_names = {dqs[r.node].input[0] for r in record.layers}
     for t in q.model.graph.initializer:
@@ -162,9 +163,9 @@ def test_guard_keeps_nearest_when_learned_scores_lower(monkeypatch):
     model = _net(seed=3)
     q, batches = _quantized(model, per_channel=False)
 
-    def bad(layer, xq, xf, cfg, gen, bar=None):  # claims a lower loss, returns far codes
+    def bad(layer, xq, xf, hq, hf, cfg, gen):  # claims lower losses, returns far codes
         r = adaround._Rounder(layer)
-        return torch.clamp(r.nearest + 9, r.lo, r.hi), 1.0, 0.5, r
+        return torch.clamp(r.nearest + 9, r.lo, r.hi), [1.0, 0.5], [1.0, 0.5], r
 
     monkeypatch.setattr(adaround, "_learn_moments", bad)
     out, record = learn_rounding(q.float_model, q.model, batches, FAST)

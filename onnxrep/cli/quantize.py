@@ -33,7 +33,7 @@ from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
 from onnxrep.ptq.targets import TARGETS
 from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, ROUNDINGS, WEIGHT_TYPES,
-                                   QuantizeConfig, Quantized, quantize_with_details)
+                                   QuantizeConfig, Quantized, has_torch, quantize_with_details)
 from onnxrep.analysis.qdq import quantized_nodes
 from onnxrep.report import table
 
@@ -102,11 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if args.save_float.resolve() == out.resolve():
             raise InputError("--save-float must differ from the output path")
     config = _config(args)
-    if config.rounding == "learned":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise InputError("--rounding learned needs torch: pip install 'onnxrep[qat]'") from None
+    if config.rounding == "learned" and not has_torch():
+        raise InputError("--rounding learned needs torch: pip install 'onnxrep[qat]'")
     model = load(args.model)
     check_weights(model)
     if is_float16(model):

@@ -221,12 +221,9 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     if is_float16(model):
         raise UnsupportedModelError("a float16 model: INT8 quantization needs float32; "
                                     "convert it first")
-    if config.rounding == "learned":
-        try:
-            import torch  # noqa: F401  (learned rounding runs in torch)
-        except ImportError:
-            raise InputError("learned rounding needs torch: pip install 'onnxrep[qat]'",
-                             option="rounding") from None
+    if config.rounding == "learned" and not has_torch():
+        raise InputError("learned rounding needs torch: pip install 'onnxrep[qat]'",
+                         option="rounding")
     dataset = as_dataset(calib, model, batch_size=batch_size)
     if config.max_drop is not None and evaluation is None:
         raise InputError("max_drop needs labelled evaluation data")
@@ -298,6 +295,16 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
                                                            if len(broken) > 3 else ""))
     return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
                      trials, time.monotonic() - start, clock.stages, rounding)
+
+
+def has_torch() -> bool:
+    """Whether torch can be imported, without importing it (learned rounding needs it)."""
+    import importlib.util
+    import sys
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"] is not None
+    return importlib.util.find_spec("torch") is not None
 
 
 class _Clock:

@@ -77,15 +77,18 @@ class AdaRoundConfig:
 
 @dataclass(frozen=True)
 class LayerRounding:
-    """One layer: reconstruction MSE (per output element, on the training samples, with the
-    inputs as the earlier learned layers leave them) with nearest and with learned codes;
-    ``changed``: codes that differ from nearest; ``kept``: the learned codes were written."""
+    """One layer: reconstruction MSE (per output element, with the inputs as the earlier
+    learned layers leave them) with nearest and with learned codes, on the training samples
+    and on the held-out ones; ``changed``: codes that differ from nearest; ``kept``: the learned
+    codes were written (they lowered both errors)."""
 
     node: str
     op_type: str
     weights: int
     loss_nearest: float
     loss_learned: float
+    held_nearest: float
+    held_learned: float
     changed: int
     kept: bool
     method: str  # "moments" | "minibatch"
@@ -113,7 +116,8 @@ class Rounding:
 
     @property
     def loss_learned(self) -> float:
-        return float(np.mean([min(r.loss_learned, r.loss_nearest) if r.kept else r.loss_nearest
+        """Mean layer MSE on the training samples with the codes written."""
+        return float(np.mean([r.loss_learned if r.kept else r.loss_nearest
                               for r in self.layers])) if self.layers else 0.0
 
     def summary(self) -> str:
@@ -122,7 +126,7 @@ class Rounding:
         verdict = ("kept" if self.kept else
                    "discarded: nearest rounding scored higher on the held-out samples")
         learned = sum(r.kept for r in self.layers)
-        return (f"learned rounding on {len(self.layers)} layers ({learned} improved, "
+        return (f"learned rounding on {len(self.layers)} layers ({learned} kept, "
                 f"{self.samples} samples, {self.config.iterations} iterations) in "
                 f"{self.seconds:.1f} s: mean layer MSE {self.loss_nearest:.4g} -> "
                 f"{self.loss_learned:.4g}, held-out output SQNR ({self.held_out} samples) "
@@ -130,9 +134,10 @@ class Rounding:
 
     def table(self) -> str:
         rows = [[r.node, r.op_type, r.weights, f"{r.loss_nearest:.4g}", f"{r.loss_learned:.4g}",
-                 r.changed, "yes" if r.kept else "no"] for r in self.layers]
-        return table(["node", "op", "weights", "MSE nearest", "MSE learned", "changed", "kept"],
-                     rows, "llrrrrl")
+                 f"{r.held_nearest:.4g}", f"{r.held_learned:.4g}", r.changed,
+                 "yes" if r.kept else "no"] for r in self.layers]
+        return table(["node", "op", "weights", "MSE nearest", "MSE learned", "held-out nearest",
+                      "held-out learned", "changed", "kept"], rows, "llrrrrrrl")
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "kept": self.kept, "samples": self.samples,
@@ -486,10 +491,8 @@ def _grouped(layer: _Layer, w: torch.Tensor) -> torch.Tensor:
     return w.reshape(g, w.shape[0] // g, -1)
 
 
-def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
-                   cfg: AdaRoundConfig, gen: torch.Generator, bar=None):
-    r = _Rounder(layer)
-    wg = _grouped(layer, r.w)
+def _gather(layer: _Layer, wg: torch.Tensor, xq: list[np.ndarray], xf: list[np.ndarray],
+            cfg: AdaRoundConfig, gen: torch.Generator) -> _Moments:
     g, cout_g, k = wg.shape
     mom = _Moments(g, k, cout_g)
     total = sum(len(a) for a in xq)
@@ -507,14 +510,28 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
                     cq, cf = cq[:, :, pick], cf[:, :, pick]
                 mom.add(cq, cf, wg)
     mom.finish()
+    return mom
+
+
+def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
+                   hq: list[np.ndarray], hf: list[np.ndarray], cfg: AdaRoundConfig,
+                   gen: torch.Generator):
+    """Learn on (xq, xf); returns (codes, [nearest, learned] MSE on the training samples,
+    the same on the held-out samples (hq, hf), the rounder)."""
+    r = _Rounder(layer)
+    wg = _grouped(layer, r.w)
+    g, cout_g, k = wg.shape
+    mom = _gather(layer, wg, xq, xf, cfg, gen)
+    held = _gather(layer, wg, hq, hf, cfg, gen)
     db = torch.from_numpy(layer.qbias - layer.bias)
     cout = g * cout_g
 
-    def loss_of(codes):
+    def losses(codes, m=None):
         with torch.no_grad():
-            return float(mom.loss(_grouped(layer, r.dequant(codes) - r.w), db)[0]) / cout
+            d = _grouped(layer, r.dequant(codes) - r.w)
+            return [float(x.loss(d, db)[0]) / cout for x in (mom, held)]
 
-    near = loss_of(r.nearest)
+    near = losses(r.nearest)
     opt = _adam(r.v, cfg.lr)
     with torch.no_grad():
         for it in range(cfg.iterations):
@@ -534,11 +551,13 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
             r.v.grad = grad * dh
             opt.step()
     codes = r.hard_codes()
-    return codes, near, loss_of(codes), r
+    learned = losses(codes)
+    return codes, [near[0], learned[0]], [near[1], learned[1]], r
 
 
 def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
-                     cfg: AdaRoundConfig, gen: torch.Generator, bar=None):
+                     hq: list[np.ndarray], hf: list[np.ndarray], cfg: AdaRoundConfig,
+                     gen: torch.Generator):
     r = _Rounder(layer)
     m = layer.module
     b = torch.from_numpy(layer.bias)
@@ -556,15 +575,17 @@ def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
     def mse(y, t):  # mean over samples and positions of the squared error summed over channels
         return (y - t).pow(2).sum(1).mean()
 
-    def loss_of(codes):
+    def loss_of(codes, xs, fs):
         with torch.no_grad():
-            w, total = r.dequant(codes), 0.0
-            for a, t in zip(xq, targets):
+            w, total, count = r.dequant(codes), 0.0, 0
+            for a, f in zip(xs, fs):
+                t = m.apply(torch.from_numpy(np.ascontiguousarray(f)), r.w, b)
                 y = m.apply(torch.from_numpy(np.ascontiguousarray(a)), w, qb)
-                total += float(mse(y, torch.from_numpy(t))) * len(a)
-            return total / len(rows) / (qb.numel())
+                total += float(mse(y, t)) * len(a)
+                count += len(a)
+            return total / max(count, 1) / qb.numel()
 
-    near = loss_of(r.nearest)
+    near = [loss_of(r.nearest, xq, xf), loss_of(r.nearest, hq, hf)]
     opt = _adam(r.v, cfg.lr)
     for it in range(cfg.iterations):
         idx = [rows[int(i)] for i in torch.randperm(len(rows), generator=gen)[:cfg.batch]]
@@ -577,7 +598,7 @@ def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
         loss.backward()
         opt.step()
     codes = r.hard_codes()
-    return codes, near, loss_of(codes), r
+    return (codes, [near[0], loss_of(codes, xq, xf)], [near[1], loss_of(codes, hq, hf)], r)
 
 
 def _moment_form(layer: _Layer, x: np.ndarray) -> bool:
@@ -651,24 +672,25 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
     n_train = len(train)
     with Progress(len(layers), "learned rounding") as bar:
         for j, lay in enumerate(layers):
-            xq = qsteps.inputs(j)[:n_train]
-            xf = fsteps.inputs(j)[:n_train]
+            xq = [np.asarray(a, np.float32) for a in qsteps.inputs(j)]
+            xf = [np.asarray(a, np.float32) for a in fsteps.inputs(j)]
             learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
-            codes, near, learned, rounder = learn(lay, [np.asarray(a, np.float32) for a in xq],
-                                                  [np.asarray(a, np.float32) for a in xf],
-                                                  cfg, gen)
-            keep = learned < near
+            codes, fit, check, _ = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:],
+                                         xf[n_train:], cfg, gen)
+            # kept when it also lowers the error on the held-out samples: a layer that sees
+            # few positions (an SE block's 1x1 convs on pooled features) can overfit
+            keep = check[1] < check[0] and fit[1] < fit[0]
             new = _torch_layout(lay, codes.numpy())  # torch layout -> ONNX (a transpose)
             new = np.ascontiguousarray(new).astype(lay.codes.dtype)
             changed = int(np.sum(new != lay.codes))
             if keep:
                 index.set_const(lay.codes_name, new)
             record.layers.append(LayerRounding(
-                lay.node, lay.op_type, int(lay.codes.size), near, learned, changed, keep,
-                "moments" if learn is _learn_moments else "minibatch"))
+                lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0], check[1],
+                changed, keep, "moments" if learn is _learn_moments else "minibatch"))
             qsteps.layer(j)
             fsteps.layer(j)
-            bar.update(1, mse=learned)
+            bar.update(1, mse=fit[1])
     learned_out = qsteps.finish()[n_train:]
     reference = fsteps.finish()[n_train:]
     del qsteps, fsteps
