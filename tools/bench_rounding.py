@@ -82,7 +82,7 @@ def bench(name: str, granularity: str, calib: int, test: int) -> dict:
 def markdown(rows: list[dict], cpu: str) -> str:
     lines = [f"CPU: {cpu}", "",
              "| model | weights | metric | nearest | learned | learned - nearest | kept "
-             "(held-out SQNR nearest -> learned, dB) | layers improved | quantize s nearest / "
+             "(held-out SQNR nearest -> learned, dB) | layers kept | quantize s nearest / "
              "learned | time ratio |",
              "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
