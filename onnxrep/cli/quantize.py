@@ -32,8 +32,8 @@ from onnxrep.ir.model import check_output_path, load, save
 from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
 from onnxrep.ptq.targets import TARGETS
-from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, WEIGHT_TYPES, QuantizeConfig,
-                                   Quantized, quantize_with_details)
+from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, ROUNDINGS, WEIGHT_TYPES,
+                                   QuantizeConfig, Quantized, has_torch, quantize_with_details)
 from onnxrep.analysis.qdq import quantized_nodes
 from onnxrep.report import table
 
@@ -69,6 +69,10 @@ def register(p: argparse.ArgumentParser) -> None:
                    default=_D.bias_correction,
                    help="empirical per-channel bias correction (default "
                         f"{'on' if _D.bias_correction else 'off'})")
+    p.add_argument("--rounding", choices=ROUNDINGS, default=_D.rounding,
+                   help="weight rounding: onnxruntime's nearest, or learned (AdaRound, layer by "
+                        "layer on the calibration samples; kept only when it raises the output "
+                        "SQNR on held-out ones; needs torch) (default %(default)s)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
                    help="print the per-layer SQNR report, worst first")
     p.add_argument("--eval", metavar="DATA", help="labelled data: print FP32 vs INT8 accuracy")
@@ -99,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         if args.save_float.resolve() == out.resolve():
             raise InputError("--save-float must differ from the output path")
     config = _config(args)
+    if config.rounding == "learned" and not has_torch():
+        raise InputError("--rounding learned needs torch: pip install 'onnxrep[qat]'")
     model = load(args.model)
     check_weights(model)
     if is_float16(model):
@@ -132,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
     if result.bias is not None:
         print()
         print(result.bias.summary())
+    if result.rounding is not None:
+        print()
+        print(result.rounding.summary())
     if args.report and result.report is not None:
         print()
         print(result.report.table())
@@ -159,7 +168,7 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
                               bias_correction=args.bias_correction, report=args.report,
                               percentile=args.percentile,
                               calibration_chunk=args.calibration_chunk,
-                              analysis_samples=args.analysis_samples)
+                              analysis_samples=args.analysis_samples, rounding=args.rounding)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -212,5 +221,6 @@ def as_json(result: Quantized, src, out, scores) -> dict:
                                                    "int8": scores[1].as_dict()},
         "bias_correction": result.bias.as_dict() if result.bias is not None else None,
         "report": result.report.as_dict() if result.report is not None else None,
+        "rounding": result.rounding.as_dict() if result.rounding is not None else None,
         "exclusion_trials": [{"excluded": k, "drop_pp": d} for k, d in result.exclusion_trials],
     }

@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -52,6 +52,9 @@ from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.progress import Progress, log
 from onnxrep.ptq import bias_correction, sensitivity
 from onnxrep.ptq.targets import TARGETS, Target, get_target
+
+if TYPE_CHECKING:
+    from onnxrep.training.adaround import Rounding
 
 class Method(str, enum.Enum):
     """Calibration method: onnxruntime's MinMax, Entropy and Percentile."""
@@ -71,6 +74,7 @@ class QType(str, enum.Enum):
 METHODS = tuple(m.value for m in Method)
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
+ROUNDINGS = ("nearest", "learned")
 PER_CHANNEL_MIN_OPSET = 13
 # The FP32 passes before quantization may move outputs by this much relative to their largest
 # magnitude: a tenth of one uint8 step over the output's range (1/255), so the passes' error
@@ -94,7 +98,9 @@ class QuantizeConfig:
     per-tensor / per-channel: MobileOne +4.2 / +2.1 dB, RepVGG +2.8 / +2.0 dB).
     ``calibration_chunk``: batches per calibrator call (bounds histogram memory).
     ``analysis_samples``: calibration samples kept for bias correction and the report.
-    ``op_types``: op types onnxruntime quantizes. ``target``: the runtime the model is for
+    ``rounding``: "nearest" (onnxruntime's) or "learned" (AdaRound on the analysis samples after
+    bias correction, :mod:`onnxrep.training.adaround`; needs torch, kept only when it raises the
+    output SQNR on held-out calibration samples). ``op_types``: op types onnxruntime quantizes. ``target``: the runtime the model is for
     (:mod:`onnxrep.ptq.targets`: "onnxruntime", "openvino", "tensorrt"); ``per_channel``, the
     types and ``op_types`` default to the target's (None), and its QDQ placement and
     post-processing apply.
@@ -117,6 +123,7 @@ class QuantizeConfig:
     analysis_samples: int = 256
     op_types: tuple[str, ...] | None = None
     target: str | Target = "onnxruntime"
+    rounding: str = "nearest"
 
     def __post_init__(self):
         if not isinstance(self.target, Target) and self.target not in TARGETS:
@@ -144,6 +151,9 @@ class QuantizeConfig:
             problems.append(f"percentile must be in (0, 100], not {self.percentile}")
         if self.calibration_chunk < 1 or self.analysis_samples < 1:
             problems.append("calibration_chunk and analysis_samples must be >= 1")
+        if self.rounding not in ROUNDINGS:
+            problems.append(f"rounding must be one of {', '.join(ROUNDINGS)}, "
+                            f"not {self.rounding!r}")
         if not self.op_types:
             problems.append("op_types must name at least one op type")
         if profile.activation_symmetric and QType.UINT8 in (self.activation_type,
@@ -187,6 +197,7 @@ class Quantized:
     exclusion_trials: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    rounding: "Rounding | None" = None  # learned rounding's record (onnxrep.training.adaround)
 
 
 def quantize(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None, *,
@@ -216,6 +227,9 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     if is_float16(model):
         raise UnsupportedModelError("a float16 model: INT8 quantization needs float32; "
                                     "convert it first")
+    if config.rounding == "learned" and not has_torch():
+        raise InputError("learned rounding needs torch: pip install 'onnxrep[qat]'",
+                         option="rounding")
     dataset = as_dataset(calib, model, batch_size=batch_size)
     if config.max_drop is not None and evaluation is None:
         raise InputError("max_drop needs labelled evaluation data")
@@ -269,6 +283,12 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
             (final_float, qdq, bias, excluded,
              trials) = _exclude_until(model, evaluation, config, build, excluded, ranked,
                                       (final_float, qdq, bias), clock)
+        rounding = None
+        if config.rounding == "learned":
+            from onnxrep.training.adaround import learn_rounding
+
+            with clock("learned rounding"):
+                qdq, rounding = learn_rounding(work, qdq, kept)
         if config.report:
             with clock("report"):
                 report = sensitivity.layer_report(final_float, qdq, kept)
@@ -280,7 +300,17 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
                                 + "; ".join(broken[:3]) + (f" (+{len(broken) - 3} more)"
                                                            if len(broken) > 3 else ""))
     return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
-                     trials, time.monotonic() - start, clock.stages)
+                     trials, time.monotonic() - start, clock.stages, rounding)
+
+
+def has_torch() -> bool:
+    """Whether torch can be imported, without importing it (learned rounding needs it)."""
+    import importlib.util
+    import sys
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"] is not None
+    return importlib.util.find_spec("torch") is not None
 
 
 class _Clock:

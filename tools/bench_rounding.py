@@ -1,0 +1,145 @@
+"""Nearest vs learned rounding (AdaRound): task metric and quantize time, per model and granularity.
+
+For each model, per-tensor and per-channel, quantizes twice back to back in this process with
+onnxrep's defaults (MinMax, bias correction): ``rounding="nearest"`` then ``rounding="learned"``,
+and scores both with the model's task metric:
+  shipped models (models/repvgg_fmnist.onnx, models/mobileone_fmnist.onnx): top-1 on
+      models/fmnist_eval.npz, calibrated on models/fmnist_calib.npz;
+  zoo models (tools/zoo/models.harness): the harness's headline metric on its rendered test set
+      (char_acc, hmean, top1, or sqnr for layout), calibrated on its rendered calibration set.
+The table shows both metrics, whether learned rounding was kept (its held-out output SQNR vs
+nearest's), and the quantize wall-time ratio learned / nearest (two runs back to back on the same
+machine, so the ratio is what counts; the CPU line says which machine).
+
+usage: python tools/bench_rounding.py [--models repvgg,mobileone,ppocrv6_rec,...]
+           [--granularity per-tensor,per-channel] [--calib 64] [--test 64] [--save FILE]
+       python tools/bench_rounding.py --from-json FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(ROOT))
+
+SHIPPED = ("repvgg", "mobileone")
+DEFAULT = ("repvgg", "mobileone", "ppocrv6_rec", "cls", "orientation", "ppocrv4_det",
+           "ppocrv6_det", "layout")
+
+
+def _scorer(name: str, calib: int, test: int):
+    """(model path, calibration data, metric name, path -> value)."""
+    if name in SHIPPED:
+        from onnxrep.evaluation import evaluate
+
+        ev = ROOT / "models" / "fmnist_eval.npz"
+        return (ROOT / "models" / f"{name}_fmnist.onnx", ROOT / "models" / "fmnist_calib.npz",
+                "top1", lambda path: 100 * evaluate(str(path), str(ev)).top1)
+    from zoo.models import SPECS, harness
+
+    h = harness(name, calib=calib, test=test)
+    key = SPECS[name].primary
+    scale = 1 if key == "sqnr" else 100
+    return h.model, h.calib, key, lambda path: scale * h.metric(str(path))[key]
+
+
+def bench(name: str, granularity: str, calib: int, test: int) -> dict:
+    import onnx
+
+    from onnxrep.progress import quiet
+    from onnxrep.ptq.quantizer import QuantizeConfig, quantize_with_details
+
+    model_path, calib_path, metric, score = _scorer(name, calib, test)
+    model = onnx.load(str(model_path))
+    row = {"model": name, "granularity": granularity, "metric": metric}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rounding in ("nearest", "learned"):
+            config = QuantizeConfig(per_channel=granularity == "per-channel", rounding=rounding)
+            wall, cpu = time.monotonic(), time.process_time()
+            with quiet():
+                q = quantize_with_details(model, str(calib_path), config)
+            row[f"{rounding}_s"] = time.monotonic() - wall
+            row[f"{rounding}_cpu_s"] = time.process_time() - cpu
+            out = Path(tmp) / f"{rounding}.onnx"
+            onnx.save(q.model, str(out))
+            row[rounding] = score(out)
+            if q.rounding is not None:
+                r = q.rounding
+                row.update(kept=r.kept, sqnr_nearest=r.sqnr_nearest, sqnr_learned=r.sqnr_learned,
+                           layers=len(r.layers), improved=sum(x.kept for x in r.layers),
+                           rounding_s=r.seconds, samples=r.samples, held_out=r.held_out)
+    return row
+
+
+def markdown(rows: list[dict], cpu: str) -> str:
+    lines = [f"CPU: {cpu}", "",
+             "| model | weights | metric | nearest | learned | learned - nearest | kept "
+             "(held-out SQNR nearest -> learned, dB) | layers kept | quantize s nearest / "
+             "learned | time ratio |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['granularity']} | error: {r['error']} |"
+                         " | | | | | | |")
+            continue
+        kept = (f"{'learned' if r['kept'] else 'nearest'} ({r['sqnr_nearest']:.2f} -> "
+                f"{r['sqnr_learned']:.2f})" if r.get("sqnr_nearest") is not None else "-")
+        lines.append(
+            f"| {r['model']} | {r['granularity']} | {r['metric']} | {r['nearest']:.2f} | "
+            f"{r['learned']:.2f} | {r['learned'] - r['nearest']:+.2f} | {kept} | "
+            f"{r.get('improved', 0)}/{r.get('layers', 0)} | {r['nearest_s']:.0f} / "
+            f"{r['learned_s']:.0f} | {r['learned_s'] / r['nearest_s']:.1f}x |")
+    return "\n".join(lines)
+
+
+def cpu_line() -> str:
+    import os
+
+    from onnxrep.cpu import cpu_info
+
+    info = cpu_info()
+    flags = " ".join(k for k, v in info.flags.items() if v) or "none"
+    return f"{info.model}, {os.cpu_count()} logical CPUs; ISA flags: {flags}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(DEFAULT))
+    p.add_argument("--granularity", default="per-tensor,per-channel")
+    p.add_argument("--calib", type=int, default=64)
+    p.add_argument("--test", type=int, default=64)
+    p.add_argument("--save", type=Path, help="write the rows as JSON after every model")
+    p.add_argument("--from-json", type=Path, help="print the table of an earlier --save")
+    args = p.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        print(markdown(doc["rows"], doc["cpu"]))
+        return 0
+    cpu = cpu_line()
+    print(f"CPU: {cpu}", file=sys.stderr, flush=True)
+    rows = []
+    for name in args.models.split(","):
+        for gran in args.granularity.split(","):
+            try:
+                row = bench(name, gran, args.calib, args.test)
+            except Exception as exc:  # one model's failure must not lose the others
+                row = {"model": name, "granularity": gran,
+                       "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            if args.save:
+                args.save.write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
+    print(markdown(rows, cpu))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
