@@ -391,3 +391,18 @@ def test_guard_keeps_every_pair_of_the_shipped_mobileone():
     result = EqualizeCrossLayer()(onnx.load(path))
     assert result.summary.pairs == len(result.changes) == 13
     assert not [s for s in result.skips if "would lower" in s.reason]
+
+
+def test_conv_transpose_is_reported_not_silently_left():
+    c = Chain(channels=2, seed=0).conv(4).relu()
+    model = c.build()
+    w = numpy_helper.from_array(np.ones((4, 2, 2, 2), np.float32), "wt")
+    model.graph.initializer.append(w)
+    last = model.graph.output[0].name
+    node = helper.make_node("ConvTranspose", [last, "wt"], ["up"], name="up", strides=[2, 2])
+    model.graph.node.append(node)
+    model.graph.output[0].name = "up"
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    result = equalize(model)
+    assert any(s.node == "up" and "ConvTranspose is not equalized" in s.reason
+               for s in result.skips)

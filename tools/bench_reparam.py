@@ -117,7 +117,8 @@ def measure(arch: str, workdir: Path, data: dict, tmp: Path) -> dict:
     from models.repvgg import repvgg_fmnist
     from onnxrep import verify
     from onnxrep.passes.reparameterize import Reparameterize
-    from onnxrep.ptq.quantizer import QuantizeConfig, quantize
+    from onnxrep.pipeline import OptimizeConfig
+    from onnxrep.ptq.quantizer import PASSES_RTOL, QuantizeConfig, quantize
 
     net = {"repvgg": repvgg_fmnist, "mobileone": mobileone_fmnist}[arch]()
     net.load_state_dict(torch.load(checkpoint(arch, workdir), map_location="cpu"))
@@ -134,17 +135,27 @@ def measure(arch: str, workdir: Path, data: dict, tmp: Path) -> dict:
                       for a, b in zip(convs_of(deploy), convs_of(own)))
     row = {"skips": len(result.skips), "blocks": result.summary.merged,
            "rel": check.rel, "weight_diff": weight_diff}
-    for form, model in (("train form, quantized directly", train),
-                        ("after onnxrep reparam", deploy)):
+    for form, model, merge in FORMS_OF(train, deploy):
         convs, worst = conv_stats(model)
         cells = {"convs": convs, "worst": worst, "fp32": top1(model, data)}
+        passes = OptimizeConfig(rtol=PASSES_RTOL, reparameterize=merge)
         for per_channel in (False, True):
             start = time.perf_counter()
-            q = quantize(model, str(CALIB), QuantizeConfig(per_channel=per_channel))
+            q = quantize(model, str(CALIB), QuantizeConfig(per_channel=per_channel,
+                                                           passes=passes))
             cells["seconds", per_channel] = time.perf_counter() - start
             cells[per_channel], cells["speed", per_channel] = top1(q, data, speed=True)
         row[form] = cells
     return row
+
+
+FORMS = ("train form, quantized without merging (--no-reparam)",
+         "train form, `onnxrep quantize` (merges first)", "after `onnxrep reparam`")
+
+
+def FORMS_OF(train, deploy):  # noqa: N802
+    """(label, model, whether quantize's passes may merge) for the three rows."""
+    return [(FORMS[0], train, False), (FORMS[1], train, True), (FORMS[2], deploy, True)]
 
 
 def convs_of(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -185,7 +196,7 @@ def main(argv=None) -> int:
           "| INT8 per-tensor samples/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for arch, row in rows.items():
-        for form in ("train form, quantized directly", "after onnxrep reparam"):
+        for form in FORMS:
             c = row[form]
             cells = [f"{c[pc]:.2f} ({c[pc] - c['fp32']:+.2f})" for pc in (False, True)]
             print(f"| {arch} | {form} | {c['convs']} | {c['worst']:.3g} | {c['fp32']:.2f} | "

@@ -203,6 +203,10 @@ def find_pairs(model: onnx.ModelProto, index: GraphIndex | None = None
     finder = _ChainFinder(model, index)
     pairs, skips = [], []
     for i, node in enumerate(model.graph.node):
+        if is_onnx(node) and node.op_type == "ConvTranspose":
+            skips.append(Skip(index.labels[i], "ConvTranspose is not equalized: this pass scales "
+                              "Conv, Gemm and MatMul channels only"))
+            continue
         if not is_onnx(node) or node.op_type not in ("Conv", "Gemm"):
             continue
         reason = _first_layer_problem(index, i)
