@@ -460,3 +460,17 @@ def test_shipped_model_int8_top1_within_budget(name, per_channel, budget):
     qdq = quantize(model, str(calib), QuantizeConfig(per_channel=per_channel))
     fp32, int8 = evaluate(model, str(data)).top1, evaluate(qdq, str(data)).top1
     assert 100 * (fp32 - int8) <= budget, (fp32, int8)
+
+
+def test_bias_correction_within_a_cache_budget_measures_later_layers_on_fewer_batches(
+        monkeypatch):
+    from onnxrep.ptq import bias_correction
+
+    model = mobileone_like()
+    x = batch_for(model, 64)
+    full = quantize_with_details(model, {"input": x}, QuantizeConfig(), batch_size=8)
+    monkeypatch.setattr(bias_correction, "CACHE_BYTES", 1)  # one batch left after the first layer
+    tight = quantize_with_details(model, {"input": x}, QuantizeConfig(), batch_size=8)
+    assert full.bias.later_samples is None and tight.bias.later_samples == 8
+    assert "the later layers 8" in tight.bias.summary()
+    assert verify.compare(model, tight.model, {"input": x}).sqnr_db > 15

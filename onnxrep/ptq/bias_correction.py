@@ -79,6 +79,7 @@ class BiasCorrection:
     kept: bool = False
     sqnr_before: float | None = None
     sqnr_after: float | None = None
+    later_samples: int | None = None  # samples the last layers used, when the cache ran out
 
     @property
     def before(self) -> float:
@@ -98,12 +99,14 @@ class BiasCorrection:
         if not self.layers:
             return "bias correction: no layer to correct"
         verdict = "kept" if self.kept else "discarded: it lowered the output SQNR"
-        return (f"bias correction on {len(self.layers)} layers ({self.samples} samples): mean "
+        used = (f"{self.samples} samples" if self.later_samples is None else
+                f"{self.samples} samples, the later layers {self.later_samples}")
+        return (f"bias correction on {len(self.layers)} layers ({used}): mean "
                 f"|E[y - y_q]| per channel {self.before:.4g} -> {self.after:.4g}, output SQNR "
                 f"{self.sqnr_before:.1f} -> {self.sqnr_after:.1f} dB; {verdict}")
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "kept": self.kept, "sqnr_before": self.sqnr_before,
+        return {"samples": self.samples, "later_samples": self.later_samples, "kept": self.kept, "sqnr_before": self.sqnr_before,
                 "sqnr_after": self.sqnr_after, "before": self.before, "after": self.after,
                 "layers": [vars(c) for c in self.layers], "skipped": [vars(s) for s in self.skips]}
 
@@ -173,8 +176,11 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
                                float(np.mean(np.abs(reference[lay.node] - before[lay.node]))),
                                float(np.mean(np.abs(reference[lay.node] - after[lay.node]))),
                                shifts[lay.node]) for lay in layers]
-    sqnr = _output_sqnr(ref_out, [plain_out, swept], batches)
-    record = BiasCorrection(records, skips, samples, sqnr[1] > sqnr[0], *sqnr)
+    kept = len(swept)  # the sweep may have measured later layers on fewer batches
+    sqnr = _output_sqnr(ref_out[:kept], [plain_out[:kept], swept], batches[:kept])
+    later = (sum(len(next(iter(f.values()))) for f in batches[:kept])
+             if kept < len(batches) else None)
+    record = BiasCorrection(records, skips, samples, sqnr[1] > sqnr[0], *sqnr, later)
     if record.kept:
         return corrected, record
     model.CopyFrom(original)
@@ -354,6 +360,9 @@ def _node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+CACHE_BYTES = 512 * 2**20  # the cached layer frontier; past it, later layers use fewer samples
+
+
 class _Sweep:
     """The QDQ model run layer by layer in topological order, each corrected layer's bias
     changed before anything downstream of it is computed.
@@ -368,7 +377,10 @@ class _Sweep:
     running the layer again with the new bias would give (up to float rounding). A cached
     tensor is dropped after the last segment that reads it, so memory holds the tensors live at
     one layer frontier, for all batches (they are all needed before the next layer's mean
-    exists), plus one batch's intermediates inside a segment."""
+    exists), plus one batch's intermediates inside a segment. When that frontier would pass
+    ``CACHE_BYTES``, the trailing batches are dropped and later layers measure their means on
+    the first ones (a channel mean over a few images of many pixels each is still exact to a
+    fraction of the quantization step); the keep-or-drop guard then compares on those."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[str], ranks: dict[str, int]):
         self.model, self.ranks = model, ranks
@@ -428,6 +440,13 @@ class _Sweep:
             for store in cache:
                 for name in [x for x in store if self.last_use.get(x, -1) <= k]:
                     del store[name]
+            per_batch = sum(v.nbytes for v in cache[0].values())
+            if per_batch * len(cache) > CACHE_BYTES and len(cache) > 1:
+                # later layers are measured on the first batches only (their means need no
+                # more): the cached frontier stays within CACHE_BYTES
+                keep = max(1, CACHE_BYTES // max(per_batch, 1))
+                del cache[keep:]
+                batches = batches[:keep]
         return [[store[o] if o in store else feeds[o] for o in self.outputs]
                 for feeds, store in zip(batches, cache)]
 
