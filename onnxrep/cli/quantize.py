@@ -59,6 +59,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-type", choices=WEIGHT_TYPES, help="default: the target's (int8)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="run onnxrep's equivalence-preserving passes first (default on)")
+    p.add_argument("--reparam", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge train-form Rep blocks into one Conv each first (default on)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="NODE",
                    help="keep these nodes in FP32; 'auto' or 'auto:K' keeps the K (default 1) "
                         "most sensitive nodes of the per-layer report")
@@ -158,7 +160,7 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
         else:
             names.append(item)
     passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape), rtol=args.rtol,
-                            strict=args.strict)
+                            strict=args.strict, reparameterize=args.reparam)
     try:
         return QuantizeConfig(target=args.target, per_channel=args.per_channel,
                               method=args.method,
