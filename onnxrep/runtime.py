@@ -18,7 +18,9 @@ and the plugin runs int8 kernels where its low-precision transformations match t
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Mapping
 
@@ -75,12 +77,12 @@ class _ModelFile:
     long as this object lives: OpenVINO may read weights lazily)."""
 
     def __init__(self, model: ModelLike):
-        self._tmp = None
         if isinstance(model, onnx.ModelProto):
             from onnxrep.ir.model import write_to
 
-            self._tmp = tempfile.TemporaryDirectory(prefix="onnxrep-rt-")
-            self.path = Path(self._tmp.name) / "model.onnx"
+            folder = tempfile.mkdtemp(prefix="onnxrep-rt-")
+            weakref.finalize(self, shutil.rmtree, folder, True)  # removed with this object
+            self.path = Path(folder) / "model.onnx"
             write_to(model, self.path)
         else:
             self.path = Path(model)

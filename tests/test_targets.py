@@ -323,3 +323,17 @@ def test_openvino_profile_per_channel_and_depthwise_option():
             else:
                 dq = g.producer[n.input[1]]
                 assert dq.op_type == "DequantizeLinear" and g.inits[dq.input[1]].ndim == 1
+
+
+def test_cli_tensorrt_target_with_bias_correction(tmp_path, capsys):
+    """The default flow (bias correction on) for TensorRT: corrected on int32 biases, written
+    with float biases, every rule holding, nodes counted as quantized."""
+    from onnxrep.cli import main
+
+    out = tmp_path / "trt.onnx"
+    assert main(["quantize", str(MODELS["repvgg"]), "--calib", str(ROOT / "models" /
+                 "fmnist_calib.npz"), "--target", "tensorrt", "-o", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "for tensorrt: per-channel" in printed and " 0 nodes quantized" not in printed
+    assert "bias correction on" in printed
+    assert check_tensorrt_rules(onnx.load(out)) == []

@@ -8,7 +8,7 @@ from onnxrep.ir.graph import GraphIndex
 
 
 def quantized_nodes(qdq: onnx.ModelProto) -> list[str]:
-    """Names of the nodes onnxruntime quantized: every float input comes from a
+    """Names of the nodes onnxruntime quantized: every float activation input comes from a
     DequantizeLinear, and the node has a quantized constant (weight) or a quantized output.
     An excluded Conv (float weight) or a float op that merely reads a DQ'd tensor (a Sigmoid
     after the last conv) is not listed."""
@@ -21,7 +21,9 @@ def quantized_nodes(qdq: onnx.ModelProto) -> list[str]:
     for n in qdq.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        inputs = [x for x in n.input if x and x not in non_float]
+        # float constants read directly (TensorRT's float biases) are not activations
+        inputs = [x for x in n.input if x and x not in non_float
+                  and (x in dq_out or not index.is_const(x))]
         if not inputs or not all(x in dq_out for x in inputs):
             continue
         weight = any(index.is_const(dq_out[x].input[0]) for x in inputs)

@@ -399,7 +399,9 @@ class _Sweep:
         for t in sorted((by_name[name] for name in layers), key=pos.__getitem__):
             self.segments.append((_ancestors([t], deps, done, pos), self.nodes[t].name))
         roots = [producer[o] for o in self.outputs if o in producer]
-        self.segments.append((_ancestors(roots, deps, done, pos), None))
+        rest = _ancestors(roots, deps, done, pos)
+        if rest:  # empty when the last corrected layer makes the graph outputs itself
+            self.segments.append((rest, None))
         self.last_use: dict[str, int] = {}
         for k, (seg, _) in enumerate(self.segments):
             for i in seg:
