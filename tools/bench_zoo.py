@@ -111,6 +111,7 @@ def bench_model(name: str, args) -> dict:
     log(f"{name}: FP32 on {args.test} test samples")
     row = {"model": name, "what": spec.what, "task": spec.task, "primary": spec.primary,
            "file": h.model.name, "fp32": h.metric(h.model), "runs": {}}
+    log(f"{name}: FP32 {row['fp32']}")
     extra = shlex.split(args.onnxrep_args)
     for tool, per_channel in CONFIGS:
         key = f"{tool}_{'pc' if per_channel else 'pt'}"
