@@ -16,7 +16,7 @@ layout = SQNR of all outputs vs FP32 and F1 of decoded boxes vs FP32's boxes.
 
 usage: python tools/bench_zoo.py [--models a,b] [--calib 64] [--test 64] [--json]
                                  [--cache-dir DIR] [--keep DIR] [--timeout S] [--save FILE]
-       python tools/bench_zoo.py --from-json FILE        (the table of an earlier run)
+       python tools/bench_zoo.py --from-json FILE...     (the table of earlier runs)
 """
 
 from __future__ import annotations
@@ -221,12 +221,18 @@ def main(argv=None) -> int:
                    help="extra arguments for onnxrep quantize, e.g. '--analysis-samples 16'")
     p.add_argument("--save", type=Path, metavar="FILE",
                    help="also write the --json document to FILE after every model")
-    p.add_argument("--from-json", type=Path, metavar="FILE",
-                   help="print the table of an earlier --json run instead of running")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
+                   help="print the table of earlier --json/--save runs instead of running "
+                        "(several files: their rows in zoo order, the last run of a model wins)")
     args = p.parse_args(argv)
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
-        report(doc["header"], doc["rows"])
+        docs = [json.loads(f.read_text()) for f in args.from_json]
+        rows = {r["model"]: r for d in docs for r in d["rows"]}
+        info = dict(docs[0]["header"])
+        for key in ("commit", "calib", "test", "onnxrep_args"):
+            values = sorted({str(d["header"][key]) for d in docs})
+            info[key] = values[0] if len(values) == 1 else "/".join(values)
+        report(info, [rows[n] for n in MODELS if n in rows])
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in SPECS]
