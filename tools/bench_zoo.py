@@ -115,6 +115,8 @@ def bench_model(name: str, args) -> dict:
     extra = shlex.split(args.onnxrep_args)
     for tool, per_channel in CONFIGS:
         key = f"{tool}_{'pc' if per_channel else 'pt'}"
+        if key not in args.configs.split(","):
+            continue
         with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-{key}-") as tmp:
             tmp = Path(tmp)
             out = tmp / f"{name}.{key}.int8.onnx"
@@ -184,7 +186,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         runs = r["runs"]
-        cells = [cell(r["task"], runs[f"{t}_{'pc' if pc else 'pt'}"]) for t, pc in CONFIGS]
+        cells = [cell(r["task"], runs[k]) if (k := f"{t}_{'pc' if pc else 'pt'}") in runs
+                 else "not run" for t, pc in CONFIGS]
         lines.append(f"| {r['model']}: {r['what']} | {fmt_metric(r['task'], r['fp32'], True)} | "
                      + " | ".join(cells) + f" | {ratio(r, 'pt')} | {ratio(r, 'pc')} |")
     return "\n".join(lines)
@@ -219,15 +222,21 @@ def main(argv=None) -> int:
                    help="seconds per quantize run before it is killed (default 3600)")
     p.add_argument("--onnxrep-args", default="",
                    help="extra arguments for onnxrep quantize, e.g. '--analysis-samples 16'")
+    p.add_argument("--configs", default="ort_pt,ort_pc,onnxrep_pt,onnxrep_pc",
+                   help="quantize runs to do (default all four; merge partial runs with "
+                        "--from-json)")
     p.add_argument("--save", type=Path, metavar="FILE",
                    help="also write the --json document to FILE after every model")
     p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
                    help="print the table of earlier --json/--save runs instead of running "
-                        "(several files: their rows in zoo order, the last run of a model wins)")
+                        "(several files: rows in zoo order, a later file's runs of a model win)")
     args = p.parse_args(argv)
     if args.from_json:
         docs = [json.loads(f.read_text()) for f in args.from_json]
-        rows = {r["model"]: r for d in docs for r in d["rows"]}
+        rows: dict = {}
+        for r in (r for d in docs for r in d["rows"]):
+            rows[r["model"]] = {**r, "runs": {**rows.get(r["model"], {}).get("runs", {}),
+                                              **r["runs"]}}
         info = dict(docs[0]["header"])
         for key in ("commit", "calib", "test", "onnxrep_args"):
             values = sorted({str(d["header"][key]) for d in docs})
