@@ -163,7 +163,8 @@ def _db(v) -> str:
 
 
 def cell(task: str, run: dict) -> str:
-    cost = f"{run['wall_s']:.0f} s, {run['peak_rss_mb'] / 1024:.2f} GB"
+    cpu = f" ({run['cpu_s']:.0f} s CPU)" if run.get("cpu_s") else ""
+    cost = f"{run['wall_s']:.0f} s{cpu}, {run['peak_rss_mb'] / 1024:.2f} GB"
     if run.get("error") is not None:
         err = run["error"].replace("|", "\\|")[:160]
         return f"**failed** (exit {run['rc']}: {err}); {cost}"
@@ -268,8 +269,8 @@ def report(info: dict, rows: list[dict]) -> None:
     print(f"onnxruntime {info['onnxruntime']}, onnx {info['onnx']}, Python {info['python']}, "
           f"commit {info['commit']}; {info['calib']} calibration / {info['test']} test samples"
           + (f"; onnxrep quantize {info['onnxrep_args']}" if info["onnxrep_args"] else ""))
-    print("Each quantize cell: task metric; wall time and peak RSS of that quantize "
-          "subprocess.\n")
+    print("Each quantize cell: task metric; wall time (CPU time) and peak RSS of that quantize "
+          "subprocess. Ratios are of wall time and peak RSS.\n")
     print(table(rows))
     if any(run.get("ort_log", {}).get("notes") for r in rows for run in r["runs"].values()):
         print("\nonnxruntime alone notes:")
