@@ -16,7 +16,7 @@ layout = SQNR of all outputs vs FP32 and F1 of decoded boxes vs FP32's boxes.
 
 usage: python tools/bench_zoo.py [--models a,b] [--calib 64] [--test 64] [--json]
                                  [--cache-dir DIR] [--keep DIR] [--timeout S] [--save FILE]
-       python tools/bench_zoo.py --from-json FILE        (the table of an earlier run)
+       python tools/bench_zoo.py --from-json FILE...     (the table of earlier runs)
 """
 
 from __future__ import annotations
@@ -111,9 +111,12 @@ def bench_model(name: str, args) -> dict:
     log(f"{name}: FP32 on {args.test} test samples")
     row = {"model": name, "what": spec.what, "task": spec.task, "primary": spec.primary,
            "file": h.model.name, "fp32": h.metric(h.model), "runs": {}}
+    log(f"{name}: FP32 {row['fp32']}")
     extra = shlex.split(args.onnxrep_args)
     for tool, per_channel in CONFIGS:
         key = f"{tool}_{'pc' if per_channel else 'pt'}"
+        if key not in args.configs.split(","):
+            continue
         with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-{key}-") as tmp:
             tmp = Path(tmp)
             out = tmp / f"{name}.{key}.int8.onnx"
@@ -160,7 +163,8 @@ def _db(v) -> str:
 
 
 def cell(task: str, run: dict) -> str:
-    cost = f"{run['wall_s']:.0f} s, {run['peak_rss_mb'] / 1024:.2f} GB"
+    cpu = f" ({run['cpu_s']:.0f} s CPU)" if run.get("cpu_s") else ""
+    cost = f"{run['wall_s']:.0f} s{cpu}, {run['peak_rss_mb'] / 1024:.2f} GB"
     if run.get("error") is not None:
         err = run["error"].replace("|", "\\|")[:160]
         return f"**failed** (exit {run['rc']}: {err}); {cost}"
@@ -183,7 +187,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         runs = r["runs"]
-        cells = [cell(r["task"], runs[f"{t}_{'pc' if pc else 'pt'}"]) for t, pc in CONFIGS]
+        cells = [cell(r["task"], runs[k]) if (k := f"{t}_{'pc' if pc else 'pt'}") in runs
+                 else "not run" for t, pc in CONFIGS]
         lines.append(f"| {r['model']}: {r['what']} | {fmt_metric(r['task'], r['fp32'], True)} | "
                      + " | ".join(cells) + f" | {ratio(r, 'pt')} | {ratio(r, 'pc')} |")
     return "\n".join(lines)
@@ -218,14 +223,26 @@ def main(argv=None) -> int:
                    help="seconds per quantize run before it is killed (default 3600)")
     p.add_argument("--onnxrep-args", default="",
                    help="extra arguments for onnxrep quantize, e.g. '--analysis-samples 16'")
+    p.add_argument("--configs", default="ort_pt,ort_pc,onnxrep_pt,onnxrep_pc",
+                   help="quantize runs to do (default all four; merge partial runs with "
+                        "--from-json)")
     p.add_argument("--save", type=Path, metavar="FILE",
                    help="also write the --json document to FILE after every model")
-    p.add_argument("--from-json", type=Path, metavar="FILE",
-                   help="print the table of an earlier --json run instead of running")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
+                   help="print the table of earlier --json/--save runs instead of running "
+                        "(several files: rows in zoo order, a later file's runs of a model win)")
     args = p.parse_args(argv)
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
-        report(doc["header"], doc["rows"])
+        docs = [json.loads(f.read_text()) for f in args.from_json]
+        rows: dict = {}
+        for r in (r for d in docs for r in d["rows"]):
+            rows[r["model"]] = {**r, "runs": {**rows.get(r["model"], {}).get("runs", {}),
+                                              **r["runs"]}}
+        info = dict(docs[0]["header"])
+        for key in ("commit", "calib", "test", "onnxrep_args"):
+            values = sorted({str(d["header"][key]) for d in docs})
+            info[key] = values[0] if len(values) == 1 else "/".join(values)
+        report(info, [rows[n] for n in MODELS if n in rows])
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in SPECS]
@@ -252,8 +269,8 @@ def report(info: dict, rows: list[dict]) -> None:
     print(f"onnxruntime {info['onnxruntime']}, onnx {info['onnx']}, Python {info['python']}, "
           f"commit {info['commit']}; {info['calib']} calibration / {info['test']} test samples"
           + (f"; onnxrep quantize {info['onnxrep_args']}" if info["onnxrep_args"] else ""))
-    print("Each quantize cell: task metric; wall time and peak RSS of that quantize "
-          "subprocess.\n")
+    print("Each quantize cell: task metric; wall time (CPU time) and peak RSS of that quantize "
+          "subprocess. Ratios are of wall time and peak RSS.\n")
     print(table(rows))
     if any(run.get("ort_log", {}).get("notes") for r in rows for run in r["runs"].values()):
         print("\nonnxruntime alone notes:")
