@@ -72,7 +72,6 @@ def _components(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
             i = parent[i]
         return i
 
-    prev_start, i = 0, 0
     by_row: dict[int, list[int]] = {}
     for k, (y, s, e) in enumerate(runs):
         by_row.setdefault(y, []).append(k)
