@@ -110,7 +110,7 @@ def optimize(model: onnx.ModelProto, config: OptimizeConfig | None = None,
              calib=None) -> onnx.ModelProto:
     """Return a model whose weights quantize well per-tensor; ``model`` is untouched.
 
-    ``calib``: calibration data (a :class:`onnxrep.calibration.readers.Dataset` or anything
+    ``calib``: calibration data (a :class:`onnxrep.data.Dataset` or anything
     ``load_data`` takes). Without it the result is equivalent to ``model``; with it, dead
     channels and high biases are measured too and the result equals ``model`` on that data."""
     return optimize_with_details(model, config, calib=calib).model

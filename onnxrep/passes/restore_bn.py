@@ -1,7 +1,7 @@
 """Restore a BatchNormalization after each Conv from measured statistics (identity in function).
 
 For a conv output y with exact per-channel mean m and variance v over the calibration data
-(:mod:`onnxrep.calibration.statistics`, not a moving average), insert
+(:mod:`onnxrep.analysis.statistics`, not a moving average), insert
 
     BN(y) = (y - m) / sqrt(v + eps) * gamma + beta,   gamma = sqrt(v + eps),  beta = m
 

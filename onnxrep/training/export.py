@@ -1,6 +1,6 @@
 """Export a fake-quantized graph as an ONNX QDQ model that onnxruntime runs in int8.
 
-For every fake-quant layer (see :mod:`onnxrep.quantize.fake_quant`), with its BatchNormalization
+For every fake-quant layer (see :mod:`onnxrep.training.fake_quant`), with its BatchNormalization
 folded in (W' = W f, b' = (b - mean) f + beta, f = gamma / sqrt(var + eps)) and the fused BN
 node removed:
 

@@ -4,7 +4,7 @@
 
 1. onnxrep's equivalence-preserving passes (:func:`onnxrep.pipeline.optimize`: CLE, ...,
    verified), opset 13 first when per-channel;
-2. BN restore on the calibration data (:func:`onnxrep.passes.restore_batchnorm.restore_bn`):
+2. BN restore on the calibration data (:func:`onnxrep.pipeline.restore_bn`):
    a BN after each Conv with gamma = sqrt(var + eps), beta = mean, so the function is unchanged
    and training has batch statistics to normalize with;
 3. ONNX -> torch (:mod:`.torch_graph`); torch and onnxruntime must agree on the first
