@@ -103,7 +103,7 @@ def qat(model: onnx.ModelProto, train_data, loss_fn: LossFn | None = None,
     """Quantization-aware training of ``model`` (not modified) on ``train_data``; returns the
     QDQ INT8 model. ``train_data``: a torch DataLoader or any iterable of (inputs, labels)
     pairs, feed dicts (optional ``labels`` key) or input batches; or any source
-    :func:`~onnxrep.calibration.readers.load_data` takes (.npz with ``labels``, .npy, image
+    :func:`~onnxrep.data.load_data` takes (.npz with ``labels``, .npy, image
     folder, arrays). ``calib``: calibration data (default: the first ``calib_samples``
     training samples)."""
     return qat_with_details(model, train_data, loss_fn, config, calib=calib).model
