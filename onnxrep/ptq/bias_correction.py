@@ -360,6 +360,21 @@ def _node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def _read_graph(runner, model: onnx.ModelProto) -> tuple[dict, list, dict]:
+    """Set ``runner``'s nodes, initializers, graph inputs and outputs and each node's reads
+    (subgraph reads included); returns (producer of each tensor, each node's producers,
+    topological positions): what a layer-by-layer runner of ``model`` splits its graph by."""
+    g = model.graph
+    runner.nodes = list(g.node)
+    runner.inits = {t.name: t for t in g.initializer}
+    runner.graph_inputs = {v.name: v for v in g.input if v.name not in runner.inits}
+    runner.outputs = [o.name for o in g.output]
+    producer = {o: i for i, n in enumerate(runner.nodes) for o in n.output if o}
+    runner.reads = [_node_inputs(n) for n in runner.nodes]
+    deps = [[producer[x] for x in r if x in producer] for r in runner.reads]
+    return producer, deps, _topological_positions(deps)
+
+
 CACHE_BYTES = 512 * 2**20  # the cached layer frontier; past it, later layers use fewer samples
 
 
@@ -384,15 +399,7 @@ class _Sweep:
 
     def __init__(self, model: onnx.ModelProto, layers: list[str], ranks: dict[str, int]):
         self.model, self.ranks = model, ranks
-        g = model.graph
-        self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.graph_inputs = {v.name: v for v in g.input if v.name not in self.inits}
-        self.outputs = [o.name for o in g.output]
-        producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
-        self.reads = [_node_inputs(n) for n in self.nodes]
-        deps = [[producer[x] for x in r if x in producer] for r in self.reads]
-        pos = _topological_positions(deps)
+        producer, deps, pos = _read_graph(self, model)
         by_name = {n.name: i for i, n in enumerate(self.nodes)}
         done: set[int] = set()
         self.segments: list[tuple[list[int], str | None]] = []

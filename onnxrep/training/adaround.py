@@ -47,7 +47,7 @@ from onnxrep import verify
 from onnxrep.ir.graph import GraphIndex, attr
 from onnxrep.passes.base import Skip
 from onnxrep.progress import Progress, log
-from onnxrep.ptq.bias_correction import _ancestors, _node_inputs, _topological_positions
+from onnxrep.ptq.bias_correction import _ancestors, _read_graph
 from onnxrep.report import table
 from onnxrep.training.convert import Conv, Linear, _weight_module
 
@@ -276,15 +276,7 @@ class _Stepper:
 
     def __init__(self, model: onnx.ModelProto, layers: list[int], batches: list[dict]):
         self.model, self.batches = model, batches
-        g = model.graph
-        self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.graph_inputs = {v.name: v for v in g.input if v.name not in self.inits}
-        self.outputs = [o.name for o in g.output]
-        producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
-        self.reads = [_node_inputs(n) for n in self.nodes]
-        deps = [[producer[x] for x in r if x in producer] for r in self.reads]
-        pos = _topological_positions(deps)
+        producer, deps, pos = _read_graph(self, model)
         done: set[int] = set()
         self.steps: list[list[int]] = []  # pre_0, own_0, pre_1, own_1, ..., final
         for t in layers:
