@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import os
 import subprocess
 import sys
 import tempfile
@@ -37,27 +35,11 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 MODELS = ROOT / "models"
-FMNIST = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CALIB = MODELS / "fmnist_calib.npz"
 
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0C: ">i4", 0x0D: ">f4"}[data[2]]
-    rank = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
-    return np.frombuffer(data, dtype, offset=4 + 4 * rank).reshape(dims)
-
-
-def test_set() -> dict:
-    pp = np.load(MODELS / "fmnist_eval.npz")
-    u8 = read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[:, None]
-    x = (u8.astype(np.float32) * pp["preprocess_scale"] - pp["preprocess_mean"]) \
-        / pp["preprocess_std"]
-    return {"input": x.astype(np.float32),
-            "labels": read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz").astype(np.int64)}
+from bench_ptq import FMNIST, test_set  # noqa: E402  (one Fashion-MNIST reader)
 
 
 def checkpoint(arch: str, workdir: Path) -> Path:
