@@ -12,8 +12,9 @@ Verification runs the model before and after through onnxruntime (graph optimiza
 seeded inputs of the model's own shapes (uniform in ``input_range`` when one is given), or on
 the first calibration batch when data is given, and raises :class:`VerificationError` past
 ``rtol``; once a data-dependent pass changed the model, the result is also compared with the
-original over all of the calibration data. ``optimize`` checks after every pass that changed
-the model, so a failure names its pass. ``optimize_file`` is the lean path the CLI takes for
+original over all of the calibration data (the original's outputs for as many batches as
+``RECORDED_BYTES`` hold come from the first statistics run, which computes them anyway).
+``optimize`` checks after every pass that changed the model, so a failure names its pass. ``optimize_file`` is the lean path the CLI takes for
 large models: onnxruntime reads the input file and the written result itself, the result is
 verified before it is moved into place, no second in-memory copy is made, and onnxruntime's
 loading overlaps Python's work.
@@ -45,6 +46,11 @@ from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.passes.reparameterize import Reparameterize, find_blocks
 from onnxrep.passes.restore_bn import RestoreBatchNorm, select_convs
 from onnxrep.verify.streaming import compare_on_data
+
+
+# Graph outputs the first statistics run keeps as the reference of the check over the data (that
+# check then runs only the optimized model on the batches they cover).
+RECORDED_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,9 @@ def _manager(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress,
     run when the data can be read more than once (statistics, then verification)."""
     if dataset is not None and not _replayable(dataset):
         dataset = None
-    stats = StatisticsCache(dataset) if dataset is not None else None
+    checked = verifier is not None and verifier.dataset is not None
+    stats = (StatisticsCache(dataset, keep_outputs=RECORDED_BYTES if checked else 0)
+             if dataset is not None else None)
     stages = []
     if config.reparameterize and any(b.reason is None for b in find_blocks(model)):
         stages.append(Stage("reparameterize", lambda m, s: Reparameterize()))

@@ -200,6 +200,39 @@ def test_compare_on_data_streams_all_batches_and_checks():
         compare_on_data(model, other, x, rtol=1e-4, what="test")
 
 
+def test_statistics_keep_the_model_outputs_within_the_budget():
+    model = mobileone_like()
+    x = np.random.default_rng(3).standard_normal((40, 1, 16, 16)).astype(np.float32)
+    out = model.graph.output[0].name
+    whole = verify.run(model, {"input": x})[out]
+    per_batch = whole[:8].nbytes
+    stats = collect_statistics(model, x, batch_size=8, keep_outputs=3 * per_batch + 1)
+    assert [set(b) for b in stats.outputs] == [{out}] * 3  # the first three batches fit
+    np.testing.assert_allclose(np.concatenate([b[out] for b in stats.outputs]), whole[:24],
+                               rtol=1e-5, atol=1e-6)
+    assert collect_statistics(model, x, batch_size=8).outputs == []
+
+
+def test_compare_on_data_with_recorded_reference_outputs_equals_running_it():
+    """Recorded reference outputs stand in for the batches they cover; the rest still run."""
+    model = mobileone_like()
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w = other.graph.initializer[-2]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+    x = np.random.default_rng(7).standard_normal((50, 1, 16, 16)).astype(np.float32)
+    data = load_data(x, model, batch_size=16)
+    ran = compare_on_data(model, other, data)
+    recorded = collect_statistics(model, data, keep_outputs=1 << 20).outputs[:2]
+    assert len(recorded) == 2
+    reused = compare_on_data(model, other, data, recorded=recorded)
+    for name, m in ran.outputs.items():
+        assert reused.outputs[name].sqnr_db == pytest.approx(m.sqnr_db, abs=1e-3)
+        assert reused.outputs[name].max_abs == pytest.approx(m.max_abs, rel=1e-4)
+    wrong = [{k: v + 1.0 for k, v in b.items()} for b in recorded]  # a recording is trusted
+    assert compare_on_data(model, model, data, recorded=wrong).rel > 0
+
+
 def test_activation_ranges_flag_coarse_channels():
     c = Chain(channels=2, hw=(6, 6), seed=8).conv(4, outliers={3: 200.0}, dead=(1,)).relu()
     model = c.conv(3).build()

@@ -125,12 +125,15 @@ class ChannelStats:
 
 @dataclass
 class Statistics:
-    """``tensors``: name -> :class:`ChannelStats`; ``skipped``: name -> why it has none."""
+    """``tensors``: name -> :class:`ChannelStats`; ``skipped``: name -> why it has none;
+    ``outputs``: the model's own outputs of the first batches, in data order, when
+    :func:`collect_statistics` was asked to keep them (``keep_outputs``)."""
 
     tensors: dict[str, ChannelStats] = field(default_factory=dict)
     samples: int = 0
     batches: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> ChannelStats:
         return self.tensors[name]
@@ -165,9 +168,13 @@ def layer_outputs(model: onnx.ModelProto) -> list[str]:
 
 def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | None = None, *,
                        workers: int = 1, optimized: bool = True,
-                       batch_size: int | None = None) -> Statistics:
+                       batch_size: int | None = None, keep_outputs: int = 0) -> Statistics:
     """Per-channel mean, variance, min and max of ``tensors`` (default :func:`layer_outputs`)
     over every sample of ``data`` (a Dataset or anything ``load_data`` takes).
+
+    ``keep_outputs``: bytes of the model's own outputs to keep (``Statistics.outputs``, per
+    batch from the first, as long as the next batch fits): the run computes them anyway, so a
+    later comparison with this model over the same data need not run it again.
 
     ``workers`` > 1 spreads the batches over that many processes (onnxruntime threads are
     divided between them); the result is the Chan merge of the per-batch statistics in data
@@ -192,8 +199,14 @@ def collect_statistics(model: onnx.ModelProto, data, tensors: Iterable[str] | No
         zero = {p.shift: np.zeros((1, 1), p.dtype) for p in plan}
         shifts = _shifts(plan, runner.run(_head(first, model), zero))
         rows = _Rows(plan, shifts, result)
+        own = [o.name for o in model.graph.output]
         for feeds, raw in runner.map(_chain(first, batches), shifts):
             rows.add(raw, _rows(feeds))
+            if keep_outputs and len(result.outputs) == result.batches - 1:
+                kept = {o: raw[o] for o in own}
+                keep_outputs -= sum(v.nbytes for v in kept.values())
+                if keep_outputs >= 0:
+                    result.outputs.append(kept)
             bar.update(_rows(feeds))
         rows.flush()
     return result

@@ -107,27 +107,42 @@ class StatisticsCache:
     ``get(model, tensors)`` returns statistics of at least ``tensors``; after a pass changes
     the model the manager calls ``update()`` with what the pass says it did to the activations
     (CLE scales channels by known factors; dead-input cleanup leaves every activation the same
-    on the data), so statistics are measured again only when a pass cannot say."""
+    on the data), so statistics are measured again only when a pass cannot say.
 
-    def __init__(self, dataset, collect: Callable | None = None):
+    ``keep_outputs``: bytes of graph outputs the first collection keeps as ``recorded`` (per
+    batch), while the model is still equivalent to the input for every input (no
+    ``EQUIVALENT_ON_DATA`` pass changed it yet): the reference side of the check over the data,
+    which then does not run the input model again for those batches."""
+
+    def __init__(self, dataset, collect: Callable | None = None, keep_outputs: int = 0):
         from onnxrep.analysis.statistics import collect_statistics
 
         self.dataset = dataset
         self._collect = collect or collect_statistics
         self._stats = None
+        self._keep = keep_outputs
+        self.recorded: list[dict] = []
 
     def get(self, model: onnx.ModelProto, tensors: Iterable[str]):
         wanted = list(dict.fromkeys(tensors))
         have = [] if self._stats is None else [*self._stats.tensors, *self._stats.skipped]
         if self._stats is None or not set(wanted) <= set(have):
-            self._stats = self._collect(model, self.dataset, list(dict.fromkeys(have + wanted)))
+            names = list(dict.fromkeys(have + wanted))
+            if self._keep:
+                self._stats = self._collect(model, self.dataset, names, keep_outputs=self._keep)
+                self.recorded, self._keep = self._stats.outputs, 0
+            else:
+                self._stats = self._collect(model, self.dataset, names)
         return self._stats
 
     def invalidate(self) -> None:
         self._stats = None
 
-    def update(self, factors: dict | None) -> None:
-        """After a pass: rescale what it scaled (``Pass.statistics_after``), or measure anew."""
+    def update(self, factors: dict | None, contract: Contract = Contract.EQUIVALENT) -> None:
+        """After a pass: rescale what it scaled (``Pass.statistics_after``), or measure anew.
+        Once a pass changed the model only on the data, no later collection records outputs."""
+        if contract is Contract.EQUIVALENT_ON_DATA:
+            self._keep = 0
         if factors is None or self._stats is None:
             self._stats = None
         else:
@@ -157,10 +172,13 @@ class Verifier:
         self.reference = reference if reference is not None else verify.run(original, feeds)
         verify.check_reference(self.reference, "the verification inputs")
 
-    def check(self, candidate: verify.ModelLike, passes: list[Pass], what: str
+    def check(self, candidate: verify.ModelLike, passes: list[Pass], what: str,
+              recorded: list[dict] | None = None
               ) -> tuple[verify.Comparison, verify.Comparison | None]:
         """(comparison on the feeds, comparison over all data or None); raises
-        :class:`VerificationError` past ``rtol``."""
+        :class:`VerificationError` past ``rtol``. ``recorded``: outputs per batch of the data
+        of a model equivalent to the original (:class:`StatisticsCache`), used instead of
+        running the original on those batches."""
         comparison = verify.compare_outputs(self.reference, verify.run(candidate, self.feeds),
                                             self.bounds)
         verify.check(comparison, self.rtol, what)
@@ -168,7 +186,7 @@ class Verifier:
         if self.dataset is not None and any(
                 p.contract is Contract.EQUIVALENT_ON_DATA for p in passes):
             on_data = compare_on_data(self.original, candidate, self.dataset,
-                                             rtol=self.rtol, what=what)
+                                      rtol=self.rtol, what=what, recorded=recorded)
         return comparison, on_data
 
 
@@ -218,7 +236,7 @@ class PassManager:
             result = p(model)
             if result.modified and checking:
                 try:
-                    run.comparison, on_data = self.verifier.check(model, [p], f"pass '{p.name}'")
+                    run.comparison, on_data = self._check(model, [p], f"pass '{p.name}'")
                 except VerificationError as error:
                     if before is None:
                         raise
@@ -232,9 +250,9 @@ class PassManager:
             if result.modified:
                 run.changed.append(p)
                 if self.stats is not None:
-                    self.stats.update(p.statistics_after(result))
+                    self.stats.update(p.statistics_after(result), p.contract)
         if stale:
-            _, run.data_comparison = self.verifier.check(model, run.changed, "the passes")
+            _, run.data_comparison = self._check(model, run.changed, "the passes")
         return run
 
     def _roll_back(self, stage: Stage, model: onnx.ModelProto, before: onnx.ModelProto,
@@ -253,7 +271,7 @@ class PassManager:
                         if u not in keep})
             result = p(model)
             try:
-                return p, result, self.verifier.check(model, [p], f"pass '{p.name}'")
+                return p, result, self._check(model, [p], f"pass '{p.name}'")
             except VerificationError as exc:
                 return exc
 
@@ -277,5 +295,9 @@ class PassManager:
         """Check ``candidate`` (the run's result, e.g. as written to a file) once, by the
         contracts of every pass that changed it."""
         names = ", ".join(p.name for p in run.changed) or "(none)"
-        run.comparison, run.data_comparison = self.verifier.check(
-            candidate, run.changed, f"passes {names}")
+        run.comparison, run.data_comparison = self._check(candidate, run.changed,
+                                                          f"passes {names}")
+
+    def _check(self, candidate: verify.ModelLike, passes: list[Pass], what: str):
+        recorded = self.stats.recorded if self.stats is not None else None
+        return self.verifier.check(candidate, passes, what, recorded)

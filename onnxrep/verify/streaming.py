@@ -23,18 +23,29 @@ from onnxrep.verify import (Comparison, ModelLike, OutputMetrics, check, nonfini
 
 
 def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
-                    rtol: float | None = None, what: str = "the pass") -> Comparison:
+                    rtol: float | None = None, what: str = "the pass",
+                    recorded: list[dict] | None = None) -> Comparison:
     """Every output of both models (protos or paths) over all of ``data``;
-    :class:`VerificationError` when ``rtol`` is given and exceeded."""
+    :class:`VerificationError` when ``rtol`` is given and exceeded. ``recorded``: the
+    reference's outputs for the first batches of ``data`` (as a statistics run kept them);
+    the reference model runs only on the batches they do not cover."""
     dataset = as_dataset(data, reference)
-    ref_sess, cand_sess = session(reference, optimized=True), session(candidate, optimized=True)
-    bounds = output_bounds(reference if isinstance(reference, onnx.ModelProto) else
-                           onnx.load(os.fspath(reference), load_external_data=False))
-    sums = {o.name: Fidelity(bounds.get(o.name, 0.0)) for o in ref_sess.get_outputs()}
+    cand_sess = session(candidate, optimized=True)
+    ref_model = (reference if isinstance(reference, onnx.ModelProto) else
+                 onnx.load(os.fspath(reference), load_external_data=False))
+    names = [o.name for o in ref_model.graph.output]
+    bounds = output_bounds(ref_model)
+    recorded, ref_sess = recorded or [], None
+    sums = {name: Fidelity(bounds.get(name, 0.0)) for name in names}
     samples = 0
     with Progress(dataset.num_samples, "verifying on data") as bar:
-        for feeds in dataset.batches():
-            ref, out = run(ref_sess, feeds), run(cand_sess, feeds)
+        for i, feeds in enumerate(dataset.batches()):
+            n = len(next(iter(feeds.values())))
+            ref = recorded[i] if i < len(recorded) else None
+            if ref is None or set(ref) != set(names) or len(next(iter(ref.values()))) != n:
+                ref_sess = ref_sess or session(reference, optimized=True)
+                ref = run(ref_sess, feeds)
+            out = run(cand_sess, feeds)
             for name, acc in sums.items():
                 try:
                     acc.update(ref[name], out[name], name)
@@ -43,7 +54,6 @@ def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
                                             "the original model already outputs", 1)
                     raise InputError(f"{text} of the calibration data; its outputs cannot be "
                                      "verified") from None
-            n = len(next(iter(feeds.values())))
             samples += n
             bar.update(n)
     comparison = Comparison({name: acc.result() for name, acc in sums.items()})
