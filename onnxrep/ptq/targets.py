@@ -102,6 +102,52 @@ class Target:
                 "activation_type": types[self.activation_type],
                 "weight_type": types[self.weight_type], "extra_options": self.options()}
 
+    @property
+    def quantize_bias(self) -> bool:
+        """Biases as int32 DequantizeLinear on the grid s_x s_w (False: left in float)."""
+        return bool(self.extra_options.get("QuantizeBias", True))
+
+    @property
+    def quantizes_outputs(self) -> bool:
+        """onnxruntime's layout (layer outputs quantized, a ReLU folded in) rather than Q/DQ on
+        op inputs only (``OpTypesToExcludeOutputQuantization`` set, TensorRT's layout)."""
+        return not self.extra_options.get("OpTypesToExcludeOutputQuantization")
+
+    def activation_qrange(self) -> tuple[int, int]:
+        """(qmin, qmax) of the activation codes as onnxruntime picks them: uint8 0..255,
+        int8 -128..127, symmetric int8 -127..127 (so that zero point 0 is centred)."""
+        if self.activation_type == "uint8":
+            return 0, 255
+        return (-127, 127) if self.activation_symmetric else (-128, 127)
+
+    def input_layout(self, model: onnx.ModelProto) -> tuple[list[str], list[list[str]]]:
+        """Where a Q/DQ-on-inputs target quantizes activations, for QAT to train what
+        ``quantize`` would write: the computed inputs of every node of ``op_types`` (one Q/DQ
+        per tensor, however many read it), except the conv-branch input of a residual Add
+        that no other quantized node reads (TensorRT fuses Conv+Add on the float branch); and
+        the groups of those tensors that share one scale (a Concat's quantized inputs with its
+        quantized output). Raises ValueError for an output-quantizing target."""
+        if self.quantizes_outputs:
+            raise ValueError(f"target {self.name} quantizes op outputs, not op inputs")
+        g = GraphIndex(model.graph)
+        conv_branch = {(add.name, add.input[k]) for add, k in residual_adds(model)}
+        tensors: list[str] = []
+        for node in model.graph.node:
+            if node.op_type not in self.op_types:
+                continue
+            for x in node.input:
+                if x and not g.is_const(x) and (node.name, x) not in conv_branch \
+                        and x not in tensors:
+                    tensors.append(x)
+        chosen = set(tensors)
+        groups = []
+        for node in model.graph.node:
+            if node.op_type == "Concat":
+                members = [x for x in (*node.input, *node.output) if x in chosen]
+                if len(members) > 1:
+                    groups.append(members)
+        return tensors, groups
+
     def keep_float(self, model: onnx.ModelProto) -> list[str]:
         """Names of the nodes this target leaves in float (for ``nodes_to_exclude``)."""
         return depthwise_convs(model) if self.float_depthwise else []
