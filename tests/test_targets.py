@@ -421,3 +421,34 @@ def test_qat_unknown_target_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["qat", str(MODELS["repvgg"]), "--data", "d.npz", "--target", "tflite"])
     assert exc.value.code == 2 and "tflite" in capsys.readouterr().err
+
+
+# ---- no pass breaks fusion ---------------------------------------------------------------------
+
+ACTIVATIONS = ("Relu", "Clip")
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_optimized_int8_model_keeps_conv_activation_fusable(name, target):
+    """`optimize` then `quantize`, on the shipped model with a BatchNormalization restored after
+    every Conv (what a QAT-ready or train-form export carries): no BatchNormalization is left,
+    and every Conv that the FP32 model followed with an activation is read only by that
+    activation or by the QuantizeLinear that replaced it (onnxruntime folds the ReLU into the
+    output's range), so no float op sits where the runtime fuses Conv+activation."""
+    from onnxrep.pipeline import optimize, restore_bn
+
+    fp32 = onnx.load(str(MODELS[name]))
+    with_bn = restore_bn(fp32, {"input": CALIB})
+    assert sum(n.op_type == "BatchNormalization" for n in with_bn.graph.node) >= 7
+    q = quantized(optimize(with_bn, calib={"input": CALIB}), target)
+    assert not [n.name for n in q.graph.node if n.op_type == "BatchNormalization"]
+    g = G(fp32)
+    activated = {n.name for n in fp32.graph.node if n.op_type == "Conv"
+                 and [r.op_type for r in g.readers.get(n.output[0], [])] in (["Relu"], ["Clip"])}
+    gq = G(q)
+    convs = {n.name: n for n in q.graph.node if n.op_type == "Conv"}
+    assert activated and activated <= set(convs)
+    for conv in activated:
+        readers = {r.op_type for r in gq.readers.get(convs[conv].output[0], [])}
+        assert readers and readers <= {*ACTIVATIONS, "QuantizeLinear"}, (conv, readers)
