@@ -38,7 +38,11 @@ an optional post-processing function over the QDQ ``ModelProto``. ``TARGETS`` ho
 the keyword arguments for ``quantize_static`` (besides model paths, calibration cache and
 ``nodes_to_exclude``), ``target.keep_float(model)`` the node names it adds to
 ``nodes_to_exclude``, ``target.finish(qdq)`` the post-processing of its output and
-``target.violations(qdq)`` the rules the result breaks.
+``target.violations(qdq)`` the rules the result breaks. ``QATConfig(target=...)`` trains for
+the same object: QAT reads ``activation_qrange()``, ``activation_symmetric``,
+``quantize_bias``, ``quantizes_outputs`` and, for a target that quantizes op inputs,
+``input_layout(model)`` (the tensors ``quantize_static`` plus ``finish`` would put Q/DQ on),
+then applies ``finish`` and ``violations`` to its export.
 """
 
 from __future__ import annotations
