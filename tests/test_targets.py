@@ -337,3 +337,118 @@ def test_cli_tensorrt_target_with_bias_correction(tmp_path, capsys):
     assert "for tensorrt: per-channel" in printed and " 0 nodes quantized" not in printed
     assert "bias correction on" in printed
     assert check_tensorrt_rules(onnx.load(out)) == []
+
+
+# ---- QAT export per target ---------------------------------------------------------------------
+
+def _layout(model):
+    """{node name: (op type, indices of its activation inputs read through Q/DQ, whether an
+    output is quantized)} for every non-Q/DQ node."""
+    from onnxrep.ir.graph import GraphIndex
+    from onnxrep.ptq.targets import dq_source
+
+    g = GraphIndex(model.graph)
+    out = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        ins = tuple(i for i, x in enumerate(n.input)
+                    if dq_source(g, x) is not None and not g.is_const(dq_source(g, x)[0].input[0]))
+        quantized_out = any(r.op_type == "QuantizeLinear" for o in n.output
+                            for r in g.reader_nodes(o))
+        out[n.name] = (n.op_type, ins, quantized_out)
+    return out
+
+
+def _qat(model, target, data=None):
+    pytest.importorskip("torch")
+    from onnxrep.training.train import QATConfig, qat
+
+    data = data if data is not None else {"input": CALIB_FOR(model)}
+    return qat(model, data, config=QATConfig(target=target, max_steps=2, batch_size=32,
+                                             calib_samples=32))
+
+
+def test_qat_tensorrt_export_places_qdq_as_quantize_does(tmp_path, capsys):
+    """`onnxrep qat --target tensorrt` on the shipped MobileOne: every TensorRT rule holds, and
+    the Q/DQ layout (which inputs of which node are quantized, which outputs) is exactly the
+    one `onnxrep quantize --target tensorrt` writes."""
+    pytest.importorskip("torch")
+    from onnxrep.cli import main
+
+    out = tmp_path / "m.trt.onnx"
+    assert main(["qat", str(MODELS["mobileone"]), "--data", str(ROOT / "models" /
+                 "fmnist_calib.npz"), "--target", "tensorrt", "--max-steps", "2",
+                 "--batch-size", "32", "--calib-samples", "32", "-o", str(out), "-q"]) == 0
+    exported = onnx.load(out)
+    assert check_tensorrt_rules(exported) == []
+    ptq = quantized(onnx.load(str(MODELS["mobileone"])), "tensorrt")
+    assert _layout(exported) == _layout(ptq)
+
+
+def test_qat_tensorrt_residual_add_and_concat():
+    """Input placement on the patterns the shipped models lack: the residual Add reads its conv
+    branch unquantized and its skip input through Q/DQ, a Concat's inputs and output share one
+    scale; both trained that way (the rules hold without post-processing)."""
+    for fp32 in (residual_block(), dense_block()):
+        out = fp32.graph.output[0]  # the QAT export's checker wants the output's shape
+        out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, ["N", 2, 8, 8]))
+        trt = _qat(fp32, dataclasses.replace(get_target("tensorrt"), postprocess=None))
+        assert check_tensorrt_rules(trt) == []
+        assert _layout(trt) == _layout(quantized(fp32, "tensorrt"))
+
+
+def test_qat_openvino_export_runs_in_openvino():
+    """The openvino target's QAT export: per-channel weights by default, and OpenVINO runs it
+    with the same top-1 as onnxruntime."""
+    pytest.importorskip("openvino")
+    from onnxrep.runtime import session
+
+    fp32 = onnx.load(str(MODELS["repvgg"]))
+    q = _qat(fp32, "openvino")
+    g = G(q)
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    assert convs and all(g.inits[g.producer[n.input[1]].input[1]].ndim == 1 for n in convs)
+    x = {"input": CALIB[:32]}
+    ov, ort_out = session(q, "openvino").run(x)[0], session(q).run(x)[0]
+    assert np.mean(ov.argmax(1) == ort_out.argmax(1)) >= 0.95
+    assert np.abs(ov - ort_out).max() < 0.1 * np.abs(ort_out).max()
+
+
+def test_qat_unknown_target_is_a_usage_error(capsys):
+    from onnxrep.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["qat", str(MODELS["repvgg"]), "--data", "d.npz", "--target", "tflite"])
+    assert exc.value.code == 2 and "tflite" in capsys.readouterr().err
+
+
+# ---- no pass breaks fusion ---------------------------------------------------------------------
+
+ACTIVATIONS = ("Relu", "Clip")
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_optimized_int8_model_keeps_conv_activation_fusable(name, target):
+    """`optimize` then `quantize`, on the shipped model with a BatchNormalization restored after
+    every Conv (what a QAT-ready or train-form export carries): no BatchNormalization is left,
+    and every Conv that the FP32 model followed with an activation is read only by that
+    activation or by the QuantizeLinear that replaced it (onnxruntime folds the ReLU into the
+    output's range), so no float op sits where the runtime fuses Conv+activation."""
+    from onnxrep.pipeline import optimize, restore_bn
+
+    fp32 = onnx.load(str(MODELS[name]))
+    with_bn = restore_bn(fp32, {"input": CALIB})
+    assert sum(n.op_type == "BatchNormalization" for n in with_bn.graph.node) >= 7
+    q = quantized(optimize(with_bn, calib={"input": CALIB}), target)
+    assert not [n.name for n in q.graph.node if n.op_type == "BatchNormalization"]
+    g = G(fp32)
+    activated = {n.name for n in fp32.graph.node if n.op_type == "Conv"
+                 and [r.op_type for r in g.readers.get(n.output[0], [])] in (["Relu"], ["Clip"])}
+    gq = G(q)
+    convs = {n.name: n for n in q.graph.node if n.op_type == "Conv"}
+    assert activated and activated <= set(convs)
+    for conv in activated:
+        readers = {r.op_type for r in gq.readers.get(convs[conv].output[0], [])}
+        assert readers and readers <= {*ACTIVATIONS, "QuantizeLinear"}, (conv, readers)

@@ -21,7 +21,15 @@ reported, and speed-ups are FP32 median / INT8 median of the same run. Top-1: th
 Fashion-MNIST test images when Debian's dataset-fashion-mnist is installed (as
 tools/bench_ptq.py reads them), else the 2,000 shipped ones.
 
-usage: python tools/bench_targets.py [--threads 1] [--rounds 1000] [--skip-profile]
+4. No pass breaks fusion: per model, target and runtime (tensorrt: onnxruntime and OpenVINO as
+   a proxy, there is no TensorRT here), the INT8 model of the optimized model against the INT8
+   model of the original (``QuantizeConfig(optimize=False)``, ``quantize --no-optimize``),
+   alternating; original / optimized >= 1 within the spread means no pass broke a fusion.
+5. PP-OCRv4 det (``--sections ppocr``; tools/zoo data, rendered 480x640 pages): per target, FP32
+   vs INT8 latency at batch 1 and 32 in the target's runtime, hmean and map SQNR there.
+
+usage: python tools/bench_targets.py [--threads 1] [--rounds 1000]
+       [--sections targets,variants,profile,fusion,ppocr]
 """
 
 from __future__ import annotations
@@ -97,14 +105,15 @@ def feeds_for(batch: int) -> dict:
     return {"input": x[np.random.default_rng(0).integers(0, len(x), batch)]}
 
 
-def time_models(models: dict, runtime: str, threads: int, rounds: int) -> dict:
-    """{batch: {label: Timing}} with every model of ``models`` alternating, per batch."""
+def time_models(models: dict, runtime: str, threads: int, rounds: int, feeds=feeds_for) -> dict:
+    """{batch: {label: Timing}} with every model of ``models`` alternating, per batch;
+    ``feeds(batch)`` gives the inputs."""
     sessions = {k: session(m, runtime, threads=threads) for k, m in models.items()}
     out = {}
     for batch in BATCHES:
-        feeds = feeds_for(batch)
+        feeds_b = feeds(batch)
         labels = list(sessions)
-        calls = [(lambda s=sessions[k]: s.run(feeds)) for k in labels]
+        calls = [(lambda s=sessions[k]: s.run(feeds_b)) for k in labels]
         n = rounds if batch == 1 else max(20, rounds // 3)
         times = alternate(calls, n, max(5, n // 10))
         out[batch] = {k: summarize(t, batch) for k, t in zip(labels, times)}
@@ -181,26 +190,11 @@ def short(node: str, node_type: str = "") -> str:
     return "/".join(keep) or node[:40]
 
 
-# ---- main --------------------------------------------------------------------------------------
+# ---- sections 1-3 -----------------------------------------------------------------------------
 
-def main(argv=None) -> int:
-    import onnxruntime
-    import openvino
-
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    p.add_argument("--rounds", type=int, default=1000,
-                   help="timed rounds at batch 1 (a third at batch 32)")
-    p.add_argument("--skip-profile", action="store_true", help="no per-op-type tables")
-    args = p.parse_args(argv)
-    data, data_label = test_data()
-    cpu = cpu_info()
+def quantize_all() -> dict[str, dict[str, onnx.ModelProto]]:
+    """{model: {"fp32" / target / variant label: model}}."""
     start = time.time()
-    print(f"onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__} (CPU plugin, "
-          f"f32 inference precision); intra-op threads {args.threads}; median ms per call, "
-          f"all models of a table row group alternating; top-1 on {data_label}\n")
-    print(f"CPU: {cpu.line()}\n")
     quantized: dict[str, dict[str, onnx.ModelProto]] = {}
     for name, path in MODELS.items():
         fp32 = onnx.load(str(path))
@@ -212,8 +206,10 @@ def main(argv=None) -> int:
                                               QuantizeConfig(target=target, per_channel=pc))
         print(f"quantized {name}: {len(VARIANTS) + len(TARGETS)} models "
               f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    return quantized
 
-    # ---- 1. targets
+
+def targets(quantized: dict, data, threads: int, rounds: int) -> None:
     print("## Targets: FP32 vs INT8 in the target's runtime\n")
     print("| model | target | runtime | top-1 FP32 | top-1 INT8 | b1 FP32 ms | b1 INT8 ms | "
           "b1 speed-up | b32 FP32 ms | b32 INT8 ms | b32 speed-up |")
@@ -229,8 +225,8 @@ def main(argv=None) -> int:
                 rule_notes.append(f"{name} tensorrt profile: {len(violations)} TensorRT rule "
                                   "violations")
             else:
-                t = time_models({"fp32": q["fp32"], "int8": q[tname]}, runtime, args.threads,
-                                args.rounds)
+                t = time_models({"fp32": q["fp32"], "int8": q[tname]}, runtime, threads,
+                                rounds)
                 cells = []
                 for b in BATCHES:
                     f, i = t[b]["fp32"].median, t[b]["int8"].median
@@ -245,14 +241,16 @@ def main(argv=None) -> int:
     print("\ntensorrt top-1 minus onnxruntime-profile top-1 (both in onnxruntime): "
           + ", ".join(diffs))
 
-    # ---- 2. OpenVINO variants
+
+
+def variants(quantized: dict, data, threads: int, rounds: int) -> None:
     print("\n## OpenVINO: placement and types (each INT8 vs FP32 in OpenVINO, all alternating)\n")
     print("| model | INT8 variant | top-1 (OpenVINO) | b1 ms | b1 speed-up | b32 ms | "
           "b32 speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, q in quantized.items():
         group = {"FP32": q["fp32"], **{label: q[label] for label in VARIANTS}}
-        t = time_models(group, "openvino", args.threads, args.rounds)
+        t = time_models(group, "openvino", threads, rounds)
         for label in group:
             acc = top1(group[label], data, "openvino")
             cells = []
@@ -261,9 +259,9 @@ def main(argv=None) -> int:
                           f"{t[b]['FP32'].median / t[b][label].median:.2f}x"]
             print(f"| {name} | {label} | {acc:.2f} | " + " | ".join(cells) + " |", flush=True)
 
-    if args.skip_profile:
-        return 0
-    # ---- 3. per op type, OpenVINO, batch 32
+
+
+def profile(quantized: dict, threads: int, rounds: int) -> None:
     print("\n## OpenVINO per op type, batch 32 (PERF_COUNT: per node the minimum us over "
           "rounds, summed per op type; kernels in brackets)\n")
     chosen = ("onnxruntime layout, per-channel",
@@ -272,7 +270,7 @@ def main(argv=None) -> int:
     profiles = {}
     for name, q in quantized.items():
         group = {"FP32": q["fp32"], **{c: q[c] for c in chosen}}
-        profiles[name] = nodes = node_times(group, args.threads, max(50, args.rounds // 3))
+        profiles[name] = nodes = node_times(group, threads, max(50, rounds // 3))
         cats = {k: by_category(v) for k, v in nodes.items()}
         names = sorted({c for v in cats.values() for c in v})
         print(f"{name}:\n")
@@ -303,6 +301,143 @@ def main(argv=None) -> int:
         print(f"| {layer} | " + " | ".join(
             f"{cells[c][0]:.0f} ({cells[c][1]})" if c in cells else "-" for c in cols)
             + f" | {ratio} |")
+
+
+# ---- 4. no pass breaks fusion ------------------------------------------------------------------
+
+# target -> the runtimes its INT8 model is timed in (no TensorRT here: its QDQ runs in both
+# CPU runtimes as a proxy for "no op was put where a fusion happens")
+FUSION_RUNTIMES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",),
+                   "tensorrt": ("onnxruntime", "openvino")}
+
+
+def fusion(models: dict, calib, threads: int, rounds: int, feeds=feeds_for) -> None:
+    """For every model, target and runtime: the INT8 model of the optimized model
+    (``quantize``) against the INT8 model of the original (``quantize --no-optimize``),
+    alternating; the ratio original / optimized is >= 1 (within the spread) when no pass
+    broke a fusion."""
+    print("\n## No pass breaks fusion: INT8 of the optimized model vs INT8 of the original "
+          "(`quantize --no-optimize`), same target, same runtime, alternating\n")
+    print("(tensorrt: no GPU or TensorRT here; its QDQ runs in onnxruntime and OpenVINO as a "
+          "proxy)\n")
+    print("| model | target | runtime | b1 original ms | b1 optimized ms | b1 original / "
+          "optimized | b32 original ms | b32 optimized ms | b32 original / optimized |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, fp32 in models.items():
+        for tname, runtimes in FUSION_RUNTIMES.items():
+            pair = {"original": quantize(fp32, calib, QuantizeConfig(target=tname,
+                                                                     optimize=False)),
+                    "optimized": quantize(fp32, calib, QuantizeConfig(target=tname))}
+            for runtime in runtimes:
+                t = time_models(pair, runtime, threads, rounds, feeds)
+                cells = []
+                for b in sorted(t):
+                    o, p = t[b]["original"].median, t[b]["optimized"].median
+                    cells += [f"{1000 * o:.3f}", f"{1000 * p:.3f}", f"{o / p:.2f}"]
+                print(f"| {name} | {tname} | {runtime} | " + " | ".join(cells) + " |",
+                      flush=True)
+
+
+# ---- 5. PP-OCRv4 det ---------------------------------------------------------------------------
+
+PPOCR_SHAPE = (1, 3, 480, 640)  # the rendered test pages' size; batch 32 peaked at 1.8 GB RSS
+PPOCR_TARGETS = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",),
+                 "tensorrt": ("onnxruntime", "openvino")}
+
+
+def ppocr(threads: int, rounds: int, calib_n: int, test_n: int) -> None:
+    """PP-OCRv4 det (tools/zoo): each target's INT8 model (``quantize --target``, defaults)
+    against FP32 in that target's runtime (tensorrt: in both CPU runtimes, accuracy only
+    meaningful as a proxy): latency at batch 1 and 32 at 480x640, alternating; hmean and the
+    probability map's SQNR against the FP32 map of the same runtime on the rendered test
+    pages."""
+    from onnxrep.bench import bench
+    from onnxrep.runtime import session as make_session
+    from zoo.models import SPECS, harness, score
+
+    model, calib, test, _ = harness("ppocrv4_det", calib=calib_n, test=test_n)
+    x = next(iter(test["inputs"].values()))
+    spec = SPECS["ppocrv4_det"]
+    fp32 = onnx.load(str(model))
+    print(f"\n## PP-OCRv4 det ({calib_n} calibration, {test_n} test pages {x.shape[2]}x"
+          f"{x.shape[3]}; latency on seeded random inputs of that size)\n")
+    print("| target | runtime | hmean FP32 | hmean INT8 | map SQNR dB | b1 FP32 ms | b1 INT8 ms "
+          "| b1 speed-up | b32 FP32 ms | b32 INT8 ms | b32 speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    refs: dict = {}
+
+    def outputs(m, runtime):
+        s = make_session(m, runtime, threads=threads)
+        chunks = [s.run({"x": x[i:i + spec.batch]}) for i in range(0, len(x), spec.batch)]
+        return [np.concatenate(parts) for parts in zip(*chunks)]
+
+    for tname, runtimes in PPOCR_TARGETS.items():
+        start = time.time()
+        q = quantize(fp32, str(calib), QuantizeConfig(target=tname))
+        print(f"quantized PP-OCRv4 det for {tname} ({time.time() - start:.0f} s)",
+              file=sys.stderr, flush=True)
+        for runtime in runtimes:
+            if runtime not in refs:
+                refs[runtime] = outputs(fp32, runtime)
+            ref = refs[runtime]
+            acc_fp = score(spec, ref, ref, test["labels"])["hmean"]
+            got = score(spec, outputs(q, runtime), ref, test["labels"])
+            cells = []
+            for b, n in ((1, rounds), (32, max(4, rounds // 8))):
+                r = bench([fp32, q], runtime=runtime, batches=[b], threads=threads, rounds=n,
+                          warmup=2, shapes={"x": PPOCR_SHAPE}).results[0]
+                f, i = r.timings[0].median, r.timings[1].median
+                cells += [f"{1000 * f:.1f}", f"{1000 * i:.1f}", f"{f / i:.2f}x"]
+            print(f"| {tname} | {runtime} | {100 * acc_fp:.2f} | {100 * got['hmean']:.2f} | "
+                  f"{got['sqnr']:.2f} | " + " | ".join(cells) + " |", flush=True)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+SECTIONS = ("targets", "variants", "profile", "fusion", "ppocr")
+
+
+def main(argv=None) -> int:
+    import onnxruntime
+    import openvino
+
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    p.add_argument("--rounds", type=int, default=1000,
+                   help="timed rounds at batch 1 (a third at batch 32)")
+    p.add_argument("--sections", default=",".join(SECTIONS[:4]),
+                   help=f"comma-separated, of {', '.join(SECTIONS)} (default: all but ppocr)")
+    p.add_argument("--ppocr-rounds", type=int, default=20,
+                   help="ppocr: timed rounds at batch 1 (an eighth, at least 4, at batch 32)")
+    p.add_argument("--ppocr-calib", type=int, default=32, help="ppocr calibration pages")
+    p.add_argument("--ppocr-test", type=int, default=64, help="ppocr test pages")
+    args = p.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(sorted(unknown))}")
+    cpu = cpu_info()
+    start = time.time()
+    print(f"onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__} (CPU plugin, "
+          f"f32 inference precision); intra-op threads {args.threads}; median ms per call, "
+          f"all models of a table row group alternating\n")
+    print(f"CPU: {cpu.line()}\n")
+    if {"targets", "variants", "profile"} & set(sections):
+        quantized = quantize_all()
+        data, data_label = test_data()
+        print(f"top-1 on {data_label}\n")
+        if "targets" in sections:
+            targets(quantized, data, args.threads, args.rounds)
+        if "variants" in sections:
+            variants(quantized, data, args.threads, args.rounds)
+        if "profile" in sections:
+            profile(quantized, args.threads, args.rounds)
+    if "fusion" in sections:
+        fusion({name: onnx.load(str(path)) for name, path in MODELS.items()}, str(CALIB),
+               args.threads, args.rounds)
+    if "ppocr" in sections:
+        ppocr(args.threads, args.ppocr_rounds, args.ppocr_calib, args.ppocr_test)
     print(f"\n({time.time() - start:.0f} s)")
     return 0
 

@@ -3,10 +3,12 @@
 onnxrep's equivalence-preserving passes (`onnxrep optimize`: CLE, ...), BatchNormalization
 restored after each Conv from the calibration statistics, conversion to torch (checked against
 onnxruntime, --rtol), fake quantization
-placed and rounded as onnxruntime's QDQ runs it (uint8 activations, int8 weights), training
+placed and rounded as `onnxrep quantize --target` places Q/DQ (onnxruntime, openvino: uint8
+activations, int8 weights, outputs quantized; tensorrt: int8 symmetric on op inputs, float
+biases, checked against TensorRT's rules, exit 3 if one breaks), training
 (cross-entropy on the data's labels; distillation from the FP32 model when it has none), BN
-folded back, QDQ export (onnxruntime fuses it into QLinearConv). --val prints FP32, PTQ and QAT
-INT8 top-1 side by side. Needs torch (pip install 'onnxrep[qat]'). Launched with torchrun it
+folded back, QDQ export. --val prints FP32, PTQ (same target) and QAT INT8 top-1 side by
+side. Needs torch (pip install 'onnxrep[qat]'). Launched with torchrun it
 trains with DistributedDataParallel (gloo), each process on a slice of every batch.
 
 Data (--data, --val, --calib): .npz (one array per input, optional `labels`, uint8 images with
@@ -16,6 +18,7 @@ preprocess_scale/mean/std), .npy, or a folder of images. Without --calib the fir
 examples:
   onnxrep qat models/mobileone_fmnist.onnx --data train.npz --val models/fmnist_eval.npz
   onnxrep qat model.onnx --data train.npz --epochs 3 --checkpoint ckpt/ [--resume]
+  onnxrep qat model.onnx --data train.npz --target tensorrt -o model.trt.onnx
   torchrun --nproc-per-node 2 -m onnxrep qat model.onnx --data train.npz -o model.qat.onnx
 """
 
@@ -32,6 +35,7 @@ from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.progress import log
 from onnxrep.training.config import Distill, QATConfig
+from onnxrep.ptq.targets import TARGETS
 from onnxrep.report import table
 
 _D = QATConfig()  # torch-free: --help and argument checks need no torch
@@ -55,8 +59,12 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="default %(default)s")
     p.add_argument("--batch-size", type=positive_int, default=_D.batch_size,
                    help="global batch size (default %(default)s)")
-    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=False,
-                   help="per-output-channel weight scales (default: per-tensor)")
+    p.add_argument("--target", choices=list(TARGETS), default=_D.profile.name,
+                   help="the runtime the model is for: fake quantization and export place "
+                        "and round Q/DQ as `onnxrep quantize --target` does (default "
+                        "%(default)s; openvino and tensorrt default to per-channel)")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-output-channel weight scales (default: the target's)")
     p.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=False,
                    help="7-bit weights: no int16 saturation in onnxruntime's u8s8 kernels on "
                         "CPUs without VNNI, so the deployed model computes what was trained")
@@ -106,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           momentum=args.momentum, per_channel=args.per_channel,
+                           momentum=args.momentum, target=args.target,
+                           per_channel=args.per_channel,
                            reduce_range=args.reduce_range,
                            restore_bn=args.restore_bn, optimize=args.optimize,
                            freeze_bn_after=args.freeze_bn_after,
@@ -131,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     save(result.model, out, force=args.force)
-    scores = _scores(model, result, val, args) if val is not None else None
+    scores = _scores(model, result, val, args, config) if val is not None else None
     if args.json:
         emit_json("qat", as_json(result, args.model, out, scores))
         return 0
@@ -142,16 +151,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scores(model, result, val, args) -> dict:
+def _scores(model, result, val, args, config: QATConfig) -> dict:
     from onnxrep.evaluation import evaluate
 
     scores = {"FP32": evaluate(model, val)}
     if args.ptq:
         from onnxrep.ptq.quantizer import QuantizeConfig, quantize
 
-        log("qat: PTQ per-tensor for comparison")
-        scores["PTQ per-tensor"] = evaluate(
-            quantize(model, result.calibration, QuantizeConfig()), val, reference=model)
+        label = f"PTQ {'per-channel' if config.per_channel else 'per-tensor'}"
+        log(f"qat: {label} (target {config.profile.name}) for comparison")
+        scores[label] = evaluate(
+            quantize(model, result.calibration,
+                     QuantizeConfig(target=config.target, per_channel=config.per_channel)),
+            val, reference=model)
     scores["QAT INT8"] = evaluate(result.model, val, reference=model)
     return scores
 
@@ -159,8 +171,8 @@ def _scores(model, result, val, args) -> dict:
 def summary(result, out) -> str:
     last = result.history[-1] if result.history else None
     lines = [
-        f"wrote {out}: {result.layers} layers with int8 weights, {result.activations} uint8 "
-        f"activations, {result.restored_bn} BatchNormalization restored and folded",
+        f"wrote {out}: {result.layers} layers with int8 weights, {result.activations} "
+        f"quantized activations, {result.restored_bn} BatchNormalization restored and folded",
         f"trained {result.steps} steps ({result.samples} samples) in "
         f"{result.train_seconds:.1f} s ({result.samples_per_second:.0f} samples/s; "
         f"{result.seconds:.1f} s in all)"

@@ -81,6 +81,14 @@ class GraphIndex:
     def readers(self, tensor: str) -> list[int]:
         return self.consumers.get(tensor, [])
 
+    def producer_node(self, tensor: str) -> onnx.NodeProto | None:
+        """The node writing ``tensor``; None for graph inputs, initializers and unknown names."""
+        i = self.producer.get(tensor)
+        return None if i is None else self.graph.node[i]
+
+    def reader_nodes(self, tensor: str) -> list[onnx.NodeProto]:
+        return [self.graph.node[i] for i in self.readers(tensor)]
+
     def is_const(self, tensor: str) -> bool:
         if tensor in self.initializers:
             return tensor not in self.graph_inputs

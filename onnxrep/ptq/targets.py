@@ -38,21 +38,24 @@ an optional post-processing function over the QDQ ``ModelProto``. ``TARGETS`` ho
 the keyword arguments for ``quantize_static`` (besides model paths, calibration cache and
 ``nodes_to_exclude``), ``target.keep_float(model)`` the node names it adds to
 ``nodes_to_exclude``, ``target.finish(qdq)`` the post-processing of its output and
-``target.violations(qdq)`` the rules the result breaks.
+``target.violations(qdq)`` the rules the result breaks. ``QATConfig(target=...)`` trains for
+the same object: QAT reads ``activation_qrange()``, ``activation_symmetric``,
+``quantize_bias``, ``quantizes_outputs`` and, for a target that quantizes op inputs,
+``input_layout(model)`` (the tensors ``quantize_static`` plus ``finish`` would put Q/DQ on),
+then applies ``finish`` and ``violations`` to its export.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxrep.errors import InputError
+from onnxrep.ir.graph import GraphIndex, attr
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TYPES = ("uint8", "int8")
@@ -103,6 +106,52 @@ class Target:
                 "activation_type": types[self.activation_type],
                 "weight_type": types[self.weight_type], "extra_options": self.options()}
 
+    @property
+    def quantize_bias(self) -> bool:
+        """Biases as int32 DequantizeLinear on the grid s_x s_w (False: left in float)."""
+        return bool(self.extra_options.get("QuantizeBias", True))
+
+    @property
+    def quantizes_outputs(self) -> bool:
+        """onnxruntime's layout (layer outputs quantized, a ReLU folded in) rather than Q/DQ on
+        op inputs only (``OpTypesToExcludeOutputQuantization`` set, TensorRT's layout)."""
+        return not self.extra_options.get("OpTypesToExcludeOutputQuantization")
+
+    def activation_qrange(self) -> tuple[int, int]:
+        """(qmin, qmax) of the activation codes as onnxruntime picks them: uint8 0..255,
+        int8 -128..127, symmetric int8 -127..127 (so that zero point 0 is centred)."""
+        if self.activation_type == "uint8":
+            return 0, 255
+        return (-127, 127) if self.activation_symmetric else (-128, 127)
+
+    def input_layout(self, model: onnx.ModelProto) -> tuple[list[str], list[list[str]]]:
+        """Where a Q/DQ-on-inputs target quantizes activations, for QAT to train what
+        ``quantize`` would write: the computed inputs of every node of ``op_types`` (one Q/DQ
+        per tensor, however many read it), except the conv-branch input of a residual Add
+        that no other quantized node reads (TensorRT fuses Conv+Add on the float branch); and
+        the groups of those tensors that share one scale (a Concat's quantized inputs with its
+        quantized output). Raises ValueError for an output-quantizing target."""
+        if self.quantizes_outputs:
+            raise ValueError(f"target {self.name} quantizes op outputs, not op inputs")
+        g = GraphIndex(model.graph)
+        conv_branch = {(add.name, add.input[k]) for add, k in residual_adds(model)}
+        tensors: list[str] = []
+        for node in model.graph.node:
+            if node.op_type not in self.op_types:
+                continue
+            for x in node.input:
+                if x and not g.is_const(x) and (node.name, x) not in conv_branch \
+                        and x not in tensors:
+                    tensors.append(x)
+        chosen = set(tensors)
+        groups = []
+        for node in model.graph.node:
+            if node.op_type == "Concat":
+                members = [x for x in (*node.input, *node.output) if x in chosen]
+                if len(members) > 1:
+                    groups.append(members)
+        return tensors, groups
+
     def keep_float(self, model: onnx.ModelProto) -> list[str]:
         """Names of the nodes this target leaves in float (for ``nodes_to_exclude``)."""
         return depthwise_convs(model) if self.float_depthwise else []
@@ -126,71 +175,34 @@ class Target:
 
 # ---- graph helpers ----------------------------------------------------------------------------
 
-class _Graph:
-    """Producer / readers / initializers of a graph (rebuilt after each edit)."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.inits = {t.name: t for t in graph.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for out in node.output:
-                self.producer[out] = node
-            for x in node.input:
-                if x:
-                    self.readers[x].append(node)
-        self.outputs = {o.name for o in graph.output}
-
-    def const(self, name: str) -> np.ndarray | None:
-        t = self.inits.get(name)
-        if t is not None:
-            return numpy_helper.to_array(t)
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
+def dq_source(g: GraphIndex, tensor: str
+              ) -> tuple[onnx.NodeProto, onnx.NodeProto | None] | None:
+    """(DequantizeLinear, its QuantizeLinear or None) when ``tensor`` is a DQ output."""
+    dq = g.producer_node(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear":
         return None
-
-    def is_const(self, name: str) -> bool:
-        return name in self.inits or (name in self.producer
-                                      and self.producer[name].op_type == "Constant")
-
-    def op(self, name: str) -> str | None:
-        node = self.producer.get(name)
-        return node.op_type if node is not None else None
-
-    def dq_source(self, name: str) -> tuple[onnx.NodeProto, onnx.NodeProto | None] | None:
-        """(DequantizeLinear, its QuantizeLinear or None) when ``name`` is a DQ output."""
-        dq = self.producer.get(name)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            return None
-        q = self.producer.get(dq.input[0])
-        return dq, (q if q is not None and q.op_type == "QuantizeLinear" else None)
-
-    def through_qdq(self, name: str) -> str:
-        """The float tensor behind a Q -> DQ pair, else ``name`` itself."""
-        pair = self.dq_source(name)
-        if pair is not None and pair[1] is not None:
-            return pair[1].input[0]
-        return name
+    q = g.producer_node(dq.input[0])
+    return dq, (q if q is not None and q.op_type == "QuantizeLinear" else None)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+def through_qdq(g: GraphIndex, tensor: str) -> str:
+    """The float tensor behind a Q -> DQ pair, else ``tensor`` itself."""
+    pair = dq_source(g, tensor)
+    return pair[1].input[0] if pair is not None and pair[1] is not None else tensor
+
+
+def _op(g: GraphIndex, tensor: str) -> str | None:
+    node = g.producer_node(tensor)
+    return node.op_type if node is not None else None
 
 
 def depthwise_convs(model: onnx.ModelProto) -> list[str]:
     """Names of the Conv nodes with group > 1 and one input channel per group (depthwise,
     any depth multiplier) whose weight is a constant."""
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     names = []
     for node in model.graph.node:
-        if node.op_type != "Conv" or int(_attr(node, "group", 1)) <= 1 or len(node.input) < 2:
+        if node.op_type != "Conv" or int(attr(node, "group", 1)) <= 1 or len(node.input) < 2:
             continue
         w = g.const(node.input[1])
         if w is not None and w.ndim >= 3 and w.shape[1] == 1:
@@ -202,9 +214,9 @@ def _drop_dead(model: onnx.ModelProto) -> None:
     """Remove Q/DQ nodes whose outputs nobody reads, then unused initializers."""
     graph = model.graph
     while True:
-        g = _Graph(graph)
+        g = GraphIndex(graph)
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(g.readers.get(o) or o in g.outputs for o in n.output)]
+                and not any(g.readers(o) or o in g.graph_outputs for o in n.output)]
         if not dead:
             break
         ids = {id(n) for n in dead}
@@ -224,37 +236,37 @@ _BACKBONE_OPS = ("Conv", "ConvTranspose")
 _PASS_THROUGH = ("BatchNormalization",)  # Conv -> BN -> Add still fuses
 
 
-def _backbone(g: _Graph, tensor: str) -> onnx.NodeProto | None:
+def _backbone(g: GraphIndex, tensor: str) -> onnx.NodeProto | None:
     """The Conv whose output (through Q/DQ and BatchNormalization) is ``tensor``."""
     seen = 0
-    name = g.through_qdq(tensor)
+    name = through_qdq(g, tensor)
     while seen < 8:
-        node = g.producer.get(name)
+        node = g.producer_node(name)
         if node is None:
             return None
         if node.op_type in _BACKBONE_OPS:
             return node
         if node.op_type not in _PASS_THROUGH:
             return None
-        name = g.through_qdq(node.input[0])
+        name = through_qdq(g, node.input[0])
         seen += 1
     return None
 
 
-def _ancestor_depths(g: _Graph, tensor: str, limit: int = 10000) -> dict[str, int]:
+def _ancestor_depths(g: GraphIndex, tensor: str, limit: int = 10000) -> dict[str, int]:
     """Producer node name -> shortest distance (in nodes, Q/DQ not counted) from ``tensor``."""
     depths: dict[str, int] = {}
-    frontier = [(g.through_qdq(tensor), 1)]
+    frontier = [(through_qdq(g, tensor), 1)]
     while frontier and len(depths) < limit:
         nxt = []
         for name, d in frontier:
-            node = g.producer.get(name)
+            node = g.producer_node(name)
             if node is None or node.name in depths:
                 continue
             depths[node.name] = d
             for x in node.input:
                 if x and not g.is_const(x):
-                    nxt.append((g.through_qdq(x), d + 1))
+                    nxt.append((through_qdq(g, x), d + 1))
         frontier = nxt
     return depths
 
@@ -265,14 +277,14 @@ def residual_adds(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int]]:
     (through BatchNormalization); the conv-branch input is the one with the longer path to the
     two inputs' lowest common ancestor; an Add whose other input branches off the Conv's own
     output is not residual."""
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     found = []
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
         a, b = node.input
-        if g.is_const(a) or g.is_const(b) or g.through_qdq(a) not in g.producer \
-                or g.through_qdq(b) not in g.producer:
+        if g.is_const(a) or g.is_const(b) or through_qdq(g, a) not in g.producer \
+                or through_qdq(g, b) not in g.producer:
             continue
         bb = [_backbone(g, a), _backbone(g, b)]
         if not any(bb):
@@ -294,35 +306,34 @@ def residual_adds(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int]]:
     return found
 
 
-def _set_scale(g: _Graph, node: onnx.NodeProto, value: float) -> None:
-    t = g.inits.get(node.input[1])
-    if t is None:
-        return
-    arr = numpy_helper.to_array(t)
-    t.CopyFrom(numpy_helper.from_array(np.full_like(arr, value), t.name))
+def _set_scale(g: GraphIndex, node: onnx.NodeProto, value: float) -> None:
+    """Every entry of a Q/DQ node's constant scale set to ``value`` (in place)."""
+    scale = g.const(node.input[1])
+    if scale is not None:
+        g.set_const(node.input[1], np.full_like(scale, value))
 
 
-def _scale(g: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
+def _scale(g: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     return g.const(node.input[1]) if len(node.input) > 1 else None
 
 
 def concat_groups(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
     """(Concat, its Q/DQ nodes): the DequantizeLinear nodes feeding it, their QuantizeLinear
     nodes, and the QuantizeLinear nodes reading its output (with their DQs)."""
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     groups = []
     for node in model.graph.node:
         if node.op_type != "Concat":
             continue
         members: list[onnx.NodeProto] = []
         for x in node.input:
-            pair = g.dq_source(x)
+            pair = dq_source(g, x)
             if pair is not None and not g.is_const(pair[0].input[0]):
                 members += [n for n in pair if n is not None]
-        for reader in g.readers.get(node.output[0], []):
+        for reader in g.reader_nodes(node.output[0]):
             if reader.op_type == "QuantizeLinear":
                 members.append(reader)
-                members += [r for r in g.readers.get(reader.output[0], [])
+                members += [r for r in g.reader_nodes(reader.output[0])
                             if r.op_type == "DequantizeLinear"]
         if sum(m.op_type == "DequantizeLinear" for m in members) + \
                 sum(m.op_type == "QuantizeLinear" for m in members) >= 2:
@@ -340,11 +351,11 @@ def tensorrt_postprocess(model: onnx.ModelProto) -> onnx.ModelProto:
     3. Q/DQ nodes left unread and unused initializers are dropped."""
     graph = model.graph
     for add, k in residual_adds(model):
-        g = _Graph(graph)
-        pair = g.dq_source(add.input[k])
+        g = GraphIndex(graph)
+        pair = dq_source(g, add.input[k])
         if pair is not None and pair[1] is not None:
             add.input[k] = pair[1].input[0]
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     for _, members in concat_groups(model):
         scales = [_scale(g, m) for m in members]
         if any(s is None or np.size(s) != 1 for s in scales):
@@ -364,7 +375,7 @@ def _weight_axis(node: onnx.NodeProto) -> int:
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if attr(node, "transB", 0) else 1
     return -1  # MatMul: the output axis of B [K, N]
 
 
@@ -386,7 +397,7 @@ def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) ->
       through Q/DQ;
     - ``concat-scale``: a Concat's quantized inputs and its output's quantizer share one scale.
     """
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     problems: list[str] = []
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -408,7 +419,7 @@ def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) ->
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
             continue
-        wpair = g.dq_source(node.input[1])
+        wpair = dq_source(g, node.input[1])
         weight_quantized = wpair is not None
         if weight_quantized and per_channel:
             dq = wpair[0]
@@ -418,38 +429,38 @@ def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) ->
             if w is not None:
                 axis = axis % w.ndim
                 want = w.shape[axis] if node.op_type != "ConvTranspose" else w.shape[1]
-                got = int(_attr(dq, "axis", 1)) % w.ndim
+                got = int(attr(dq, "axis", 1)) % w.ndim
                 if scale is None or np.ndim(scale) != 1 or np.size(scale) != want or got != axis:
                     problems.append(f"per-channel: {node.name}: weight scale of shape "
                                     f"{list(np.shape(scale))} on axis {got}, expected {want} "
                                     f"scales on axis {axis}")
         if len(node.input) > 2 and node.input[2]:
-            bpair = g.dq_source(node.input[2])
+            bpair = dq_source(g, node.input[2])
             if bpair is not None:
                 problems.append(f"float-bias: {node.name}: bias is quantized (int32 "
                                 "DequantizeLinear)")
-        if weight_quantized and g.dq_source(node.input[0]) is None:
+        if weight_quantized and dq_source(g, node.input[0]) is None:
             problems.append(f"input-placement: {node.name}: quantized weight but its "
                             "activation input has no Q/DQ")
         for out in node.output:
-            if any(r.op_type == "QuantizeLinear" for r in g.readers.get(out, [])):
+            if any(r.op_type == "QuantizeLinear" for r in g.reader_nodes(out)):
                 problems.append(f"input-placement: {node.name}: its output is quantized "
                                 "(Q/DQ belongs on the inputs of the next layer)")
     for node in model.graph.node:
         if node.op_type not in ("BatchNormalization", "Relu", "Clip") or not node.input:
             continue
-        pair = g.dq_source(node.input[0])
+        pair = dq_source(g, node.input[0])
         if pair is None or pair[1] is None:
             continue
-        src = g.op(pair[1].input[0])
+        src = _op(g, pair[1].input[0])
         if src in ("Conv", "ConvTranspose", "BatchNormalization"):
             problems.append(f"conv-bn-relu: {node.name}: Q/DQ between the {src} before it "
                             f"and this {node.op_type}")
     for add, k in residual_adds(model):
-        if g.dq_source(add.input[k]) is not None:
+        if dq_source(g, add.input[k]) is not None:
             problems.append(f"residual-add: {add.name}: the conv-branch input "
                             f"'{add.input[k]}' goes through Q/DQ (blocks Conv+Add fusion)")
-        if g.dq_source(add.input[1 - k]) is None:
+        if dq_source(g, add.input[1 - k]) is None:
             problems.append(f"residual-add: {add.name}: the skip input '{add.input[1 - k]}' "
                             "has no Q/DQ")
     for concat, members in concat_groups(model):

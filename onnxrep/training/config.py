@@ -7,7 +7,9 @@ import dataclasses
 import enum
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from onnxrep.ptq.targets import ONNXRUNTIME, TARGETS, Target, get_target
 
 
 @dataclass(frozen=True)
@@ -15,12 +17,15 @@ class FakeQuantConfig:
     """``per_channel``: one weight scale per output channel (else per tensor);
     ``reduce_range``: 7-bit weights [-63, 63] (see the module docstring);
     ``averaging_constant``: EMA weight of a training batch's activation min/max;
-    ``bn_momentum``: running-statistics momentum of fused BatchNorm in training."""
+    ``bn_momentum``: running-statistics momentum of fused BatchNorm in training;
+    ``target``: the deployment profile whose activation codes, bias form and Q/DQ placement
+    the fake quantization reproduces (:mod:`onnxrep.ptq.targets`)."""
 
     per_channel: bool = False
     reduce_range: bool = False
     averaging_constant: float = 0.01
     bn_momentum: float = 0.1
+    target: Target = field(default=ONNXRUNTIME)
 
     def __post_init__(self):
         if not 0 < self.averaging_constant <= 1:
@@ -39,7 +44,10 @@ class QATConfig:
     """How to train.
 
     ``lr``: peak learning rate (SGD, Nesterov momentum ``momentum``, cosine decay to 0).
-    ``per_channel``/``reduce_range``: weight quantization (:class:`FakeQuantConfig`).
+    ``target``: the runtime the model is for ("onnxruntime", "openvino", "tensorrt" or a
+    :class:`~onnxrep.ptq.targets.Target`): fake quantization and export place and round Q/DQ
+    as ``onnxrep quantize --target`` does. ``per_channel``/``reduce_range``: weight
+    quantization (:class:`FakeQuantConfig`); ``per_channel`` None takes the target's default.
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
     statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
     ``optimize``: :func:`onnxrep.optimize` first. ``calib_samples``: training samples used for calibration when no
@@ -55,7 +63,8 @@ class QATConfig:
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
-    per_channel: bool = False
+    target: str | Target = "onnxruntime"
+    per_channel: bool | None = None
     reduce_range: bool = False
     restore_bn: bool = True
     optimize: bool = True
@@ -72,6 +81,10 @@ class QATConfig:
     rtol: float = 1e-5
 
     def __post_init__(self):
+        if not isinstance(self.target, Target) and self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        if self.per_channel is None:
+            object.__setattr__(self, "per_channel", self.profile.per_channel)
         problems = []
         if self.epochs < 1 or self.batch_size < 1 or self.calib_samples < 1:
             problems.append("epochs, batch_size and calib_samples must be >= 1")
@@ -87,15 +100,25 @@ class QATConfig:
             problems.append("resume needs a checkpoint directory")
         if problems:
             raise ValueError("; ".join(problems))
-        FakeQuantConfig(self.per_channel, self.reduce_range, self.averaging_constant,
-                        self.bn_momentum)
+        self.fake_quant()
+
+    @property
+    def profile(self) -> Target:
+        """The deployment target's settings (:class:`onnxrep.ptq.targets.Target`)."""
+        return get_target(self.target)
+
+    def fake_quant(self) -> FakeQuantConfig:
+        return FakeQuantConfig(self.per_channel, self.reduce_range, self.averaging_constant,
+                               self.bn_momentum, self.profile)
 
     def fingerprint_fields(self) -> dict:
         """The fields a resumed checkpoint must match: every field but where and how often
         checkpoints go, whether to resume, where to stop and the conversion check's tolerance,
         so a new field invalidates old checkpoints by itself."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in _NOT_FINGERPRINTED}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in _NOT_FINGERPRINTED}
+        fields["target"] = self.profile.as_dict()  # no function addresses
+        return fields
 
 
 _NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "resume", "max_steps", "rtol")

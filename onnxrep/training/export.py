@@ -7,9 +7,14 @@ node removed:
 - weight: int8 codes round(q(W') / s_w) as an initializer -> DequantizeLinear (zero point 0,
   ``axis`` = output channel when per-channel);
 - bias: int32 codes round(b' / (s_x s_w)) -> DequantizeLinear with scale s_x s_w, the form
-  onnxruntime fuses into QLinearConv / QGemm (s_x: the layer input's activation scale);
-- every quantized activation tensor t: QuantizeLinear(t, s, z) -> DequantizeLinear, uint8, and
-  every reader of t reads the DequantizeLinear output.
+  onnxruntime fuses into QLinearConv / QGemm (s_x: the layer input's activation scale); a
+  float initializer when the target keeps biases float (TensorRT) or the input is float;
+- every quantized activation tensor t: QuantizeLinear(t, s, z) -> DequantizeLinear in the
+  target's code type (uint8, or int8 with z = 0 for TensorRT), and every reader of t reads the
+  DequantizeLinear output.
+
+The caller applies the target's post-processing and rule check to the result
+(``Target.finish``, ``Target.violations``; :func:`onnxrep.training.train.qat` does).
 
 A BatchNormalization that was not fused (not after a Conv) becomes Mul + Add, so no
 BatchNormalization is left. The float weights the quantized ones replace are removed. With
@@ -163,7 +168,7 @@ def _with_activation_qdq(graph: onnx.GraphProto, plan: QuantPlan, build: _Builde
         scale, zero_point = act.qparams()
         s = build.const(f"{tensor}_scale", scale.numpy().reshape(()).astype(np.float32))
         z = build.const(f"{tensor}_zero_point",
-                        zero_point.numpy().reshape(()).astype(np.uint8))
+                        zero_point.numpy().reshape(()).astype(act.zero_point_dtype))
         q_out = build.name(f"{tensor}_QuantizeLinear_Output")
         dq_out = build.name(f"{tensor}_DequantizeLinear_Output")
         pairs[tensor] = [

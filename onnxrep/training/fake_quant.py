@@ -11,16 +11,24 @@ Numerics (the ones onnxruntime's quantizer uses; straight-through estimator for 
   what was trained.
 - biases: int32 on the grid s_x s_w (s_x: the layer input's scale), as onnxruntime needs for
   QLinearConv; q(b) = clamp(round(b / (s_x s_w))) s_x s_w.
-- activations: asymmetric uint8, range [min(lo, 0), max(hi, 0)], s = (hi - lo) / 255,
-  z = round(-lo / s); q(x) = (clamp(round(x / s) + z, 0, 255) - z) * s.
-  Ranges are min/max over the calibration data first, then an exponential moving average of
-  each training batch's min/max (lo += c (batch_lo - lo), c = ``averaging_constant``).
+- activations: the target's codes [qmin, qmax] (``Target.activation_qrange``: uint8 0..255
+  asymmetric by default, int8 -127..127 symmetric for TensorRT), range [min(lo, 0), max(hi,
+  0)] (symmetric: [-a, a], a = max(|lo|, |hi|)), s = (hi - lo) / (qmax - qmin),
+  z = clamp(round(qmin - lo / s)); q(x) = (clamp(round(x / s) + z, qmin, qmax) - z) * s,
+  onnxruntime's formula. Ranges are min/max over the calibration data first, then an
+  exponential moving average of each training batch's min/max (lo += c (batch_lo - lo),
+  c = ``averaging_constant``). Tensors tied into a group (a Concat's inputs and output under
+  TensorRT) quantize with the union of their ranges: one scale.
+- biases of a target without int32 biases (TensorRT) stay float.
 
-Placement (as onnxruntime's QDQ quantizer with Conv, Gemm, MatMul, Relu and Clip quantized):
-the input of every Conv/ConvTranspose/Gemm/MatMul layer, and its output *after* a Relu or Clip
-that is its only reader (onnxruntime gives the conv output the activation's range and fuses
-Conv + Relu into QLinearConv; never a pair between conv and activation). A tensor that is a
-graph output stays float. Every reader of a quantized tensor sees the quantized value.
+Placement, as ``onnxrep quantize --target`` places Q/DQ. Targets that quantize outputs
+(onnxruntime, openvino: onnxruntime's QDQ quantizer with Conv, Gemm, MatMul, Relu and Clip
+quantized): the input of every Conv/ConvTranspose/Gemm/MatMul layer, and its output *after* a
+Relu or Clip that is its only reader (onnxruntime gives the conv output the activation's range
+and fuses Conv + Relu into QLinearConv; never a pair between conv and activation). Targets that
+quantize op inputs (TensorRT): the tensors of ``Target.input_layout`` (the computed inputs of
+the target's op types, residual-Add conv branches left float). A tensor that is a graph output
+stays float. Every reader of a quantized tensor sees the quantized value.
 
 Conv -> BatchNormalization pairs train as one fused layer (torch.ao.nn.intrinsic.qat.ConvBn):
 with f = gamma / sqrt(running_var + eps), the weight is quantized as q(W f); in training
@@ -38,6 +46,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -78,14 +87,29 @@ def _world() -> int:
 
 
 class ActQuant(nn.Module):
-    """uint8 asymmetric fake quantization of one activation tensor, with its range observer."""
+    """Fake quantization of one activation tensor to codes [qmin, qmax] (uint8 asymmetric by
+    default), with its range observer."""
 
-    def __init__(self, tensor: str, averaging_constant: float):
+    def __init__(self, tensor: str, averaging_constant: float,
+                 qrange: tuple[int, int] = (ACT_QMIN, ACT_QMAX), symmetric: bool = False):
         super().__init__()
         self.tensor, self.c = tensor, averaging_constant
+        self.qmin, self.qmax = qrange
+        self.symmetric = symmetric
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.mode = Mode.EVAL
+        self._group: list[ActQuant] = [self]  # a plain list: tied quantizers, not submodules
+
+    def tie(self, others: list["ActQuant"]) -> None:
+        """Share one scale with ``others``: each quantizes with the union of all ranges."""
+        group = [self, *(o for o in others if o is not self)]
+        for q in group:
+            q._group = group
+
+    @property
+    def zero_point_dtype(self) -> type:
+        return np.uint8 if self.qmin >= 0 else np.int8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is Mode.CALIBRATE or (self.mode is Mode.TRAIN and self.training):
@@ -93,7 +117,7 @@ class ActQuant(nn.Module):
         if self.mode is Mode.CALIBRATE:
             return x
         scale, zero_point = self.qparams()
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ACT_QMIN, ACT_QMAX)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.qmin, self.qmax)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -110,14 +134,18 @@ class ActQuant(nn.Module):
             self.max_val.add_(self.c * (hi - self.max_val))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale float32 [1], zero point int32 [1]) as onnxruntime computes them."""
-        if not torch.isfinite(self.min_val):
+        """(scale float32 [1], zero point int32 [1]) as onnxruntime computes them, over the
+        union of the tied group's ranges."""
+        if not all(torch.isfinite(q.min_val) for q in self._group):
             raise RuntimeError(f"activation '{self.tensor}' has no range: calibrate first")
-        lo = torch.clamp(self.min_val, max=0.0)
-        hi = torch.clamp(self.max_val, min=0.0)
-        scale = (hi - lo) / (ACT_QMAX - ACT_QMIN)
+        lo = torch.clamp(torch.stack([q.min_val for q in self._group]).min(), max=0.0)
+        hi = torch.clamp(torch.stack([q.max_val for q in self._group]).max(), min=0.0)
+        if self.symmetric:
+            hi = torch.maximum(-lo, hi)
+            lo = -hi
+        scale = (hi - lo) / (self.qmax - self.qmin)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).reshape(1).float()
-        zero_point = torch.clamp(torch.round(ACT_QMIN - lo / scale), ACT_QMIN, ACT_QMAX)
+        zero_point = torch.clamp(torch.round(self.qmin - lo / scale), self.qmin, self.qmax)
         return scale.detach(), zero_point.reshape(1).to(torch.int32)
 
     def extra_repr(self) -> str:
@@ -308,12 +336,36 @@ class QuantPlan:
             layer.bn_frozen.fill_(True)
 
 
-def prepare(net: GraphModule, config: FakeQuantConfig | None = None) -> QuantPlan:
-    """Insert fake quantization into ``net`` (mutated in place) and return the plan."""
+def prepare(net: GraphModule, config: FakeQuantConfig | None = None,
+            layout: tuple[list[str], list[list[str]]] | None = None) -> QuantPlan:
+    """Insert fake quantization into ``net`` (mutated in place) and return the plan.
+
+    ``layout``: for a target that quantizes op inputs (TensorRT), the tensors to quantize and
+    the groups sharing a scale, ``config.target.input_layout(model)`` of the ONNX model ``net``
+    was converted from; None for a target that quantizes outputs (its placement is found
+    here)."""
     config = config or FakeQuantConfig()
+    target = config.target
+    if (layout is None) != target.quantizes_outputs:
+        raise ValueError(f"target {target.name}: layout must be "
+                         + ("None" if target.quantizes_outputs else "target.input_layout(model)"))
     plan = QuantPlan()
     _fuse_batchnorm(net, config, plan)
     outputs = set(net.output_names)
+    known = set(net.input_names) | {t for outs in net.step_outputs for t in outs}
+
+    def quantize(tensor: str, label: str) -> None:
+        if tensor in outputs:
+            plan.skips.append(Skip(label, f"'{tensor}' is a graph output: kept float"))
+        elif tensor not in known:
+            plan.skips.append(Skip(label, f"'{tensor}' is not computed in the torch graph "
+                                   "(fused away): not quantized"))
+        elif tensor not in plan.activations:
+            plan.activations[tensor] = ActQuant(tensor, config.averaging_constant,
+                                                target.activation_qrange(),
+                                                target.activation_symmetric)
+            net.set_tap(tensor, plan.activations[tensor])
+
     readers = _readers(net)
     for i, step in enumerate(net.steps):
         if isinstance(step, BatchNorm):
@@ -323,15 +375,21 @@ def prepare(net: GraphModule, config: FakeQuantConfig | None = None) -> QuantPla
         if not isinstance(step, QuantLayer):
             continue
         plan.layers.append(step)
-        targets = [net.step_inputs[i][0], _after_activation(net, i, readers, outputs)]
-        for tensor in targets:
-            if tensor in outputs:
-                plan.skips.append(Skip(step.label, f"'{tensor}' is a graph output: kept float"))
-            elif tensor not in plan.activations:
-                plan.activations[tensor] = ActQuant(tensor, config.averaging_constant)
-                net.set_tap(tensor, plan.activations[tensor])
-        if targets[0] in plan.activations:
-            step.set_input_quant(plan.activations[targets[0]])
+        if layout is None:
+            for tensor in (net.step_inputs[i][0], _after_activation(net, i, readers, outputs)):
+                quantize(tensor, step.label)
+    if layout is not None:
+        tensors, groups = layout
+        for tensor in tensors:
+            quantize(tensor, tensor)
+        for group in groups:
+            tied = [plan.activations[t] for t in group if t in plan.activations]
+            if len(tied) > 1:
+                tied[0].tie(tied[1:])
+    if target.quantize_bias:  # int32 biases on the grid s_x s_w need the input's scale
+        for i, step in enumerate(net.steps):
+            if isinstance(step, QuantLayer) and net.step_inputs[i][0] in plan.activations:
+                step.set_input_quant(plan.activations[net.step_inputs[i][0]])
     net.train(net.training)  # the new modules take the graph's mode
     return plan
 

@@ -10,14 +10,16 @@
 3. ONNX -> torch (:mod:`.torch_graph`); torch and onnxruntime must agree on the first
    calibration batch within ``rtol`` (relative to the largest output), else
    :class:`VerificationError`;
-4. fake quantization (:mod:`.fake_quant`), activation ranges = min/max over the calibration data;
+4. fake quantization (:mod:`.fake_quant`) placed as ``config.target`` places Q/DQ, activation ranges = min/max over the calibration data;
 5. training: SGD (Nesterov momentum) with a cosine learning-rate decay to 0 over all steps;
    loss = cross-entropy on labels when the data has them, else distillation against the FP32
    model (KL divergence of softmaxes for [N, K] outputs, MSE otherwise; ``Distill``), or
    ``loss_fn(output, target)`` with target = labels or the FP32 model's output;
-6. export to QDQ with BN folded (:mod:`.export_qdq`); onnxruntime (optimizations on, int8
-   kernels) vs the torch fake-quant model on the first calibration batch is reported as
-   ``deployment`` ("what was trained is what is deployed").
+6. export to QDQ with BN folded (:mod:`.export_qdq`), then the target's post-processing and
+   rule check (``config.target``: a TensorRT export that breaks a placement rule raises
+   :class:`VerificationError`); onnxruntime (optimizations on, int8 kernels) vs the torch
+   fake-quant model on the first calibration batch is reported as ``deployment`` ("what was
+   trained is what is deployed").
 
 Determinism: data order is a function of (seed, epoch) and nothing else is random, so a run
 is reproducible and a resumed run (``checkpoint_dir`` + ``resume``) continues exactly where the
@@ -48,13 +50,13 @@ import torch.nn.functional as F
 
 from onnxrep import verify
 from onnxrep.data.readers import Dataset, as_dataset, check_feeds, load_data
-from onnxrep.errors import DataError, InputError
+from onnxrep.errors import DataError, InputError, VerificationError
 from onnxrep.ir.model import check_opset, opset_version
 from onnxrep.pipeline import OptimizeConfig, optimize
 from onnxrep.progress import Progress, log, quiet
 from onnxrep.training import fake_quant
 from onnxrep.training.export import export_qdq
-from onnxrep.training.config import Distill, FakeQuantConfig, QATConfig
+from onnxrep.training.config import Distill, QATConfig
 from onnxrep.training.fake_quant import Mode, QuantPlan, prepare
 from onnxrep.training.convert import GraphModule, to_torch
 
@@ -134,15 +136,21 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
     first = calib_set.first_batch()
     conversion = _check_conversion(work, net, first, config.rtol)
     teacher = None if data.has_labels else copy.deepcopy(net)
-    plan = prepare(net, FakeQuantConfig(config.per_channel, config.reduce_range,
-                                        config.averaging_constant, config.bn_momentum))
+    target = config.profile
+    plan = prepare(net, config.fake_quant(),
+                   None if target.quantizes_outputs else target.input_layout(work))
     _calibrate(net, plan, calib_set)
     trainer = _Trainer(net, plan, teacher, data, loss_fn, config, _fingerprint(work, config))
     resumed = trainer.load() if config.resume else None
     trainer.run()
     net.eval()
     plan.set_mode(Mode.EVAL)
-    qdq = export_qdq(work, plan)
+    qdq = target.finish(export_qdq(work, plan))
+    broken = target.violations(qdq)
+    if broken:
+        raise VerificationError(f"the QAT export breaks {target.name}'s placement rules: "
+                                + "; ".join(broken[:3]) + (f" (+{len(broken) - 3} more)"
+                                                           if len(broken) > 3 else ""))
     deployment = _check_deployment(qdq, net, first)
     return QATResult(qdq, work, net, calib_set, trainer.history, conversion, deployment,
                      restored, len(plan.layers), len(plan.activations), plan.skips, trainer.step,
