@@ -23,8 +23,9 @@ feeding copies of each consumer node (its other inputs float). Per candidate,
 
     score = sum_consumers  sum (y_c - y_c~)^2 / sum y_c^2     over the analysis batches,
 
-with y_c the consumer's FP32 output and y_c~ its output on the quantized tensor (a graph output
-is scored on itself). Only scalar sums leave the session. The lowest score wins; minmax is kept
+with y_c the consumer's FP32 output and y_c~ its output on the quantized tensor (a graph output,
+or a tensor read only by ops whose output is not a float function of it, such as Shape, is
+scored on itself). Only scalar sums leave the session. The lowest score wins; minmax is kept
 unless a clipped range lowers the score by more than ``MARGIN`` (1%), so a choice is never
 made on noise. The chosen [lo, hi] go to ``quantize_static`` through its calibration table,
 which makes them exact: the scale and zero point it computes from them are the ones scored.
@@ -53,6 +54,9 @@ PERCENTILES = (99.99, 99.999)
 MSE_GRID = 64  # clipping factors a = k / MSE_GRID, k = 1..MSE_GRID
 MARGIN = 0.01  # a clipped range must lower the score by this share to replace minmax
 HISTOGRAM_BINS = 2048
+# consumers whose output is not a float function of the values (scored on the tensor instead)
+_NOT_FLOAT = ("Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less",
+              "GreaterOrEqual", "LessOrEqual", "Cast", "TopK")
 _SAME = 1e-3  # candidates whose ends differ by less than this share of the range are one
 
 
@@ -272,10 +276,10 @@ class _ScoringGraph:
                        helper.make_node("DequantizeLinear", [q, s, z], [x], name=self._name("dq"))]
         terms = []
         readers = [self.index.node(i) for i in self.index.readers(t)]
-        plain = [r for r in readers if not any(a.type in (onnx.AttributeProto.GRAPH,
-                                                          onnx.AttributeProto.GRAPHS)
-                                               for a in r.attribute)]
-        if t in self.index.graph_outputs or len(plain) < len(readers) or not readers:
+        plain = [r for r in readers if r.op_type not in _NOT_FLOAT and not any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in r.attribute)]
+        if t in self.index.graph_outputs or not plain:
             terms.append((self._error(t, x), t))
         for r in plain:
             copy = onnx.NodeProto()
