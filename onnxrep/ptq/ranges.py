@@ -7,7 +7,8 @@ chunks). Each tensor then gets a few candidate ranges [lo, hi], all read off tha
 - ``minmax``: the observed [min, max];
 - ``pP``: the two-sided percentile, each tail keeping (100 - P)/2 % of the values outside;
 - ``mse``: the clipping that minimises the expected squared quantization error of the tensor
-  itself, over a grid of ranges a*[min, max], a in (0, 1]:
+  itself over ranges [a_lo min, a_hi max], each a on a geometric grid in [1e-3, 1] (an
+  outlier can sit orders of magnitude above the bulk; coordinate descent on the two ends):
 
       E(a) = sum_b n_b * (s_a^2 / 12        if lo_a <= c_b <= hi_a
                           dist(c_b, [lo_a, hi_a])^2   otherwise),
@@ -51,7 +52,7 @@ from onnxrep.ir.graph import GraphIndex
 from onnxrep.passes.base import Skip
 
 PERCENTILES = (99.99, 99.999)
-MSE_GRID = 64  # clipping factors a = k / MSE_GRID, k = 1..MSE_GRID
+MSE_GRID, MSE_SMALLEST = 96, 1e-3  # clipping factors a: MSE_GRID geometric steps in [1e-3, 1]
 MARGIN = 0.01  # a clipped range must lower the score by this share to replace minmax
 HISTOGRAM_BINS = 2048
 # consumers whose output is not a float function of the values (scored on the tensor instead)
@@ -133,18 +134,22 @@ def candidates(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float, *,
 
 
 def _mse_candidate(counts, centres, lo, hi, levels) -> Candidate:
-    best = None
-    for k in range(1, MSE_GRID + 1):
-        a = k / MSE_GRID
-        l, h = a * lo, a * hi
-        step = (h - l) / levels
-        outside = np.maximum(l - centres, 0) + np.maximum(centres - h, 0)
-        inside = outside == 0
-        err = float(counts[inside].sum() * step * step / 12
-                    + (counts[~inside] * outside[~inside] ** 2).sum())
-        if best is None or err < best[0]:
-            best = (err, l, h)
-    return Candidate("mse", best[1], best[2])
+    """Coordinate descent on the two ends (each side's clipping error is its own, the rounding
+    noise couples them through the step): hi over its grid with lo fixed, then lo, twice."""
+    grid = np.geomspace(MSE_SMALLEST, 1.0, MSE_GRID)
+    l, h = lo, hi
+    for _ in range(2):
+        h = float(hi * grid[np.argmin([_expected_mse(counts, centres, l, hi * a, levels)
+                                       for a in grid])]) if hi > 0 else 0.0
+        l = float(lo * grid[np.argmin([_expected_mse(counts, centres, lo * a, h, levels)
+                                       for a in grid])]) if lo < 0 else 0.0
+    return Candidate("mse", l, h)
+
+
+def _expected_mse(counts, centres, l, h, levels) -> float:
+    step = (h - l) / levels
+    outside = np.maximum(l - centres, 0) + np.maximum(centres - h, 0)
+    return float(counts[outside == 0].sum() * step * step / 12 + (counts * outside ** 2).sum())
 
 
 def _same(a: Candidate, b: Candidate, span: float) -> bool:
