@@ -306,23 +306,24 @@ def test_auto_exclude_takes_the_worst_nodes_of_the_report():
     assert not set(worst) & set(quantized_nodes(result.model))
 
 
-def test_max_drop_excludes_until_the_budget_holds():
+def test_max_drop_raises_precision_until_the_budget_holds():
     model = mobileone_like()
     x = batch_for(model, 96)
     labels = verify.run(model, {"input": x})[model.graph.output[0].name].argmax(1)
     data = {"input": x, "labels": labels}
     loose = quantize_with_details(model, x, QuantizeConfig(max_drop=100.0, optimize=False),
                                   evaluation=data)
-    assert [k for k, _ in loose.exclusion_trials] == [0] and loose.excluded == ()
+    assert loose.precision.met and loose.precision.steps == [] and loose.excluded == ()
     strict = quantize_with_details(model, x, QuantizeConfig(max_drop=0.0, optimize=False,
-                                                            max_auto_exclude=3),
+                                                            max_auto_exclude=3,
+                                                            fallback=("fp32",)),
                                    evaluation=data)
-    ks = [k for k, _ in strict.exclusion_trials]
-    assert ks == list(range(len(ks))) and 1 <= len(ks) <= 4
-    drops = dict(strict.exclusion_trials)
-    met = [k for k in ks if drops[k] <= 0.0]
-    chosen = met[0] if met else min(ks, key=lambda k: drops[k])
-    assert len(strict.excluded) == chosen
+    rec = strict.precision
+    assert rec.unit == "pp" and len(rec.steps) <= 3
+    assert all(s.after > s.before for s in rec.steps if s.choice == "fp32")
+    assert strict.excluded == tuple(rec.nodes("fp32"))
+    assert rec.met == (-rec.final <= 0.0)
+    assert all(-s.before > 0.0 for s in rec.steps)  # every node tried while the drop was > 0
     with pytest.raises(Exception, match="max_drop needs"):
         quantize_with_details(model, x, QuantizeConfig(max_drop=1.0))
 

@@ -12,6 +12,7 @@ examples:
   onnxrep quantize models/repvgg_fmnist.onnx --calib models/fmnist_calib.npz \\
       --eval models/fmnist_eval.npz
   onnxrep quantize model.onnx --calib calib.npz --per-channel --exclude auto:2 --report
+  onnxrep quantize model.onnx --calib calib.npz --method auto --min-sqnr 30
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from onnxrep.ptq.targets import TARGETS
 from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, ROUNDINGS, WEIGHT_TYPES,
                                    QuantizeConfig, Quantized, has_torch, quantize_with_details)
 from onnxrep.analysis.qdq import quantized_nodes
+from onnxrep.ptq.mixed_precision import PRECISIONS
 from onnxrep.report import table
 
 _D = QuantizeConfig()
@@ -51,7 +53,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="per-output-channel weight scales (default: the target's)")
     p.add_argument("--method", choices=METHODS, default=_D.method.value,
-                   help="calibration method (default %(default)s)")
+                   help="calibration method; auto: each activation tensor's range (minmax, "
+                        "percentiles, MSE-optimal clipping) chosen by the error of the layers "
+                        "that read it (default %(default)s)")
     p.add_argument("--percentile", type=bounded(float, lo=0, hi=100, lo_open=True), default=_D.percentile,
                    help="for --method percentile: share of |x| kept (default %(default)s)")
     p.add_argument("--activation-type", choices=ACTIVATION_TYPES,
@@ -65,8 +69,20 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="keep these nodes in FP32; 'auto' or 'auto:K' keeps the K (default 1) "
                         "most sensitive nodes of the per-layer report")
     p.add_argument("--max-drop", type=nonnegative_float, metavar="PP",
-                   help="with --eval: keep nodes in FP32, most sensitive first, until top-1 is "
-                        "within PP points of FP32")
+                   help="with --eval: raise nodes to a --fallback precision, most sensitive "
+                        "first, until top-1 is within PP points of FP32")
+    p.add_argument("--min-sqnr", type=bounded(float), metavar="DB",
+                   help="no labels needed: raise nodes to a --fallback precision, most "
+                        "sensitive first, until the output SQNR vs FP32 on the calibration "
+                        "samples reaches DB")
+    p.add_argument("--fallback", nargs="+", choices=PRECISIONS, metavar="P",
+                   help="precisions tried per node by --max-drop/--min-sqnr, in order: int16 "
+                        "(16-bit QDQ, opset 21), fp32 (default: int16 fp32 for the onnxruntime "
+                        "target, fp32 for the others)")
+    p.add_argument("--op-types", nargs="+", metavar="OP",
+                   help="op types to quantize (default: the target's), or 'auto': the "
+                        "target's plus those of LayerNorm/Softmax/GELU/HardSwish/Add/Mul/... "
+                        "that do not lower the output SQNR on the calibration samples")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction,
                    default=_D.bias_correction,
                    help="empirical per-channel bias correction (default "
@@ -118,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     evaluation = read_data(args, args.eval, model) if args.eval else None
     if args.max_drop is not None and evaluation is None:
         raise InputError("--max-drop needs --eval DATA")
+    if args.max_drop is not None and args.min_sqnr is not None:
+        raise InputError("give --max-drop or --min-sqnr, not both")
     log(f"quantizing {args.model}")
     result = quantize_with_details(model, calib, config, evaluation=evaluation)
     scores = None
@@ -144,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
     if result.rounding is not None:
         print()
         print(result.rounding.summary())
+    for record in (result.ranges, result.op_types, result.precision):
+        if record is not None:
+            print()
+            print(record.summary())
     if args.report and result.report is not None:
         print()
         print(result.report.table())
@@ -162,6 +184,9 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
             names.append(item)
     passes = OptimizeConfig(input_shapes=parse_input_shapes(args.input_shape), rtol=args.rtol,
                             strict=args.strict, reparameterize=args.reparam)
+    auto_ops = args.op_types == ["auto"]
+    if args.op_types and "auto" in args.op_types and not auto_ops:
+        raise InputError("--op-types: give 'auto' alone or a list of op types")
     try:
         return QuantizeConfig(target=args.target, per_channel=args.per_channel,
                               method=args.method,
@@ -171,7 +196,11 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
                               bias_correction=args.bias_correction, report=args.report,
                               percentile=args.percentile,
                               calibration_chunk=args.calibration_chunk,
-                              analysis_samples=args.analysis_samples, rounding=args.rounding)
+                              analysis_samples=args.analysis_samples, rounding=args.rounding,
+                              min_sqnr=args.min_sqnr,
+                              fallback=tuple(args.fallback) if args.fallback else None,
+                              op_types=None if auto_ops or not args.op_types
+                              else tuple(args.op_types), op_search=auto_ops)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -225,5 +254,8 @@ def as_json(result: Quantized, src, out, scores) -> dict:
         "bias_correction": result.bias.as_dict() if result.bias is not None else None,
         "report": result.report.as_dict() if result.report is not None else None,
         "rounding": result.rounding.as_dict() if result.rounding is not None else None,
-        "exclusion_trials": [{"excluded": k, "drop_pp": d} for k, d in result.exclusion_trials],
+        "ranges": result.ranges.as_dict() if result.ranges is not None else None,
+        "op_types": result.op_types.as_dict() if result.op_types is not None else None,
+        "mixed_precision": (result.precision.as_dict() if result.precision is not None
+                            else None),
     }

@@ -33,16 +33,15 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnxrep.data import Dataset, as_dataset
-from onnxrep.evaluation import evaluate
 from onnxrep.errors import (DataError, InputError, OnnxrepError, UnsupportedModelError,
                             VerificationError)
 from onnxrep.ir.graph import remove_unused_constants, unique_name
@@ -50,18 +49,21 @@ from onnxrep.ir.model import check_opset, opset_version, write_to
 from onnxrep.pipeline import OptimizeConfig, optimize_with_details
 from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.progress import Progress, log
-from onnxrep.ptq import bias_correction, sensitivity
+from onnxrep.ptq import bias_correction, mixed_precision, sensitivity
+from onnxrep.ptq import op_types as op_search, ranges as range_search
 from onnxrep.ptq.targets import TARGETS, Target, get_target
 
 if TYPE_CHECKING:
     from onnxrep.training.adaround import Rounding
 
 class Method(str, enum.Enum):
-    """Calibration method: onnxruntime's MinMax, Entropy and Percentile."""
+    """Calibration method: onnxruntime's MinMax, Entropy and Percentile, or ``auto``: each
+    tensor's range chosen by its consumers' error (:mod:`onnxrep.ptq.ranges`)."""
 
     MINMAX = "minmax"
     ENTROPY = "entropy"
     PERCENTILE = "percentile"
+    AUTO = "auto"
 
 
 class QType(str, enum.Enum):
@@ -90,9 +92,16 @@ class QuantizeConfig:
     ``method``: calibration, "minmax" | "entropy" | "percentile" (``percentile`` keeps that
     share of |x|). ``activation_type``/``weight_type``: "uint8" | "int8". ``optimize``: run
     onnxrep's equivalence-preserving passes first (``passes`` configures them).
-    ``exclude``: node names kept in FP32. ``auto_exclude``: also keep the K nodes with the
-    lowest local SQNR in FP32. ``max_drop``: with evaluation data, keep nodes in FP32 (worst
-    first, at most ``max_auto_exclude``) until top-1 is within this many points of FP32.
+    ``exclude``: node names kept in FP32. ``method="auto"``: per-tensor ranges chosen by the
+    consumers' error (:mod:`onnxrep.ptq.ranges`). ``auto_exclude``: also keep the K nodes with the
+    lowest local SQNR in FP32. ``max_drop``: with evaluation data, give nodes a higher precision
+    (worst first, at most ``max_auto_exclude``) until top-1 is within this many points of FP32;
+    ``min_sqnr``: the same until the output SQNR vs FP32 on the analysis samples reaches this
+    many dB (no labels); ``fallback``: the precisions tried per node, in order ("int16" QDQ,
+    "fp32"; default the target's: int16 then fp32 for onnxruntime, fp32 elsewhere;
+    :mod:`onnxrep.ptq.mixed_precision`). ``op_search``: also quantize the op types of
+    :data:`onnxrep.ptq.op_types.CANDIDATES` the model has, each only if it does not lower the
+    output SQNR on the analysis samples (:mod:`onnxrep.ptq.op_types`).
     ``bias_correction``: empirical per-channel bias correction (bias_correction.py); on by
     default because it helped every shipped model (logit SQNR vs FP32 on the 10k test set,
     per-tensor / per-channel: MobileOne +4.2 / +2.1 dB, RepVGG +2.8 / +2.0 dB).
@@ -116,7 +125,10 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()
     auto_exclude: int = 0
     max_drop: float | None = None
+    min_sqnr: float | None = None
+    fallback: tuple[str, ...] | None = None
     max_auto_exclude: int = 8
+    op_search: bool = False
     bias_correction: bool = True
     report: bool = False
     percentile: float = 99.999
@@ -133,6 +145,9 @@ class QuantizeConfig:
         for name in ("per_channel", "activation_type", "weight_type", "op_types"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(profile, name))
+        object.__setattr__(self, "fallback", tuple(
+            mixed_precision.default_fallback(profile) if self.fallback is None
+            else self.fallback))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "op_types", tuple(self.op_types))
         problems = []
@@ -148,8 +163,13 @@ class QuantizeConfig:
         if self.max_drop is not None and not (math.isfinite(self.max_drop)
                                               and self.max_drop >= 0):
             problems.append(f"max_drop must be a number of points >= 0, not {self.max_drop}")
+        if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
+            problems.append(f"min_sqnr must be a finite number of dB, not {self.min_sqnr}")
+        problems += mixed_precision.fallback_problems(self.fallback, profile)
         if not 0 < self.percentile <= 100:
             problems.append(f"percentile must be in (0, 100], not {self.percentile}")
+        if self.max_drop is not None and self.min_sqnr is not None:
+            problems.append("give max_drop or min_sqnr, not both")
         if self.calibration_chunk < 1 or (self.analysis_samples is not None
                                           and self.analysis_samples < 1):
             problems.append("calibration_chunk and analysis_samples must be >= 1")
@@ -196,10 +216,12 @@ class Quantized:
     calibration: CalibrationInfo
     bias: bias_correction.BiasCorrection | None = None
     report: sensitivity.LayerReport | None = None
-    exclusion_trials: list[tuple[int, float]] = field(default_factory=list)
+    precision: mixed_precision.MixedPrecision | None = None  # max_drop / min_sqnr's record
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     rounding: "Rounding | None" = None  # learned rounding's record (onnxrep.training.adaround)
+    ranges: range_search.RangeSearch | None = None  # method auto's record
+    op_types: op_search.OpTypeSearch | None = None  # op_search's record
 
 
 def quantize(model: onnx.ModelProto, calib, config: QuantizeConfig | None = None, *,
@@ -235,6 +257,7 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     dataset = as_dataset(calib, model, batch_size=batch_size)
     if config.max_drop is not None and evaluation is None:
         raise InputError("max_drop needs labelled evaluation data")
+    mixed = config.max_drop is not None or config.min_sqnr is not None
     work = _copy(model)
     # names first, on the input's own node order: unnamed nodes get `onnxrep inspect`'s labels
     named = name_nodes(work.graph)
@@ -246,18 +269,45 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
             work = optimize_with_details(work, config.passes, calib=dataset, copy=False,
                                          check_each=False).model
     notes = ([f"{named} unnamed or duplicate node names made unique"] if named else [])
+    fallback = config.fallback
     with clock("prepare"):
+        if mixed and "int16" in fallback:  # before prepare: the conversion may add Constants
+            why = mixed_precision.to_int16_opset(work)
+            if why:
+                fallback = tuple(p for p in fallback if p != "int16") or ("fp32",)
+                notes.append(f"{why}; mixed precision falls back to {', '.join(fallback)}")
         notes += prepare(work, per_channel=config.per_channel)
     _check_excluded(work, config.exclude)
+    # calibrate the tensors of every op type the op-type search may add
+    calibrated = (config.op_types + tuple(op_search.present(work, config.op_types))
+                  if config.op_search else config.op_types)
     with tempfile.TemporaryDirectory(prefix="onnxrep-quant-") as tmp:
         with clock("calibration"):
-            ranges, info, kept = calibrate(work, dataset, config, Path(tmp))
+            ranges, info, kept = calibrate(work, dataset, replace(config, op_types=calibrated),
+                                           Path(tmp))
+        searched = None
+        if config.method is Method.AUTO:
+            with clock("range search"):
+                chosen, searched = range_search.search_ranges(work, ranges, kept,
+                                                              _range_spec(config), calibrated)
+                ranges = range_search.tensors_data(chosen)
+            _check_ranges(ranges)
+            log(searched.summary())
         quantizer = Quantizer(config, ranges, Path(tmp))
         # bias correction measures int32 biases; a float-bias target is quantized afterwards
         measure = (quantizer if quantizer.options.get("QuantizeBias", True)
                    else Quantizer(config, ranges, Path(tmp), quantize_bias=True))
+        picked = None
+        if config.op_search:
+            with clock("op-type search"):
+                picked = op_search.choose(
+                    work, config.op_types, lambda types: quantizer(work, config.exclude,
+                                                                   op_types=types),
+                    mixed_precision.sqnr_score(work, kept, 0.0).value)
+            quantizer.op_types = measure.op_types = picked.op_types
+            log(picked.summary())
         excluded, report, ranked = list(config.exclude), None, []
-        if config.auto_exclude or config.max_drop is not None:
+        if config.auto_exclude or mixed:
             qdq = quantizer(work, excluded)
             with clock("report"):
                 report = sensitivity.layer_report(work, qdq, kept)
@@ -266,25 +316,36 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
                 excluded += ranked[:config.auto_exclude]
                 log(f"auto-exclude: keeping {', '.join(ranked[:config.auto_exclude])} in FP32")
 
-        def build(exclude: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto, object]:
-            """(float model, QDQ model, bias correction record) with ``exclude`` in FP32."""
+        def build(precision: dict[str, str]) -> tuple[onnx.ModelProto, onnx.ModelProto, object]:
+            """(float model, QDQ model, bias correction record) with the nodes of
+            ``precision`` ({node: "int16" | "fp32"}) at that precision."""
+            exclude = excluded + [n for n, p in precision.items() if p == "fp32"]
+            overrides = mixed_precision.int16_overrides(
+                work, [n for n, p in precision.items() if p == "int16"],
+                activation_type=config.activation_type.value, per_channel=config.per_channel)
             fl = _copy(work)
             if not config.bias_correction:
-                return fl, quantizer(fl, exclude), None
+                return fl, quantizer(fl, exclude, overrides), None
             inside, began = quantizer.seconds, time.monotonic()
-            qdq, corr = bias_correction.correct_biases(fl, lambda m: measure(m, exclude), kept)
+            qdq, corr = bias_correction.correct_biases(
+                fl, lambda m: measure(m, exclude, overrides), kept)
             clock.add("bias correction",
                       time.monotonic() - began - (quantizer.seconds - inside))
             if measure is not quantizer:  # float biases: quantize the corrected model for real
-                qdq = quantizer(fl, exclude)
+                qdq = quantizer(fl, exclude, overrides)
             return fl, qdq, corr
 
-        final_float, qdq, bias = build(excluded)
-        trials = []
-        if config.max_drop is not None:
-            (final_float, qdq, bias, excluded,
-             trials) = _exclude_until(model, evaluation, config, build, excluded, ranked,
-                                      (final_float, qdq, bias), clock)
+        final_float, qdq, bias = build({})
+        precision = None
+        if mixed:
+            with clock("mixed-precision scoring"):
+                score = (mixed_precision.sqnr_score(work, kept, config.min_sqnr)
+                         if config.min_sqnr is not None
+                         else mixed_precision.drop_score(model, evaluation, config.max_drop))
+            (final_float, qdq, bias), chosen_precision, precision = mixed_precision.search(
+                ranked[:config.max_auto_exclude], fallback, build, score,
+                (final_float, qdq, bias))
+            excluded += [n for n, p in chosen_precision.items() if p == "fp32"]
         rounding = None
         if config.rounding == "learned":
             from onnxrep.training.adaround import learn_rounding
@@ -302,7 +363,8 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
                                 + "; ".join(broken[:3]) + (f" (+{len(broken) - 3} more)"
                                                            if len(broken) > 3 else ""))
     return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
-                     trials, time.monotonic() - start, clock.stages, rounding)
+                     precision, time.monotonic() - start, clock.stages, rounding, searched,
+                     picked)
 
 
 def has_torch() -> bool:
@@ -456,11 +518,15 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
     start = time.monotonic()
     path = tmp / "calibrate.onnx"
     write_to(model, path)
-    extra = {"percentile": config.percentile} if config.method is Method.PERCENTILE else {}
+    extra = ({"percentile": config.percentile} if config.method is Method.PERCENTILE else
+             {"num_bins": range_search.HISTOGRAM_BINS} if config.method is Method.AUTO else {})
     with quiet_onnxruntime():
         calibrator = create_calibrator(path, list(config.op_types),
                                        augmented_model_path=str(tmp / "augmented.onnx"),
-                                       calibrate_method=_ort_method(config.method),
+                                       # auto reads the entropy calibrator's histograms
+                                       calibrate_method=_ort_method(
+                                           Method.ENTROPY if config.method is Method.AUTO
+                                           else config.method),
                                        use_external_data_format=_big(model),
                                        extra_options=extra)
     kept: list[Feeds] = []
@@ -485,9 +551,12 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
                     raise DataError("calibration data does not fit the model: "
                                     f"{_first_line(exc)}") from None
             bar.update(len(chunk))
-    with quiet_onnxruntime():
-        ranges = calibrator.compute_data()
-    _check_ranges(ranges)
+    if config.method is Method.AUTO:  # histograms: ranges.search_ranges picks from them
+        ranges = range_search.histograms(calibrator)
+    else:
+        with quiet_onnxruntime():
+            ranges = calibrator.compute_data()
+        _check_ranges(ranges)
     info = CalibrationInfo(config.method.value, samples, batches, len(ranges.keys()),
                            time.monotonic() - start)
     return ranges, info, kept
@@ -560,7 +629,16 @@ def _ort_method(method: Method):
     from onnxruntime.quantization import CalibrationMethod
 
     return {Method.MINMAX: CalibrationMethod.MinMax, Method.ENTROPY: CalibrationMethod.Entropy,
-            Method.PERCENTILE: CalibrationMethod.Percentile}[method]
+            Method.PERCENTILE: CalibrationMethod.Percentile,
+            Method.AUTO: CalibrationMethod.MinMax}[method]  # auto: a table of chosen ranges
+
+
+def _range_spec(config: QuantizeConfig) -> range_search.QuantSpec:
+    """How ``quantize_static`` will quantize activations, for the range search."""
+    options = config.profile.options()
+    return range_search.QuantSpec(_ort_type(config.activation_type),
+                                  bool(options.get("ActivationSymmetric", False)),
+                                  options.get("MinimumRealRange"))
 
 
 def _ort_type(qtype: QType):
@@ -630,27 +708,34 @@ class Quantizer:
             save_tensors_data(ranges, self.cache)
         self._n = 0
         self.seconds = 0.0  # spent in quantize_static, for the stage split
+        self.op_types = tuple(config.op_types)  # the op-type search may add some
 
-    def __call__(self, model: onnx.ModelProto, exclude=()) -> onnx.ModelProto:
+    def __call__(self, model: onnx.ModelProto, exclude=(), overrides: dict | None = None, *,
+                 op_types: tuple[str, ...] | None = None) -> onnx.ModelProto:
+        """``overrides``: onnxruntime ``TensorQuantOverrides`` (mixed precision);
+        ``op_types``: instead of ``self.op_types``."""
         began = time.monotonic()
         try:
-            return self._quantize(model, exclude)
+            return self._quantize(model, exclude, overrides or {}, op_types or self.op_types)
         finally:
             self.seconds += time.monotonic() - began
 
-    def _quantize(self, model: onnx.ModelProto, exclude) -> onnx.ModelProto:
+    def _quantize(self, model: onnx.ModelProto, exclude, overrides, op_types) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         self._n += 1
         out = self.tmp / f"qdq{self._n}.onnx"
         c = self.config
         keep = list(dict.fromkeys([*exclude, *self.profile.keep_float(model)]))
+        options = dict(self.options)
+        if overrides:
+            options["TensorQuantOverrides"] = overrides
         with quiet_onnxruntime():
             quantize_static(model, str(out), None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(c.op_types), per_channel=c.per_channel,
+                            op_types_to_quantize=list(op_types), per_channel=c.per_channel,
                             activation_type=_ort_type(c.activation_type),
                             weight_type=_ort_type(c.weight_type),
-                            nodes_to_exclude=keep, extra_options=dict(self.options),
+                            nodes_to_exclude=keep, extra_options=options,
                             calibrate_method=_ort_method(c.method),
                             calibration_cache_path=str(self.cache),
                             use_external_data_format=_big(model))
@@ -659,38 +744,3 @@ class Quantizer:
         for extra in self.tmp.glob(f"{out.name}.data"):
             extra.unlink()
         return qdq
-
-
-# ---- exclusion against an accuracy budget ------------------------------------------------------
-
-def _exclude_until(original, evaluation, config, build: Callable, excluded: list[str],
-                   ranked: list[str], current, clock: "_Clock | None" = None):
-    """Keep nodes in FP32, most sensitive first, until top-1 is within ``max_drop`` points.
-
-    Returns the first model that meets the budget, or the best one tried."""
-    data = as_dataset(evaluation, original)
-    if data.labels is None:
-        raise DataError("max_drop needs evaluation data with labels")
-    clock = clock or _Clock()
-    with clock("max-drop evaluation"):
-        fp32 = evaluate(original, data).top1
-    trials = []
-    best = None
-    candidates = [n for n in ranked if n not in excluded][:config.max_auto_exclude]
-    for k in range(len(candidates) + 1):
-        chosen = excluded + candidates[:k]
-        fl, qdq, corr = current if k == 0 else build(chosen)
-        with clock("max-drop evaluation"):
-            top1 = evaluate(qdq, data).top1
-        drop = 100 * (fp32 - top1)
-        trials.append((k, drop))
-        log(f"max-drop: {k} extra node(s) in FP32 -> top-1 drop {drop:.2f} pp")
-        if best is None or drop < best[0]:
-            best = (drop, (fl, qdq, corr, chosen))
-        if drop <= config.max_drop:
-            return (fl, qdq, corr, chosen, trials)
-    log(f"max-drop {config.max_drop} pp not reached with {len(candidates)} nodes in FP32; "
-        f"keeping the best ({best[0]:.2f} pp)")
-    return (*best[1], trials)
-
-
