@@ -72,27 +72,31 @@ class Fidelity:
         self.classifier = True
 
     def update(self, reference: np.ndarray, candidate: np.ndarray, name: str) -> None:
-        ref = np.asarray(reference, np.float64)
-        cand = np.asarray(candidate, np.float64)
+        ref, cand = _wide(reference), _wide(candidate)
         if ref.shape != cand.shape:
             raise InputError(f"output '{name}' has shape {cand.shape} in the model but "
                              f"{ref.shape} in the reference")
         if not np.isfinite(ref).all():  # nothing to measure against: an input problem
             raise InputError(f"the reference model outputs inf/NaN ({nonfinite({name: ref})}) "
                              f"on samples {self.rows}..{self.rows + len(ref) - 1}")
+        # the difference in the outputs' own precision (exact where they nearly agree), every
+        # sum accumulated in float64 without a float64 copy of the arrays
         with np.errstate(all="ignore"):
-            diff = ref - cand
-        diff[~np.isfinite(diff)] = np.inf  # a NaN error must not read as no error
+            diff = (ref - cand).ravel()
+        if not np.isfinite(diff).all():
+            diff[~np.isfinite(diff)] = np.inf  # a NaN error must not read as no error
+        ref, cand = ref.ravel(), cand.ravel()
         self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
         self.ref_max = max(self.ref_max, float(np.abs(ref).max(initial=0.0)))
-        self.noise += float(np.vdot(diff, diff))
-        self.signal += float(np.vdot(ref, ref))
-        self.dot += float(np.vdot(ref, cand))
-        self.cand_sq += float(np.vdot(cand, cand))
-        self.classifier = self.classifier and ref.ndim == 2 and ref.shape[1] > 1
+        self.noise += _dot(diff, diff)
+        self.signal += _dot(ref, ref)
+        self.dot += _dot(ref, cand)
+        self.cand_sq += _dot(cand, cand)
+        reference = np.asarray(reference)
+        self.classifier = self.classifier and reference.ndim == 2 and reference.shape[1] > 1
         if self.classifier:
-            self.agree += int((ref.argmax(1) == cand.argmax(1)).sum())
-        self.rows += len(ref)
+            self.agree += int((reference.argmax(1) == np.asarray(candidate).argmax(1)).sum())
+        self.rows += len(reference)
 
     def result(self) -> OutputMetrics:
         m = self.max_abs
@@ -103,3 +107,18 @@ class Fidelity:
         cosine = self.dot / norms if norms > 0 else float(m == 0)
         top1 = self.agree / self.rows if self.classifier and self.rows else None
         return OutputMetrics(m, rel, sqnr, cosine, top1)
+
+
+def _wide(a) -> np.ndarray:
+    """float32/float64 outputs as they are; narrower floats, integers and bools widened so
+    that a difference neither wraps nor loses its digits."""
+    a = np.asarray(a)
+    if a.dtype in (np.float32, np.float64):
+        return a
+    return a.astype(np.float64)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """sum(a * b) accumulated in float64 (an inf stays inf)."""
+    with np.errstate(all="ignore"):
+        return float(np.einsum("i,i->", a, b, dtype=np.float64))
