@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -198,9 +198,12 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
         run = manager.run(model)
     after = weight_stats(model)
     nested = subgraph_layers(model.graph)
+    # the results keep what the passes did, not the model: the proto's memory (its arena holds
+    # every weight the passes replaced, too) goes back before onnxruntime reads the written file
+    run.results = [(name, replace(result, model=None)) for name, result in run.results]
     with atomic_output(dst, force=force) as tmp:
         write_to(model, tmp)
-        del model  # onnxruntime reads the written file; the proto's memory goes back first
+        del model
         verify.release_memory()
         if verifier is not None:
             try:

@@ -54,15 +54,19 @@ def _json_float(v):
 
 def channel_ranges(w: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
     """max |w| per output channel of a Conv, ConvTranspose, Gemm or MatMul weight."""
-    a = np.abs(w)
     if node.op_type == "Conv":
-        return a.reshape(a.shape[0], -1).max(axis=1)
+        return _abs_max(w.reshape(w.shape[0], -1), axis=1)
     if node.op_type == "ConvTranspose":  # [Cin, Cout/g, k...]
         g = int(attr(node, "group", 1))
-        return a.reshape(g, a.shape[0] // g, a.shape[1], -1).max(axis=(1, 3)).reshape(-1)
+        return _abs_max(w.reshape(g, w.shape[0] // g, w.shape[1], -1), axis=(1, 3)).reshape(-1)
     if node.op_type == "Gemm" and attr(node, "transB", 0):
-        return a.max(axis=1)
-    return a.reshape(-1, a.shape[-1]).max(axis=0)
+        return _abs_max(w, axis=1)
+    return _abs_max(w.reshape(-1, w.shape[-1]), axis=0)
+
+
+def _abs_max(a: np.ndarray, axis) -> np.ndarray:
+    """max |a| along ``axis`` from the max and the min: no |a| copy of a large weight."""
+    return np.maximum(a.max(axis=axis), -a.min(axis=axis))
 
 
 def spread(ranges: np.ndarray) -> float:
@@ -80,7 +84,7 @@ def int8_sqnr(w: np.ndarray, max_samples: int = SQNR_SAMPLES) -> float:
     sample of at most ``max_samples`` elements (exact for smaller tensors), which keeps
     statistics of a 50M-parameter model well under a second."""
     w = np.asarray(w, np.float32).ravel()
-    top = float(np.abs(w).max(initial=0.0))
+    top = float(_abs_max(w, axis=0)) if w.size else 0.0
     if top == 0:
         return math.inf
     if w.size > max_samples:

@@ -56,9 +56,11 @@ class Skip:
 
 @dataclass
 class PassResult:
-    """``summary``: the pass's own typed totals (e.g. ``FoldSummary``), or None."""
+    """``model``: the model the pass changed in place (None once a driver let it go, as
+    :func:`onnxrep.pipeline.optimize_file` does after writing it); ``summary``: the pass's own
+    typed totals (e.g. ``FoldSummary``), or None."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None
     changes: list[Change] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     summary: Any = None
