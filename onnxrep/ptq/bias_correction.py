@@ -177,7 +177,7 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
                                float(np.mean(np.abs(reference[lay.node] - after[lay.node]))),
                                shifts[lay.node]) for lay in layers]
     kept = len(swept)  # the sweep may have measured later layers on fewer batches
-    sqnr = _output_sqnr(ref_out[:kept], [plain_out[:kept], swept], batches[:kept])
+    sqnr = _output_sqnr(ref_out[:kept], [plain_out[:kept], swept])
     later = (sum(len(next(iter(f.values()))) for f in batches[:kept])
              if kept < len(batches) else None)
     record = BiasCorrection(records, skips, samples, sqnr[1] > sqnr[0], *sqnr, later)
@@ -187,13 +187,19 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
     return plain, record
 
 
-def _output_sqnr(reference: list[list[np.ndarray]], candidates: list[list[list[np.ndarray]]],
-                 batches=None) -> list[float]:
+def _output_sqnr(reference: list[list[np.ndarray]], candidates: list[list[list[np.ndarray]]]
+                 ) -> list[float]:
     """Each candidate's SQNR (dB) against ``reference`` over all outputs and batches; both are
-    per batch lists of the graph outputs, as the runs already made them."""
-    signal = sum(float(np.sum(np.square(r, dtype=np.float64))) for ref in reference for r in ref)
-    noise = [sum(float(np.sum(np.square(np.asarray(r, np.float64) - o)))
-                 for ref, out in zip(reference, cand) for r, o in zip(ref, out))
+    per batch lists of the graph outputs, as the runs already made them. Differences in the
+    outputs' own (float) type, sums accumulated in float64."""
+    def energy(a) -> float:
+        a = np.ravel(a)
+        with np.errstate(all="ignore"):
+            return float(np.einsum("i,i->", a, a, dtype=np.float64))
+
+    signal = sum(energy(r) for ref in reference for r in ref)
+    noise = [sum(energy(np.subtract(r, o)) for ref, out in zip(reference, cand)
+                 for r, o in zip(ref, out))
              for cand in candidates]
     return [10 * np.log10(signal / n) if n > 0 else np.inf for n in noise]
 
