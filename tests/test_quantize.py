@@ -425,7 +425,8 @@ def test_bias_correction_discarded_when_output_sqnr_drops(tmp_path, monkeypatch)
     work, quantizer, kept = _prepared_pair(model, batch_for(model, 64), tmp=tmp_path)
     before = work.SerializeToString()
     plain = quantizer(work)
-    monkeypatch.setattr(bias_correction, "_output_sqnr", lambda ref, models: [30.0, 20.0])
+    sqnr = iter([30.0, 20.0])  # without, then with the correction
+    monkeypatch.setattr(bias_correction, "_db", lambda signal, noise: next(sqnr))
     qdq, record = correct_biases(work, quantizer, kept)
     assert not record.kept and "discarded" in record.summary()
     assert work.SerializeToString() == before  # float model restored

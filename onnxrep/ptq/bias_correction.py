@@ -143,7 +143,8 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
         model.CopyFrom(original)
         return plain, BiasCorrection([], skips, samples)
     reference, ref_out = _means_and_outputs(model, _outputs(model, layers), batches)
-    before, plain_out = _means_and_outputs(plain, _outputs(plain, layers), batches)
+    # the QDQ runs keep only their noise against FP32 per batch, not their outputs
+    before, plain_noise = _means_and_outputs(plain, _outputs(plain, layers), batches, ref_out)
     index = GraphIndex(model.graph)
     plain_index = GraphIndex(plain.graph)
     biases = {lay.qbias: plain_index.const(lay.qbias) for lay in layers}
@@ -171,13 +172,18 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
     if not _same_but_biases(corrected, plain, biases):
         # onnxruntime chose other parameters for the corrected biases (it may widen a weight
         # scale to fit a large int32 bias): measure the model it wrote instead
-        after, swept = _means_and_outputs(corrected, _outputs(corrected, layers), batches)
+        after, swept_noise = _means_and_outputs(corrected, _outputs(corrected, layers),
+                                                batches, ref_out)
+    else:
+        swept_noise = [_noise(r, o) for r, o in zip(ref_out, swept)]
+    del swept
     records = [LayerCorrection(lay.node, len(reference[lay.node]),
                                float(np.mean(np.abs(reference[lay.node] - before[lay.node]))),
                                float(np.mean(np.abs(reference[lay.node] - after[lay.node]))),
                                shifts[lay.node]) for lay in layers]
-    kept = len(swept)  # the sweep may have measured later layers on fewer batches
-    sqnr = _output_sqnr(ref_out[:kept], [plain_out[:kept], swept])
+    kept = len(swept_noise)  # the sweep may have measured later layers on fewer batches
+    signal = sum(_energy(r) for out in ref_out[:kept] for r in out)
+    sqnr = [_db(signal, sum(noise[:kept])) for noise in (plain_noise, swept_noise)]
     later = (sum(len(next(iter(f.values()))) for f in batches[:kept])
              if kept < len(batches) else None)
     record = BiasCorrection(records, skips, samples, sqnr[1] > sqnr[0], *sqnr, later)
@@ -187,21 +193,21 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
     return plain, record
 
 
-def _output_sqnr(reference: list[list[np.ndarray]], candidates: list[list[list[np.ndarray]]]
-                 ) -> list[float]:
-    """Each candidate's SQNR (dB) against ``reference`` over all outputs and batches; both are
-    per batch lists of the graph outputs, as the runs already made them. Differences in the
-    outputs' own (float) type, sums accumulated in float64."""
-    def energy(a) -> float:
-        a = np.ravel(a)
-        with np.errstate(all="ignore"):
-            return float(np.einsum("i,i->", a, a, dtype=np.float64))
+def _noise(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """sum (r - o)^2 over the graph outputs of one batch, the differences in the outputs' own
+    float type."""
+    return sum(_energy(np.subtract(r, o)) for r, o in zip(reference, outputs))
 
-    signal = sum(energy(r) for ref in reference for r in ref)
-    noise = [sum(energy(np.subtract(r, o)) for ref, out in zip(reference, cand)
-                 for r, o in zip(ref, out))
-             for cand in candidates]
-    return [10 * np.log10(signal / n) if n > 0 else np.inf for n in noise]
+
+def _energy(a: np.ndarray) -> float:
+    """sum a^2, accumulated in float64 without a float64 copy."""
+    a = np.ravel(a)
+    with np.errstate(all="ignore"):
+        return float(np.einsum("i,i->", a, a, dtype=np.float64))
+
+
+def _db(signal: float, noise: float) -> float:
+    return 10 * np.log10(signal / noise) if noise > 0 else np.inf
 
 
 def _same_but_biases(corrected: onnx.ModelProto, plain: onnx.ModelProto,
@@ -335,19 +341,22 @@ def _with_means(model: onnx.ModelProto, outputs: dict) -> tuple[onnx.ModelProto,
     return out, names
 
 
-def _means_and_outputs(model: onnx.ModelProto, outputs: dict, batches
-                       ) -> tuple[dict[str, np.ndarray], list[list[np.ndarray]]]:
+def _means_and_outputs(model: onnx.ModelProto, outputs: dict, batches,
+                       reference: list[list[np.ndarray]] | None = None
+                       ) -> tuple[dict[str, np.ndarray], list]:
     """One run of ``model`` over ``batches``: the per-channel means of the layers' outputs
-    (sample-weighted) and, per batch, the graph outputs."""
+    (sample-weighted) and, per batch, the graph outputs (with ``reference``, per-batch graph
+    outputs of another model: their :func:`_noise` against it instead)."""
     augmented, means = _with_means(model, outputs)
     sess = verify.session(augmented)
     graph_outputs = [o.name for o in model.graph.output]
     names = graph_outputs + list(means.values())
     sums, rows, per_batch = {}, 0, []
-    for feeds in batches:
+    for i, feeds in enumerate(batches):
         n = len(next(iter(feeds.values())))
         values = sess.run(names, feeds)
-        per_batch.append(values[:len(graph_outputs)])
+        out = values[:len(graph_outputs)]
+        per_batch.append(out if reference is None else _noise(reference[i], out))
         for key, v in zip(means, values[len(graph_outputs):]):
             sums[key] = sums.get(key, 0.0) + np.asarray(v, np.float64) * n
         rows += n
