@@ -476,3 +476,17 @@ def test_bias_correction_within_a_cache_budget_measures_later_layers_on_fewer_ba
     assert full.bias.later_samples is None and tight.bias.later_samples == 8
     assert "the later layers 8" in tight.bias.summary()
     assert verify.compare(model, tight.model, {"input": x}).sqnr_db > 15
+
+
+def test_analysis_samples_default_to_a_budget_of_input_values():
+    """Bias correction measures channel means over samples x positions: large inputs need
+    fewer samples (2^23 input values, at least 8), small ones keep up to 256."""
+    big = Chain(channels=3, hw=(512, 512), seed=2).conv(4, k=1, pad=0).relu().build()
+    x = np.random.default_rng(2).standard_normal((12, 3, 512, 512)).astype(np.float32)
+    config = QuantizeConfig(optimize=False)
+    assert quantize_with_details(big, x, config, batch_size=1).bias.samples == 10
+    small = conv_relu_conv()
+    y = batch_for(small, 300)
+    assert quantize_with_details(small, y, config, batch_size=20).bias.samples == 260
+    asked = QuantizeConfig(optimize=False, analysis_samples=5)
+    assert quantize_with_details(big, x, asked, batch_size=1).bias.samples == 5
