@@ -480,11 +480,11 @@ def test_bias_correction_within_a_cache_budget_measures_later_layers_on_fewer_ba
 
 def test_analysis_samples_default_to_a_budget_of_input_values():
     """Bias correction measures channel means over samples x positions: large inputs need
-    fewer samples (2^20 input values, at least 8), small ones keep up to 256."""
+    fewer samples (2^21 input values, at least 8), small ones keep up to 256."""
     big = Chain(channels=3, hw=(128, 128), seed=2).conv(4, k=1, pad=0).relu().build()
-    x = np.random.default_rng(2).standard_normal((30, 3, 128, 128)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((50, 3, 128, 128)).astype(np.float32)
     config = QuantizeConfig(optimize=False)
-    assert quantize_with_details(big, x, config, batch_size=1).bias.samples == 21
+    assert quantize_with_details(big, x, config, batch_size=1).bias.samples == 42
     huge = Chain(channels=3, hw=(512, 512), seed=2).conv(4, k=1, pad=0).relu().build()
     z = np.random.default_rng(2).standard_normal((10, 3, 512, 512)).astype(np.float32)
     assert quantize_with_details(huge, z, config, batch_size=1).bias.samples == 8

@@ -102,8 +102,8 @@ def register(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     p.add_argument("--analysis-samples", type=positive_int, default=_D.analysis_samples, metavar="N",
                    help="calibration samples used by --report, --exclude auto, --max-drop, "
-                        "bias correction and learned rounding (default: as many as hold 2^20 "
-                        "input values, 8 to 256: 22 text lines of 48x320, 8 pages of 480x640)")
+                        "bias correction and learned rounding (default: as many as hold 2^21 "
+                        "input values, 8 to 256: 45 text lines of 48x320, 8 pages of 480x640)")
     p.add_argument("--rtol", type=tolerance, default=_D.passes.rtol,
                    help="largest relative output error accepted from the FP32 passes before "
                         "quantization (default %(default)g: a tenth of the error of one "
