@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -140,11 +141,38 @@ def bench_model(name: str, args) -> dict:
                     run["ort_log"] = json.loads(run["stdout"].splitlines()[-1])
                 except (ValueError, IndexError):
                     pass
+            if tool == "onnxrep" and run["rc"] == 0:
+                run["stages"] = stages(run["stdout"])
             run.pop("stdout")
             log(f"{name}: {key}: rc {run['rc']}, {run['wall_s']:.1f} s, "
                 f"{run['peak_rss_mb']:.0f} MB, {run.get('metric') or run['error']}")
             row["runs"][key] = run
     return row
+
+
+def stages(stdout: str) -> dict[str, float]:
+    """The seconds per stage of onnxrep quantize's `stages:` line."""
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("stages: ")), "")
+    found = re.findall(r"([a-z_ -]+?) ([0-9.]+) s(?:,|$)", line[len("stages: "):])
+    return {name.strip(): float(sec) for name, sec in found}
+
+
+def stage_table(rows: list[dict]) -> str:
+    """Seconds per stage of each onnxrep run, beside onnxruntime alone's whole run."""
+    names = list(dict.fromkeys(k for r in rows for key in ("onnxrep_pt", "onnxrep_pc")
+                               for k in r["runs"].get(key, {}).get("stages", {})))
+    lines = ["| model, mode | onnxruntime alone | onnxrep | " + " | ".join(names) + " |",
+             "|" + "---|" * (3 + len(names))]
+    for r in rows:
+        for mode in ("pt", "pc"):
+            mine, ort = r["runs"].get(f"onnxrep_{mode}"), r["runs"].get(f"ort_{mode}")
+            if not mine or not mine.get("stages"):
+                continue
+            cells = [f"{mine['stages'][n]:.1f}" if n in mine["stages"] else "" for n in names]
+            alone = f"{ort['wall_s']:.1f}" if ort else ""
+            lines.append(f"| {r['model']} {mode} | {alone} | {mine['wall_s']:.1f} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def fmt_metric(task: str, m: dict, fp32: bool = False) -> str:
@@ -272,6 +300,10 @@ def report(info: dict, rows: list[dict]) -> None:
     print("Each quantize cell: task metric; wall time (CPU time) and peak RSS of that quantize "
           "subprocess. Ratios are of wall time and peak RSS.\n")
     print(table(rows))
+    if any(run.get("stages") for r in rows for run in r["runs"].values()):
+        print("\nonnxrep quantize, seconds per stage (its `stages:` line; wall seconds of the "
+              "whole runs for scale):\n")
+        print(stage_table(rows))
     if any(run.get("ort_log", {}).get("notes") for r in rows for run in r["runs"].values()):
         print("\nonnxruntime alone notes:")
         for r in rows:
