@@ -405,11 +405,12 @@ ZOO_METRIC = {"det": ("hmean", 100, ""), "rec": ("char_acc", 100, ""), "cls": ("
               "layout": ("sqnr", 1, " dB")}
 
 
-def trt_zoo(calib_n: int, test_n: int, data) -> None:
+def trt_zoo(calib_n: int, test_n: int, data, models=ZOO) -> None:
     """Per zoo model: the onnxruntime target's INT8 and the tensorrt target's (per-channel,
     its default, and per-tensor) scored in onnxruntime with the zoo metric (the map / output
     SQNR against FP32 beside it), the number of TensorRT rule violations (``quantize`` raises
-    on any, so a row at all means 0) and the quantize time; then the shipped models."""
+    on any, so a row at all means 0) and the quantize time; then the shipped models. An FP32
+    SQNR against itself is infinite ("-")."""
     import tempfile
 
     from zoo.models import SPECS, harness
@@ -423,7 +424,7 @@ def trt_zoo(calib_n: int, test_n: int, data) -> None:
                "pc": QuantizeConfig(target="tensorrt", per_channel=True),
                "pt": QuantizeConfig(target="tensorrt", per_channel=False)}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ZOO:
+        for name in models:
             model, calib, _, metric = harness(name, calib=calib_n, test=test_n)
             key, mult, unit = ZOO_METRIC[SPECS[name].task]
             fp32 = onnx.load(str(model))
@@ -439,9 +440,10 @@ def trt_zoo(calib_n: int, test_n: int, data) -> None:
                 print(f"{name} {label}: quantized and scored ({time.time() - start:.0f} s)",
                       file=sys.stderr, flush=True)
             ref = metric(model)[key]
+            ref = "-" if ref is None else f"{mult * ref:.2f}{unit}"
             cells = [f"{mult * scores[k][key]:.2f}{unit}" for k in configs]
             sqnr = " / ".join(f"{scores[k]['sqnr']:.2f}" for k in configs)
-            print(f"| {name} | {key} | {mult * ref:.2f}{unit} | " + " | ".join(cells)
+            print(f"| {name} | {key} | {ref} | " + " | ".join(cells)
                   + f" | {sqnr} | {broken} |", flush=True)
     for name, path in MODELS.items():
         fp32 = onnx.load(str(path))
@@ -477,6 +479,8 @@ def main(argv=None) -> int:
     p.add_argument("--ppocr-test", type=int, default=64, help="ppocr test pages")
     p.add_argument("--zoo-calib", type=int, default=32, help="trt-zoo calibration samples")
     p.add_argument("--zoo-test", type=int, default=32, help="trt-zoo test samples")
+    p.add_argument("--zoo-models", default=",".join(ZOO),
+                   help="trt-zoo: comma-separated zoo models (default: all)")
     args = p.parse_args(argv)
     sections = args.sections.split(",")
     unknown = set(sections) - set(SECTIONS)
@@ -504,7 +508,7 @@ def main(argv=None) -> int:
     if "ppocr" in sections:
         ppocr(args.threads, args.ppocr_rounds, args.ppocr_calib, args.ppocr_test)
     if "trt-zoo" in sections:
-        trt_zoo(args.zoo_calib, args.zoo_test, test_data()[0])
+        trt_zoo(args.zoo_calib, args.zoo_test, test_data()[0], args.zoo_models.split(","))
     print(f"\n({time.time() - start:.0f} s)")
     return 0
 
