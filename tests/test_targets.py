@@ -255,6 +255,64 @@ def dense_block():
     return _model(nodes, i1 + i2 + i3, y3)
 
 
+def hardswish_residual_block():
+    """stem Conv -> Relu (r); Conv(r) -> HardSwish written out as x * clip(x + 3, 0, 6) / 6
+    (as paddle2onnx exports PP-LCNet) -> Conv -> Add(., r) -> Relu -> Conv."""
+    rng = np.random.default_rng(3)
+    n1, i1, y1 = _conv("stem", "input", 1, 4, rng)
+    n2, i2, y2 = _conv("act", "r", 4, 4, rng)
+    n3, i3, y3 = _conv("branch", "hs", 4, 4, rng)
+    n4, i4, y4 = _conv("head", "s", 4, 2, rng)
+    consts = [numpy_helper.from_array(np.float32(v), name)
+              for v, name in ((3, "three"), (0, "zero"), (6, "six"))]
+    nodes = [n1, helper.make_node("Relu", [y1], ["r"], "relu1"), n2,
+             helper.make_node("Add", [y2, "three"], ["p3"], "hs_add3"),
+             helper.make_node("Clip", ["p3", "zero", "six"], ["c6"], "hs_clip"),
+             helper.make_node("Mul", [y2, "c6"], ["m"], "hs_mul"),
+             helper.make_node("Div", ["m", "six"], ["hs"], "hs_div"), n3,
+             helper.make_node("Add", [y3, "r"], ["a"], "add"),
+             helper.make_node("Relu", ["a"], ["s"], "relu2"), n4]
+    return _model(nodes, i1 + i2 + i3 + i4 + consts, y4)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_hardswish_stays_float_and_residual_add_keeps_its_skip_qdq(per_channel):
+    """The scalar Add of a written-out HardSwish is no residual Add: it and the Clip/Mul/Div
+    after it read the Conv's float output (TensorRT fuses the activation into the Conv),
+    while the residual Add reads its conv branch in float and its skip input through Q/DQ."""
+    fp32 = hardswish_residual_block()
+    trt = quantized(fp32, "tensorrt", per_channel=per_channel)
+    assert check_tensorrt_rules(trt, per_channel=per_channel) == []
+    g = G(trt)
+    hardswish = [n for n in trt.graph.node if n.name in ("hs_add3", "hs_clip", "hs_mul",
+                                                           "hs_div")]
+    assert [n.op_type for n in hardswish] == ["Add", "Clip", "Mul", "Div"]
+    for n in hardswish:
+        assert not any(g.op(x) == "DequantizeLinear" for x in n.input), n.name
+    assert not any(r.op_type == "QuantizeLinear" for r in g.readers["act.y"])
+    assert g.op(g.producer["branch.y"].input[0]) == "DequantizeLinear"  # next conv's input
+    add = next(n for n in trt.graph.node if n.name == "add")
+    assert g.op(add.input[0]) == "Conv" and g.op(add.input[1]) == "DequantizeLinear"
+    # onnxruntime's Q/DQ on every Add quantizes the Conv output the HardSwish reads
+    every_add = dataclasses.replace(get_target("tensorrt"), float_nodes=None, postprocess=None,
+                                    check=None)
+    found = check_tensorrt_rules(quantized(fp32, every_add, per_channel=per_channel),
+                                 per_channel=per_channel)
+    assert any("into Add hs_add3" in p for p in rules(found, "input-placement"))
+    from onnxrep.verify import run
+
+    x = {"input": CALIB_FOR(fp32)}
+    ref, out = run(fp32, x)["head.y"], run(trt, x)["head.y"]
+    assert np.abs(ref - out).max() < 0.1 * np.abs(ref).max()
+
+
+def test_tensorrt_per_tensor_weights_pass_when_asked(shipped):
+    _, fp32, _, _ = shipped
+    trt = quantized(fp32, "tensorrt", per_channel=False)
+    assert check_tensorrt_rules(trt, per_channel=False) == []
+    assert rules(check_tensorrt_rules(trt), "per-channel")  # not per-channel, as asked
+
+
 def test_residual_add_detection():
     ((add, k),) = residual_adds(residual_block())
     assert add.name == "add" and add.input[k] == "branch.y"

@@ -27,9 +27,14 @@ tools/bench_ptq.py reads them), else the 2,000 shipped ones.
    alternating; original / optimized >= 1 within the spread means no pass broke a fusion.
 5. PP-OCRv4 det (``--sections ppocr``; tools/zoo data, rendered 480x640 pages): per target, FP32
    vs INT8 latency at batch 1 and 32 in the target's runtime, hmean and map SQNR there.
+6. TensorRT on the zoo (``--sections trt-zoo``): every tools/zoo model quantized for the
+   onnxruntime target (its default, per-tensor) and the tensorrt target (per-channel default
+   and per-tensor), each through ``onnxrep.quantize`` (which raises, and the CLI exits 3,
+   when a TensorRT rule breaks), scored in onnxruntime with the zoo metric; plus the shipped
+   models' top-1 under both targets.
 
 usage: python tools/bench_targets.py [--threads 1] [--rounds 1000]
-       [--sections targets,variants,profile,fusion,ppocr]
+       [--sections targets,variants,profile,fusion,ppocr,trt-zoo]
 """
 
 from __future__ import annotations
@@ -392,9 +397,68 @@ def ppocr(threads: int, rounds: int, calib_n: int, test_n: int) -> None:
                   f"{got['sqnr']:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
+# ---- 6. TensorRT rules and accuracy on the zoo ----------------------------------------------
+
+ZOO = ("ppocrv4_det", "ppocrv6_det", "ppocrv6_rec", "cls", "orientation", "layout")
+# headline metric and its unit per zoo task (layout: output SQNR against FP32)
+ZOO_METRIC = {"det": ("hmean", 100, ""), "rec": ("char_acc", 100, ""), "cls": ("top1", 100, ""),
+              "layout": ("sqnr", 1, " dB")}
+
+
+def trt_zoo(calib_n: int, test_n: int, data, models=ZOO) -> None:
+    """Per zoo model: the onnxruntime target's INT8 and the tensorrt target's (per-channel,
+    its default, and per-tensor) scored in onnxruntime with the zoo metric (the map / output
+    SQNR against FP32 beside it), the number of TensorRT rule violations (``quantize`` raises
+    on any, so a row at all means 0) and the quantize time; then the shipped models. An FP32
+    SQNR against itself is infinite ("-")."""
+    import tempfile
+
+    from zoo.models import SPECS, harness
+
+    print(f"\n## TensorRT target on the zoo: accuracy in onnxruntime ({calib_n} calibration, "
+          f"{test_n} test samples)\n")
+    print("| model | metric | FP32 | onnxruntime target | tensorrt per-channel | "
+          "tensorrt per-tensor | SQNR dB ort / trt-pc / trt-pt | TensorRT rule violations |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    configs = {"ort": QuantizeConfig(target="onnxruntime"),
+               "pc": QuantizeConfig(target="tensorrt", per_channel=True),
+               "pt": QuantizeConfig(target="tensorrt", per_channel=False)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            model, calib, _, metric = harness(name, calib=calib_n, test=test_n)
+            key, mult, unit = ZOO_METRIC[SPECS[name].task]
+            fp32 = onnx.load(str(model))
+            scores, broken = {}, 0
+            for label, config in configs.items():
+                start = time.time()
+                q = quantize(fp32, str(calib), config)
+                if label != "ort":
+                    broken += len(check_tensorrt_rules(q, per_channel=config.per_channel))
+                path = Path(tmp) / f"{name}.{label}.onnx"
+                onnx.save(q, str(path))
+                scores[label] = metric(path)
+                print(f"{name} {label}: quantized and scored ({time.time() - start:.0f} s)",
+                      file=sys.stderr, flush=True)
+            ref = metric(model)[key]
+            ref = "-" if ref is None else f"{mult * ref:.2f}{unit}"
+            cells = [f"{mult * scores[k][key]:.2f}{unit}" for k in configs]
+            sqnr = " / ".join(f"{scores[k]['sqnr']:.2f}" for k in configs)
+            print(f"| {name} | {key} | {ref} | " + " | ".join(cells)
+                  + f" | {sqnr} | {broken} |", flush=True)
+    for name, path in MODELS.items():
+        fp32 = onnx.load(str(path))
+        qs = {k: quantize(fp32, str(CALIB), c) for k, c in configs.items()}
+        acc = {k: top1(q, data, "onnxruntime") for k, q in qs.items()}
+        broken = sum(len(check_tensorrt_rules(qs[k], per_channel=configs[k].per_channel))
+                     for k in ("pc", "pt"))
+        print(f"| {name} (shipped) | top1 | {top1(fp32, data, 'onnxruntime'):.2f} | "
+              + " | ".join(f"{acc[k]:.2f}" for k in configs) + f" | - | {broken} |",
+              flush=True)
+
+
 # ---- main --------------------------------------------------------------------------------------
 
-SECTIONS = ("targets", "variants", "profile", "fusion", "ppocr")
+SECTIONS = ("targets", "variants", "profile", "fusion", "ppocr", "trt-zoo")
 
 
 def main(argv=None) -> int:
@@ -407,11 +471,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1000,
                    help="timed rounds at batch 1 (a third at batch 32)")
     p.add_argument("--sections", default=",".join(SECTIONS[:4]),
-                   help=f"comma-separated, of {', '.join(SECTIONS)} (default: all but ppocr)")
+                   help=f"comma-separated, of {', '.join(SECTIONS)} (default: all but ppocr "
+                        "and trt-zoo)")
     p.add_argument("--ppocr-rounds", type=int, default=20,
                    help="ppocr: timed rounds at batch 1 (an eighth, at least 4, at batch 32)")
     p.add_argument("--ppocr-calib", type=int, default=32, help="ppocr calibration pages")
     p.add_argument("--ppocr-test", type=int, default=64, help="ppocr test pages")
+    p.add_argument("--zoo-calib", type=int, default=32, help="trt-zoo calibration samples")
+    p.add_argument("--zoo-test", type=int, default=32, help="trt-zoo test samples")
+    p.add_argument("--zoo-models", default=",".join(ZOO),
+                   help="trt-zoo: comma-separated zoo models (default: all)")
     args = p.parse_args(argv)
     sections = args.sections.split(",")
     unknown = set(sections) - set(SECTIONS)
@@ -438,6 +507,8 @@ def main(argv=None) -> int:
                args.threads, args.rounds)
     if "ppocr" in sections:
         ppocr(args.threads, args.ppocr_rounds, args.ppocr_calib, args.ppocr_test)
+    if "trt-zoo" in sections:
+        trt_zoo(args.zoo_calib, args.zoo_test, test_data()[0], args.zoo_models.split(","))
     print(f"\n({time.time() - start:.0f} s)")
     return 0
 

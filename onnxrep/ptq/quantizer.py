@@ -357,7 +357,7 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
                 report = sensitivity.layer_report(final_float, qdq, kept)
         clock.add("quantize_static", quantizer.seconds + (measure.seconds
                                                           if measure is not quantizer else 0))
-    broken = quantizer.profile.violations(qdq)
+    broken = quantizer.profile.violations(qdq, per_channel=config.per_channel)
     if broken:
         raise VerificationError(f"the QDQ model breaks {config.profile.name}'s placement rules: "
                                 + "; ".join(broken[:3]) + (f" (+{len(broken) - 3} more)"

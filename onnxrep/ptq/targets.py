@@ -30,7 +30,13 @@ an optional post-processing function over the QDQ ``ModelProto``. ``TARGETS`` ho
     :func:`tensorrt_postprocess`: a residual Add keeps Q/DQ on its skip input only (the
     Conv's branch is fed unquantized so TensorRT fuses Conv+Add(+ReLU)), and the quantized
     inputs of a Concat and its output quantizer share one scale (TensorRT then drops the
-    concatenation's re-quantization). Weights are int8 initializers with a DequantizeLinear
+    concatenation's re-quantization). Which nodes get Q/DQ follows ModelOpt's partitioning
+    (:func:`tensorrt_float_nodes`): an Add that is not residual (a bias, the ``x + 3`` of a
+    written-out HardSwish, the Add closing a squeeze-excite gate) and a pooling op reading a
+    layer's output stay float, because TensorRT fuses them into the layer before them (or
+    runs them on its float output); a layer output read through Q/DQ by anything but the next
+    layer's activation input or a residual Add's skip input reads the float tensor instead.
+    Weights are int8 initializers with a DequantizeLinear
     (ModelOpt's ``AddQDQPairToWeight`` keeps float weights behind a Q/DQ pair instead; TensorRT
     accepts both). :func:`check_tensorrt_rules` lists every departure from these rules.
 
@@ -75,6 +81,7 @@ class Target:
     op_types: tuple[str, ...] = ()
     extra_options: Mapping[str, object] = field(default_factory=dict)
     float_depthwise: bool = False  # keep depthwise Conv in float
+    float_nodes: Callable[[onnx.ModelProto], list[str]] | None = None  # placement's float nodes
     postprocess: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
     check: Callable[[onnx.ModelProto], list[str]] | None = None
 
@@ -128,16 +135,18 @@ class Target:
         """Where a Q/DQ-on-inputs target quantizes activations, for QAT to train what
         ``quantize`` would write: the computed inputs of every node of ``op_types`` (one Q/DQ
         per tensor, however many read it), except the conv-branch input of a residual Add
-        that no other quantized node reads (TensorRT fuses Conv+Add on the float branch); and
-        the groups of those tensors that share one scale (a Concat's quantized inputs with its
-        quantized output). Raises ValueError for an output-quantizing target."""
+        that no other quantized node reads (TensorRT fuses Conv+Add on the float branch), and
+        the nodes of :meth:`keep_float`; and the groups of those tensors that share one scale
+        (a Concat's quantized inputs with its quantized output). Raises ValueError for an
+        output-quantizing target."""
         if self.quantizes_outputs:
             raise ValueError(f"target {self.name} quantizes op outputs, not op inputs")
         g = GraphIndex(model.graph)
         conv_branch = {(add.name, add.input[k]) for add, k in residual_adds(model)}
+        floats = set(self.keep_float(model))
         tensors: list[str] = []
         for node in model.graph.node:
-            if node.op_type not in self.op_types:
+            if node.op_type not in self.op_types or node.name in floats:
                 continue
             for x in node.input:
                 if x and not g.is_const(x) and (node.name, x) not in conv_branch \
@@ -153,15 +162,20 @@ class Target:
         return tensors, groups
 
     def keep_float(self, model: onnx.ModelProto) -> list[str]:
-        """Names of the nodes this target leaves in float (for ``nodes_to_exclude``)."""
-        return depthwise_convs(model) if self.float_depthwise else []
+        """Names of the nodes this target leaves in float (for ``nodes_to_exclude``): the
+        depthwise convolutions with ``float_depthwise``, and ``float_nodes(model)``, the nodes
+        of ``op_types`` its placement does not quantize."""
+        names = depthwise_convs(model) if self.float_depthwise else []
+        return names + (self.float_nodes(model) if self.float_nodes is not None else [])
 
     def finish(self, qdq: onnx.ModelProto) -> onnx.ModelProto:
         """The target's post-processing of ``quantize_static``'s output (in place; returned)."""
         return self.postprocess(qdq) if self.postprocess is not None else qdq
 
-    def violations(self, qdq: onnx.ModelProto) -> list[str]:
-        return self.check(qdq) if self.check is not None else []
+    def violations(self, qdq: onnx.ModelProto, per_channel: bool = True) -> list[str]:
+        """The rules ``qdq`` breaks; ``per_channel`` False accepts per-tensor weight scales
+        (the user asked for them)."""
+        return self.check(qdq, per_channel=per_channel) if self.check is not None else []
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description,
@@ -170,6 +184,7 @@ class Target:
                 "weight_symmetric": self.weight_symmetric, "per_channel": self.per_channel,
                 "op_types": list(self.op_types), "extra_options": self.options(),
                 "float_depthwise": self.float_depthwise,
+                "float_nodes": getattr(self.float_nodes, "__name__", None),
                 "postprocess": getattr(self.postprocess, "__name__", None)}
 
 
@@ -306,6 +321,71 @@ def residual_adds(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int]]:
     return found
 
 
+def _residual_skips(model: onnx.ModelProto) -> set[tuple[str, str]]:
+    """(Add name, skip-input tensor) of every residual Add."""
+    return {(add.name, add.input[1 - k]) for add, k in residual_adds(model)}
+
+
+def _reads_int8(node: onnx.NodeProto, index: int, skips: set[tuple[str, str]]) -> bool:
+    """Whether TensorRT reads input ``index`` of ``node`` in int8 when a layer produces it: the
+    activation input of a Conv/ConvTranspose/Gemm/MatMul (either input of a MatMul), or the
+    skip input of a residual Add. Any other reader of a layer output is fused into that layer
+    (BN, activation, bias or HardSwish arithmetic) or runs on its float output."""
+    if node.op_type in WEIGHT_OPS:
+        return index == 0 or node.op_type == "MatMul"
+    return (node.name, node.input[index]) in skips
+
+
+_POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
+
+
+def tensorrt_float_nodes(model: onnx.ModelProto) -> list[str]:
+    """The Add and pooling nodes TensorRT's placement leaves in float, after ModelOpt's
+    partitioning (``modelopt/onnx/quantization/partitioning.py``): it grows a partition from
+    each Conv/Gemm/MatMul over the pointwise ops whose other inputs are constants or the
+    partition's own tensors (BN, Relu, a bias Add, a HardSwish written as
+    ``x * clip(x + 3, 0, 6) / 6``), which TensorRT fuses into the layer, and quantizes only
+    what enters a partition from outside. Hence:
+
+    - an Add is quantized only when it is residual (:func:`residual_adds`), its skip input
+      entering the Conv's partition; every other Add is a layer's epilogue or elementwise
+      arithmetic on float tensors (``x + 3`` of a HardSwish, the Add closing a squeeze-excite
+      gate, whose inputs branch off one Conv);
+    - a pooling op reading a layer's output directly stays float: quantizing its input would
+      quantize the layer's output for a reader other than the next layer, so TensorRT runs the
+      pooling on the float output and the next layer's input carries the Q/DQ."""
+    g = GraphIndex(model.graph)
+    residual = {add.name for add, _ in residual_adds(model)}
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Add" and node.name not in residual:
+            names.append(node.name)
+        elif node.op_type in _POOLS and node.input and _op(g, node.input[0]) in WEIGHT_OPS:
+            names.append(node.name)
+    return names
+
+
+def _float_readers_of_layer_outputs(model: onnx.ModelProto) -> None:
+    """Readers of a layer's Q/DQ'd output that TensorRT does not read in int8
+    (:func:`_reads_int8`) read the float output instead (in place), as ModelOpt's
+    ``remove_partial_input_qdq`` does: onnxruntime gives all readers of a tensor one Q/DQ,
+    so a Conv feeding both another Conv and the float ``x + 3`` of a HardSwish would hand
+    the quantized ``x`` to the HardSwish and split the Conv from its activation."""
+    g = GraphIndex(model.graph)
+    skips = _residual_skips(model)
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        for q in g.reader_nodes(node.output[0]):
+            if q.op_type != "QuantizeLinear":
+                continue
+            for dq in g.reader_nodes(q.output[0]):
+                for reader in g.reader_nodes(dq.output[0]):
+                    for i, x in enumerate(reader.input):
+                        if x == dq.output[0] and not _reads_int8(reader, i, skips):
+                            reader.input[i] = node.output[0]
+
+
 def _set_scale(g: GraphIndex, node: onnx.NodeProto, value: float) -> None:
     """Every entry of a Q/DQ node's constant scale set to ``value`` (in place)."""
     scale = g.const(node.input[1])
@@ -348,7 +428,10 @@ def tensorrt_postprocess(model: onnx.ModelProto) -> onnx.ModelProto:
        skip input keeps its Q/DQ, so TensorRT fuses Conv+Add(+ReLU) with an int8 skip;
     2. Concat: its quantized inputs and the quantizer of its output share one scale, the
        largest of theirs (symmetric int8: the union of their ranges);
-    3. Q/DQ nodes left unread and unused initializers are dropped."""
+    3. a layer output's Q/DQ feeds only the readers TensorRT reads in int8 (the next layer,
+       a residual skip); the others read the float output
+       (:func:`_float_readers_of_layer_outputs`);
+    4. Q/DQ nodes left unread and unused initializers are dropped."""
     graph = model.graph
     for add, k in residual_adds(model):
         g = GraphIndex(graph)
@@ -363,6 +446,7 @@ def tensorrt_postprocess(model: onnx.ModelProto) -> onnx.ModelProto:
         shared = float(max(float(np.max(s)) for s in scales))
         for m in members:
             _set_scale(g, m, shared)
+    _float_readers_of_layer_outputs(model)
     _drop_dead(model)
     return model
 
@@ -379,6 +463,27 @@ def _weight_axis(node: onnx.NodeProto) -> int:
     return -1  # MatMul: the output axis of B [K, N]
 
 
+def _layer_output_problems(g: GraphIndex, layer: onnx.NodeProto,
+                           skips: set[tuple[str, str]]) -> list[str]:
+    """``input-placement`` problems of a layer's quantized output: each reader of its Q/DQ
+    that TensorRT does not read in int8, and a Q/DQ'd graph output."""
+    problems = []
+    for q in g.reader_nodes(layer.output[0]):
+        if q.op_type != "QuantizeLinear":
+            continue
+        for dq in g.reader_nodes(q.output[0]):
+            if dq.output[0] in g.graph_outputs:
+                problems.append(f"input-placement: {layer.name}: its output is quantized into "
+                                "the graph output")
+            for reader in g.reader_nodes(dq.output[0]):
+                if any(x == dq.output[0] and not _reads_int8(reader, i, skips)
+                       for i, x in enumerate(reader.input)):
+                    problems.append(f"input-placement: {layer.name}: its output is quantized "
+                                    f"into {reader.op_type} {reader.name} (Q/DQ belongs on "
+                                    "the next layer's input or a residual skip only)")
+    return problems
+
+
 def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) -> list[str]:
     """Every departure of a QDQ model from the TensorRT rules, one ``"rule: node: what"``
     string each (empty: compliant). Rules:
@@ -388,9 +493,14 @@ def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) ->
       produces uint8);
     - ``per-channel``: (with ``per_channel``) the weight DQ of a Conv/ConvTranspose/Gemm/MatMul
       is per-channel on axis 0 (ConvTranspose 1, Gemm without transB and MatMul the last);
+      without it a weight scale is one per tensor or per channel on that axis (TensorRT
+      accepts both);
     - ``float-bias``: no bias is an int32 DequantizeLinear;
-    - ``input-placement``: no op output of Conv/ConvTranspose/Gemm/MatMul is quantized, and a
-      layer with a quantized weight reads a quantized activation;
+    - ``input-placement``: the output of a Conv/ConvTranspose/Gemm/MatMul goes through Q/DQ
+      only into readers TensorRT reads in int8 (the next layer's activation input, the skip
+      input of a residual Add), never into the ops fused into the layer (BN, activation,
+      bias or HardSwish arithmetic) nor a graph output; and a layer with a quantized weight
+      reads a quantized activation;
     - ``conv-bn-relu``: no Q/DQ between a Conv (or its BatchNormalization) and the
       BatchNormalization/Relu/Clip after it;
     - ``residual-add``: a residual Add reads its conv branch unquantized and its skip input
@@ -398,6 +508,7 @@ def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) ->
     - ``concat-scale``: a Concat's quantized inputs and its output's quantizer share one scale.
     """
     g = GraphIndex(model.graph)
+    skips = _residual_skips(model)
     problems: list[str] = []
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -421,12 +532,12 @@ def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) ->
             continue
         wpair = dq_source(g, node.input[1])
         weight_quantized = wpair is not None
-        if weight_quantized and per_channel:
+        if weight_quantized:
             dq = wpair[0]
             scale = _scale(g, dq)
             w = g.const(dq.input[0]) if wpair[1] is None else g.const(wpair[1].input[0])
             axis = _weight_axis(node)
-            if w is not None:
+            if w is not None and (per_channel or np.size(scale) != 1):
                 axis = axis % w.ndim
                 want = w.shape[axis] if node.op_type != "ConvTranspose" else w.shape[1]
                 got = int(attr(dq, "axis", 1)) % w.ndim
@@ -442,10 +553,7 @@ def check_tensorrt_rules(model: onnx.ModelProto, *, per_channel: bool = True) ->
         if weight_quantized and dq_source(g, node.input[0]) is None:
             problems.append(f"input-placement: {node.name}: quantized weight but its "
                             "activation input has no Q/DQ")
-        for out in node.output:
-            if any(r.op_type == "QuantizeLinear" for r in g.reader_nodes(out)):
-                problems.append(f"input-placement: {node.name}: its output is quantized "
-                                "(Q/DQ belongs on the inputs of the next layer)")
+        problems += _layer_output_problems(g, node, skips)
     for node in model.graph.node:
         if node.op_type not in ("BatchNormalization", "Relu", "Clip") or not node.input:
             continue
@@ -507,7 +615,8 @@ TENSORRT = Target(
                    "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
                    "DedicatedQDQPair": False,
                    "ForceQuantizeNoInputCheck": True},
-    postprocess=tensorrt_postprocess, check=check_tensorrt_rules)
+    float_nodes=tensorrt_float_nodes, postprocess=tensorrt_postprocess,
+    check=check_tensorrt_rules)
 
 TARGETS: Mapping[str, Target] = MappingProxyType(
     {t.name: t for t in (ONNXRUNTIME, OPENVINO, TENSORRT)})

@@ -146,7 +146,7 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
     net.eval()
     plan.set_mode(Mode.EVAL)
     qdq = target.finish(export_qdq(work, plan))
-    broken = target.violations(qdq)
+    broken = target.violations(qdq, per_channel=config.per_channel)
     if broken:
         raise VerificationError(f"the QAT export breaks {target.name}'s placement rules: "
                                 + "; ".join(broken[:3]) + (f" (+{len(broken) - 3} more)"
