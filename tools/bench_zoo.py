@@ -2,7 +2,7 @@
 
 For each zoo model (tools/fetch_zoo.py) and its rendered calibration and test sets
 (tools/zoo/models.py), quantizes to INT8 QDQ four ways, each in its own subprocess in a scratch
-temporary directory, timing it and taking its peak RSS (os.wait4 on that child):
+temporary directory, timing it and taking its peak RSS (the VmHWM of that child):
   onnxruntime alone, per-tensor and per-channel: tools/zoo/ort_quantize.py (quant_pre_process,
       opset 13 first for per-channel, quantize_static QDQ, QUInt8/QInt8, MinMax);
   onnxrep, per-tensor and per-channel: python -m onnxrep quantize MODEL --calib calib.npz
@@ -65,8 +65,10 @@ def cpu_flags() -> str:
 
 
 def measure(cmd: list[str], cwd: Path, timeout: float) -> dict:
-    """Run one child; its wall time, CPU time and peak RSS (os.wait4: this child and the
-    descendants it waited for), exit code, and the last line of its stderr."""
+    """Run one child; its wall time, CPU time (os.wait4), peak RSS, exit code, and the last
+    line of its stderr. Peak RSS is the child's VmHWM, read every 50 ms while it runs: its
+    ru_maxrss would start from this (large) process's RSS at fork, which Linux carries over the
+    exec, and so floor every small child at the parent's size."""
     out_path, err_path = cwd / "child.stdout", cwd / "child.stderr"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(TOOLS.parent), env.get("PYTHONPATH")] if p)
@@ -74,15 +76,16 @@ def measure(cmd: list[str], cwd: Path, timeout: float) -> dict:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 env=env)
-        timed_out = False
+        timed_out, peak_kb = False, 0
         while True:
+            peak_kb = max(peak_kb, hwm_kb(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.perf_counter() - start > timeout and not timed_out:
                 proc.kill()
                 timed_out = True
-            time.sleep(0.2)
+            time.sleep(0.05)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     stderr = err_path.read_text(errors="replace").strip().splitlines()
@@ -93,8 +96,18 @@ def measure(cmd: list[str], cwd: Path, timeout: float) -> dict:
         lines = [ln for ln in stderr if ln.strip()]
         error = lines[-1].strip() if lines else ""
     return {"rc": proc.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024,
+            "peak_rss_mb": peak_kb / 1024,
             "error": error, "stdout": out_path.read_text(errors="replace").strip()[-2000:]}
+
+
+def hwm_kb(pid: int) -> int:
+    """The peak RSS (VmHWM, kB) of a running process; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+    return int(line.split()[1]) if line else 0
 
 
 def command(tool: str, per_channel: bool, model: Path, calib: Path, out: Path,
