@@ -36,7 +36,7 @@ def add_input_shape(p: argparse.ArgumentParser) -> None:
                         "(repeatable); other symbolic dims: batch 2, others 64")
 
 
-BATCH_HELP = ("samples per onnxruntime run (default: as many as fit 2 MiB of input, at most "
+BATCH_HELP = ("samples per onnxruntime run (default: as many as fit 512 KiB of input, at most "
               "32; a model's fixed batch dim wins)")
 
 
