@@ -14,10 +14,10 @@ the first calibration batch when data is given, and raises :class:`VerificationE
 ``rtol``; once a data-dependent pass changed the model, the result is also compared with the
 original over all of the calibration data (the original's outputs for as many batches as
 ``RECORDED_BYTES`` hold come from the first statistics run, which computes them anyway).
-``optimize`` checks after every pass that changed the model, so a failure names its pass. ``optimize_file`` is the lean path the CLI takes for
-large models: onnxruntime reads the input file and the written result itself, the result is
-verified before it is moved into place, no second in-memory copy is made, and onnxruntime's
-loading overlaps Python's work.
+``optimize`` checks after every pass that changed the model, so a failure names its pass.
+``optimize_file`` is the lean path the CLI takes for large models: onnxruntime reads the input
+file and the written result itself, the result is verified before it is moved into place, no
+second in-memory copy is made, and onnxruntime's loading overlaps Python's work.
 """
 
 from __future__ import annotations
