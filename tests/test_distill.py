@@ -130,3 +130,11 @@ def test_cli_max_minutes_and_distill(tmp_path, capsys):
     rc = main(["qat", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "train.npz"),
                "--batch-size", "8", "--calib-samples", "32", "--distill", "kl", "--force"])
     assert rc == 2 and "--distill mse" in capsys.readouterr().err
+
+
+def test_divergence_is_reported_at_its_step_not_as_a_missing_range():
+    from onnxrep.errors import TrainingDivergedError
+
+    config = QATConfig(batch_size=8, calib_samples=32, lr=1e12, momentum=0.0)
+    with pytest.raises(TrainingDivergedError, match="diverged at step .*lower"):
+        qat_with_details(_two_heads(), _data(64), config=config)

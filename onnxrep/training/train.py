@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from onnxrep import verify
 from onnxrep.data.readers import Dataset, as_dataset, check_feeds, load_data
-from onnxrep.errors import DataError, InputError
+from onnxrep.errors import DataError, InputError, TrainingDivergedError
 from onnxrep.ir.model import check_opset, opset_version
 from onnxrep.pipeline import OptimizeConfig, optimize
 from onnxrep.progress import Progress, log, quiet
@@ -541,6 +541,7 @@ class _Trainer:
         scale = (hi - lo) * world / n
         self.optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
+        self._check_finite(loss)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -557,6 +558,17 @@ class _Trainer:
             fields["acc"] = acc
         bar.update(1, **fields)
         self._maybe_freeze()
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights: one step later the
+        activation observers would hold NaN ranges and fail far from the cause."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            raise TrainingDivergedError(
+                f"training diverged at step {self.step + 1}: loss {loss.item():.4g}, gradient "
+                f"norm {float(norm):.4g} (learning rate {self.scheduler.get_last_lr()[0]:.3g}; "
+                "try a lower one)", option="lr")
 
     def _loss(self, output, labels, inputs) -> tuple[torch.Tensor, int | None]:
         first = output[0] if isinstance(output, tuple) else output
