@@ -43,9 +43,9 @@ class QATConfig:
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
     statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
     ``optimize``: :func:`onnxrep.optimize` first. ``calib_samples``: training samples used for calibration when no
-    calibration data is given. ``distill``: distillation loss without labels (None: KL for
-    [N, K] outputs, MSE otherwise). ``checkpoint_every``: also checkpoint every N steps (0:
-    only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
+    calibration data is given. ``distill``: distillation loss without labels (None: per
+    output by what it holds, :mod:`onnxrep.training.distill`). ``checkpoint_every``: also
+    checkpoint every N steps (0: only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
     written; the learning-rate schedule still spans all epochs). ``max_minutes``: also stop
     once the training loop has run this long (wall clock, checked after each step; checkpointed
     and exported like ``max_steps``). ``rtol``: torch vs onnxruntime tolerance of the

@@ -492,8 +492,7 @@ class _Trainer:
 
     def _loop(self) -> None:
         cfg = self.config
-        deadline = (time.monotonic() + 60 * cfg.max_minutes
-                    if cfg.max_minutes is not None else math.inf)
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
         self.plan.set_mode(Mode.TRAIN)
         self.net.train()
         if self.teacher is not None:
@@ -512,7 +511,7 @@ class _Trainer:
                     if cfg.max_steps is not None and self.step >= cfg.max_steps:
                         self.save()
                         return
-                    if _past(deadline):
+                    if deadline is not None and _past(deadline):
                         log(f"qat: stopped after {cfg.max_minutes:g} minutes of training, at "
                             f"step {self.step}")
                         self.save()
