@@ -91,8 +91,9 @@ def bench_model(name: str, args) -> dict:
             result = measure(cmd, Path(tmp), args.timeout)
             if result["error"] is None:
                 result["metric"] = h.metric(out)
-                if run != "ptq":
-                    result["qat"] = _qat_summary(json.loads(result["stdout"]))
+                if run != "ptq":  # measure() keeps only the tail of stdout
+                    doc = json.loads((Path(tmp) / "child.stdout").read_text())
+                    result["qat"] = _qat_summary(doc)
             result.pop("stdout")
             log(f"{name}: {run}: rc {result['rc']}, {result['wall_s']:.0f} s, "
                 f"{result.get('metric') or result['error']}")
