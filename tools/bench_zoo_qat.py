@@ -38,6 +38,7 @@ from fetch_zoo import DEFAULT_CACHE, MODELS  # noqa: E402
 from zoo.models import SPECS, harness, train_set  # noqa: E402
 
 RUNS = ("ptq", "qat_bn", "qat_nobn")
+SETTING_KEYS = ("lr", "freeze_bn_after", "seed", "max_minutes", "threads", "calib", "test")
 TITLES = {"ptq": "PTQ per-tensor (`onnxrep quantize`)", "qat_bn": "QAT, restored BN",
           "qat_nobn": "QAT, no BN restored"}
 
@@ -154,12 +155,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
     p.add_argument("--save", type=Path, metavar="FILE",
                    help="also write the JSON document to FILE after every model")
-    p.add_argument("--from-json", type=Path, metavar="FILE",
-                   help="print the table of an earlier --json/--save run instead of running")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
+                   help="print the table of earlier --json/--save runs instead of running "
+                        "(rows in zoo order; runs made with other settings are refused)")
     args = p.parse_args(argv)
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
-        report(doc["header"], doc["rows"])
+        docs = [json.loads(f.read_text()) for f in args.from_json]
+        settings = {json.dumps({k: d["header"][k] for k in SETTING_KEYS}) for d in docs}
+        if len(settings) > 1:
+            p.error(f"the files were run with different settings: {sorted(settings)}")
+        rows = {r["model"]: r for d in docs for r in d["rows"]}
+        report(docs[0]["header"], [rows[n] for n in MODELS if n in rows])
         return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in SPECS]
