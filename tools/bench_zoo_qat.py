@@ -110,7 +110,8 @@ def _qat_summary(doc: dict) -> dict:
             "train_s": doc["train_seconds"], "restored_bn": doc["restored_bn"],
             "loss_first": losses[0] if losses else None,
             "loss_last5": sum(tail) / len(tail) if tail else None,
-            "deployment_sqnr": min((o["sqnr_db"] for o in doc["deployment"].values()),
+            "deployment_sqnr": min((o["sqnr_db"] for o in doc["deployment"].values()
+                                    if o.get("sqnr_db") is not None),
                                    default=None)}
 
 
