@@ -41,3 +41,10 @@ class VerificationError(OnnxrepError):
         super().__init__(message, option="rtol" if needed is not None else None)
         self.comparison = comparison
         self.needed = needed
+
+
+class TrainingDivergedError(OnnxrepError):
+    """QAT's loss or gradients became non-finite: the parameters are left as they were before
+    that step (the usual cure is a lower learning rate)."""
+
+    exit_code = 3

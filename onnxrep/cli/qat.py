@@ -76,8 +76,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="run onnxrep's equivalence-preserving passes (CLE, ...) first "
                         "(default on)")
     p.add_argument("--distill", choices=("kl", "mse"),
-                   help="distillation loss when the data has no labels (default: kl for "
-                        "[N, K] outputs, mse otherwise)")
+                   help="distillation loss when the data has no labels (default: per output, "
+                        "kl for Softmax probabilities and [N, K] logits, mse normalized by the "
+                        "FP32 output's mean square otherwise)")
     p.add_argument("--seed", type=int, default=_D.seed, help="default %(default)s")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="write DIR/qat_checkpoint.pt after each epoch (and --checkpoint-every)")
@@ -86,6 +87,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the --checkpoint")
     p.add_argument("--max-steps", type=positive_int, metavar="N",
                    help="stop after N steps in all (checkpointed; resume later)")
+    p.add_argument("--max-minutes", type=positive_float, metavar="M",
+                   help="stop training after M minutes (wall clock, checked after each step), "
+                        "checkpoint and export what it has")
     p.add_argument("--rtol", type=tolerance, default=_D.rtol,
                    help="largest relative torch vs onnxruntime error accepted before training "
                         "(default %(default)g; deep nets on real data may need 1e-4)")
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                            distill=Distill(args.distill) if args.distill else None,
                            seed=args.seed, checkpoint_dir=args.checkpoint,
                            checkpoint_every=args.checkpoint_every, resume=args.resume,
-                           max_steps=args.max_steps, rtol=args.rtol)
+                           max_steps=args.max_steps, max_minutes=args.max_minutes,
+                           rtol=args.rtol)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     model = load(args.model)

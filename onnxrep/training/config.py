@@ -51,11 +51,13 @@ class QATConfig:
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
     statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
     ``optimize``: :func:`onnxrep.optimize` first. ``calib_samples``: training samples used for calibration when no
-    calibration data is given. ``distill``: distillation loss without labels (None: KL for
-    [N, K] outputs, MSE otherwise). ``checkpoint_every``: also checkpoint every N steps (0:
-    only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
-    written; the learning-rate schedule still spans all epochs). ``rtol``: torch vs onnxruntime
-    tolerance of the conversion check.
+    calibration data is given. ``distill``: distillation loss without labels (None: per
+    output by what it holds, :mod:`onnxrep.training.distill`). ``checkpoint_every``: also
+    checkpoint every N steps (0: only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
+    written; the learning-rate schedule still spans all epochs). ``max_minutes``: also stop
+    once the training loop has run this long (wall clock, checked after each step; checkpointed
+    and exported like ``max_steps``). ``rtol``: torch vs onnxruntime tolerance of the
+    conversion check.
     """
 
     epochs: int = 1
@@ -78,6 +80,7 @@ class QATConfig:
     checkpoint_every: int = 0
     resume: bool = False
     max_steps: int | None = None
+    max_minutes: float | None = None
     rtol: float = 1e-5
 
     def __post_init__(self):
@@ -96,6 +99,9 @@ class QATConfig:
             problems.append("freeze_bn_after must be >= 0")
         if self.checkpoint_every < 0 or (self.max_steps is not None and self.max_steps < 1):
             problems.append("checkpoint_every must be >= 0 and max_steps >= 1")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes)
+                                                 and self.max_minutes > 0):
+            problems.append(f"max_minutes must be positive, not {self.max_minutes}")
         if self.resume and self.checkpoint_dir is None:
             problems.append("resume needs a checkpoint directory")
         if problems:
@@ -121,4 +127,5 @@ class QATConfig:
         return fields
 
 
-_NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "resume", "max_steps", "rtol")
+_NOT_FINGERPRINTED = ("checkpoint_dir", "checkpoint_every", "resume", "max_steps", "max_minutes",
+                      "rtol")

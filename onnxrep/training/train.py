@@ -13,8 +13,10 @@
 4. fake quantization (:mod:`.fake_quant`) placed as ``config.target`` places Q/DQ, activation ranges = min/max over the calibration data;
 5. training: SGD (Nesterov momentum) with a cosine learning-rate decay to 0 over all steps;
    loss = cross-entropy on labels when the data has them, else distillation against the FP32
-   model (KL divergence of softmaxes for [N, K] outputs, MSE otherwise; ``Distill``), or
-   ``loss_fn(output, target)`` with target = labels or the FP32 model's output;
+   model, per output by what it holds (:mod:`.distill`: KL for Softmax probabilities and
+   [N, K] logits, normalized MSE otherwise; ``Distill`` forces one), or
+   ``loss_fn(output, target)`` with target = labels or the FP32 model's output; training stops
+   after ``max_steps`` steps or ``max_minutes`` of training, whichever comes first;
 6. export to QDQ with BN folded (:mod:`.export_qdq`), then the target's post-processing and
    rule check (``config.target``: a TensorRT export that breaks a placement rule raises
    :class:`VerificationError`); onnxruntime (optimizations on, int8 kernels) vs the torch
@@ -50,13 +52,14 @@ import torch.nn.functional as F
 
 from onnxrep import verify
 from onnxrep.data.readers import Dataset, as_dataset, check_feeds, load_data
-from onnxrep.errors import DataError, InputError, VerificationError
+from onnxrep.errors import DataError, InputError, TrainingDivergedError, VerificationError
 from onnxrep.ir.model import check_opset, opset_version
 from onnxrep.pipeline import OptimizeConfig, optimize
 from onnxrep.progress import Progress, log, quiet
 from onnxrep.training import fake_quant
+from onnxrep.training.distill import OutputKind, distill_loss, output_kinds
 from onnxrep.training.export import export_qdq
-from onnxrep.training.config import Distill, QATConfig
+from onnxrep.training.config import QATConfig
 from onnxrep.training.fake_quant import Mode, QuantPlan, prepare
 from onnxrep.training.convert import GraphModule, to_torch
 
@@ -140,7 +143,8 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
     plan = prepare(net, config.fake_quant(),
                    None if target.quantizes_outputs else target.input_layout(work))
     _calibrate(net, plan, calib_set)
-    trainer = _Trainer(net, plan, teacher, data, loss_fn, config, _fingerprint(work, config))
+    trainer = _Trainer(net, plan, teacher, data, loss_fn, config, _fingerprint(work, config),
+                       output_kinds(work))
     resumed = trainer.load() if config.resume else None
     trainer.run()
     net.eval()
@@ -405,14 +409,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _past(deadline: float) -> bool:
+    """Whether the wall clock passed ``deadline`` (on every rank alike under torchrun: rank 0
+    decides, so no process stops a step before the others)."""
+    late = torch.tensor([float(time.monotonic() >= deadline)])
+    if _world() > 1:
+        dist.broadcast(late, 0)
+    return bool(late.item())
+
+
 # ---- step 5 -------------------------------------------------------------------------------------
 
 class _Trainer:
     def __init__(self, net: GraphModule, plan: QuantPlan, teacher: GraphModule | None,
-                 data: TrainData, loss_fn: LossFn | None, config: QATConfig, fingerprint: str):
+                 data: TrainData, loss_fn: LossFn | None, config: QATConfig, fingerprint: str,
+                 kinds: list[OutputKind]):
         self.net, self.plan, self.teacher, self.data = net, plan, teacher, data
         self.loss_fn, self.config, self.fingerprint = loss_fn, config, fingerprint
         self.history: list[Step] = []
+        self.kinds = kinds  # distillation: what each output holds
         self.step = self.epoch = self.batch = self.samples = 0
         self.seconds, self.run_samples = 0.0, 0
         params = [p for p in net.parameters() if p.requires_grad]
@@ -485,6 +500,7 @@ class _Trainer:
 
     def _loop(self) -> None:
         cfg = self.config
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
         self.plan.set_mode(Mode.TRAIN)
         self.net.train()
         if self.teacher is not None:
@@ -501,6 +517,11 @@ class _Trainer:
                     self._train_step(inputs, labels, bar)
                     self.batch += 1
                     if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        self.save()
+                        return
+                    if deadline is not None and _past(deadline):
+                        log(f"qat: stopped after {cfg.max_minutes:g} minutes of training, at "
+                            f"step {self.step}")
                         self.save()
                         return
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -527,6 +548,7 @@ class _Trainer:
         scale = (hi - lo) * world / n
         self.optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
+        self._check_finite(loss)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -543,6 +565,17 @@ class _Trainer:
             fields["acc"] = acc
         bar.update(1, **fields)
         self._maybe_freeze()
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights: one step later the
+        activation observers would hold NaN ranges and fail far from the cause."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            raise TrainingDivergedError(
+                f"training diverged at step {self.step + 1}: loss {loss.item():.4g}, gradient "
+                f"norm {float(norm):.4g} (learning rate {self.scheduler.get_last_lr()[0]:.3g}; "
+                "try a lower one)", option="lr")
 
     def _loss(self, output, labels, inputs) -> tuple[torch.Tensor, int | None]:
         first = output[0] if isinstance(output, tuple) else output
@@ -569,14 +602,4 @@ class _Trainer:
     def _distill(self, output, target) -> torch.Tensor:
         outs = output if isinstance(output, tuple) else (output,)
         refs = target if isinstance(target, tuple) else (target,)
-        total = 0
-        for s, t in zip(outs, refs):
-            if not s.is_floating_point():
-                continue
-            kind = self.config.distill or (Distill.KL if s.ndim == 2 else Distill.MSE)
-            if kind is Distill.KL:
-                total = total + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1),
-                                         reduction="batchmean", log_target=True)
-            else:
-                total = total + F.mse_loss(s, t)
-        return total
+        return distill_loss(outs, refs, self.kinds, self.config.distill)

@@ -8,7 +8,9 @@
 Data are rendered deterministically (sample i of a set uses the seed [set base, i], so a
 smaller set is a prefix of a larger one; calibration and test bases differ) and cached as
 npz under <cache>/zoo/data/<model>/: calib-N.npz holds only the model input (float32 NCHW),
-test-N.npz likewise, test-N.labels.npz the labels.
+test-N.npz likewise, test-N.labels.npz the labels. ``train_set(name, n)`` renders a third set
+(train-N.npz, inputs only) for QAT, from its own base, so training never sees a calibration or
+test sample.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fetch_zoo import DEFAULT_CACHE, fetch  # noqa: E402
 from zoo import metrics, preprocess, render  # noqa: E402
 
 DATA_VERSION = 1  # bump when rendering or preprocessing changes: cached npz files are renamed
-CALIB_BASE, TEST_BASE = 1_000, 2_000
+CALIB_BASE, TEST_BASE, TRAIN_BASE = 1_000, 2_000, 3_000
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,19 @@ def data(name: str, calib: int, test: int, cache_dir: Path = DEFAULT_CACHE, log=
         _save_labels(labels_path, spec.task, labels)
         _atomic_savez(test_path, **{key: x})
     return model, calib_path, test_path, _load_labels(labels_path, spec.task)
+
+
+def train_set(name: str, n: int, cache_dir: Path = DEFAULT_CACHE, log=None) -> Path:
+    """The npz of ``n`` rendered training samples (inputs only: QAT distils from the FP32
+    model, so no labels), rendered on first use. Seeds [TRAIN_BASE, i] differ from every
+    calibration and test seed."""
+    model = fetch(name, cache_dir)
+    path = Path(cache_dir) / "zoo" / "data" / f"{name}-v{DATA_VERSION}" / f"train-{n}.npz"
+    if not path.exists():
+        log and log(f"{name}: rendering {n} training samples")
+        x, _ = make_set(SPECS[name], model, TRAIN_BASE, n)
+        _atomic_savez(path, **{input_name(model): x})
+    return path
 
 
 def run(model_path, x: np.ndarray, batch: int, threads: int = 0) -> list[np.ndarray]:
