@@ -33,7 +33,7 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 
-from bench_zoo import cell, cpu_flags, fmt_metric, header, measure  # noqa: E402
+from bench_zoo import cell, fmt_metric, header, measure  # noqa: E402
 from fetch_zoo import DEFAULT_CACHE, MODELS  # noqa: E402
 from zoo.models import SPECS, harness, train_set  # noqa: E402
 
