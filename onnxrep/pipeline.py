@@ -45,7 +45,7 @@ from onnxrep.passes.equalize import EqualizeConfig, EqualizeCrossLayer
 from onnxrep.passes.fold_affine import FoldAffine
 from onnxrep.passes.reparameterize import Reparameterize, find_blocks
 from onnxrep.passes.restore_bn import RestoreBatchNorm, select_convs
-from onnxrep.verify.streaming import compare_on_data
+from onnxrep.verify.streaming import DataCheck, compare_on_data
 
 
 # Graph outputs the first statistics run keeps as the reference of the check over the data (that
@@ -100,6 +100,7 @@ class Optimized:
     comparison: verify.Comparison | None
     data_comparison: verify.Comparison | None = None
     subgraph_layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, where): left alone
+    data_check: DataCheck | None = None  # the check over the data left to the caller (defer)
 
 
 @dataclass
@@ -124,13 +125,16 @@ def optimize(model: onnx.ModelProto, config: OptimizeConfig | None = None,
 
 def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None = None, *,
                           calib=None, copy: bool = True, progress=None,
-                          check_each: bool = True) -> Optimized:
+                          check_each: bool = True, defer_data_check: bool = False) -> Optimized:
     """Like :func:`optimize`, also returning per-pass results, weight statistics before and
     after, and the verification comparisons. ``copy=False`` optimizes ``model`` in place; a
     copy is then made only when the result will be compared with it on calibration data.
     ``check_each=False`` verifies the result once, by the contracts of every pass that changed
     it (one run over the data instead of one per data-dependent pass; a failure then names the
-    passes, not the one)."""
+    passes, not the one). With it, ``defer_data_check`` checks the verification inputs only and
+    returns the check over the data as ``Optimized.data_check`` (None when none is needed), for
+    a caller that runs the result over the data anyway (``quantize``'s calibration) to feed; if
+    that check fails, the caller optimizes again with ``check_each`` to roll back."""
     config = config or OptimizeConfig()
     check_opset(model)
     verify.check_weights(model)
@@ -153,9 +157,10 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
     before = weight_stats(work)
     manager = _manager(work, config, dataset, progress, verifier, check_each=check_each)
     run = manager.run(work)
+    pending = None
     if verifier is not None and not check_each and run.changed:
         try:
-            manager.verify_result(run, work)
+            pending = manager.verify_result(run, work, defer=defer_data_check)
         except VerificationError:
             if config.strict:
                 raise
@@ -165,7 +170,7 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
     if verifier is not None and comparison is None:  # nothing changed: exact
         comparison = verify.compare_outputs(verifier.reference, verifier.reference)
     return Optimized(work, run.results, before, weight_stats(work), comparison,
-                     run.data_comparison, subgraph_layers(work.graph))
+                     run.data_comparison, subgraph_layers(work.graph), pending)
 
 
 def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,

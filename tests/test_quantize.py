@@ -493,3 +493,27 @@ def test_analysis_samples_default_to_a_budget_of_input_values():
     assert quantize_with_details(small, y, config, batch_size=20).bias.samples == 260
     asked = QuantizeConfig(optimize=False, analysis_samples=5)
     assert quantize_with_details(big, x, asked, batch_size=1).bias.samples == 5
+
+
+def test_calibration_completes_the_passes_check_over_the_data(tmp_path):
+    """The check over the data rides on the calibration run: it sees every batch, passes when
+    the calibrated model is the reference and fails (naming the samples) when it is not."""
+    from onnxrep.data import as_dataset
+    from onnxrep.errors import VerificationError
+    from onnxrep.verify.streaming import DataCheck
+
+    model = mobileone_like()
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w = other.graph.initializer[-2]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+    data = as_dataset(batch_for(model, 40), model, batch_size=8)
+    config = QuantizeConfig(optimize=False)
+    same = DataCheck(model, data, rtol=1e-4, what="test")
+    (tmp_path / "a").mkdir()
+    calibrate(model, data, config, tmp_path / "a", same)
+    assert same.batches == 5 and same.samples == 40
+    (tmp_path / "b").mkdir()
+    with pytest.raises(VerificationError, match="40 calibration samples"):
+        calibrate(model, data, config, tmp_path / "b",
+                  DataCheck(other, data, rtol=1e-4, what="test"))

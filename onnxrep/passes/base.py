@@ -28,7 +28,7 @@ import onnx
 
 from onnxrep import verify
 from onnxrep.errors import VerificationError
-from onnxrep.verify.streaming import compare_on_data
+from onnxrep.verify.streaming import DataCheck, compare_on_data
 
 
 class Contract(enum.Enum):
@@ -175,21 +175,24 @@ class Verifier:
         verify.check_reference(self.reference, "the verification inputs")
 
     def check(self, candidate: verify.ModelLike, passes: list[Pass], what: str,
-              recorded: list[dict] | None = None
-              ) -> tuple[verify.Comparison, verify.Comparison | None]:
+              recorded: list[dict] | None = None, *, defer: bool = False
+              ) -> tuple[verify.Comparison, verify.Comparison | DataCheck | None]:
         """(comparison on the feeds, comparison over all data or None); raises
         :class:`VerificationError` past ``rtol``. ``recorded``: outputs per batch of the data
         of a model equivalent to the original (:class:`StatisticsCache`), used instead of
-        running the original on those batches."""
+        running the original on those batches. ``defer``: return the check over the data as
+        a :class:`DataCheck` for the caller to feed with the candidate's outputs instead."""
         comparison = verify.compare_outputs(self.reference, verify.run(candidate, self.feeds),
                                             self.bounds)
         verify.check(comparison, self.rtol, what)
-        on_data = None
-        if self.dataset is not None and any(
+        if self.dataset is None or not any(
                 p.contract is Contract.EQUIVALENT_ON_DATA for p in passes):
-            on_data = compare_on_data(self.original, candidate, self.dataset,
-                                      rtol=self.rtol, what=what, recorded=recorded)
-        return comparison, on_data
+            return comparison, None
+        if defer:
+            return comparison, DataCheck(self.original, self.dataset, rtol=self.rtol, what=what,
+                                         recorded=recorded)
+        return comparison, compare_on_data(self.original, candidate, self.dataset,
+                                           rtol=self.rtol, what=what, recorded=recorded)
 
 
 @dataclass
@@ -293,13 +296,21 @@ class PassManager:
             raise final
         return final
 
-    def verify_result(self, run: Run, candidate: verify.ModelLike) -> None:
+    def verify_result(self, run: Run, candidate: verify.ModelLike, *, defer: bool = False
+                      ) -> DataCheck | None:
         """Check ``candidate`` (the run's result, e.g. as written to a file) once, by the
-        contracts of every pass that changed it."""
+        contracts of every pass that changed it. ``defer``: check the verification inputs now
+        and return the check over the data (a :class:`DataCheck`, None when no pass needs one)
+        for the caller to complete."""
         names = ", ".join(p.name for p in run.changed) or "(none)"
-        run.comparison, run.data_comparison = self._check(candidate, run.changed,
-                                                          f"passes {names}")
+        run.comparison, on_data = self._check(candidate, run.changed, f"passes {names}",
+                                              defer=defer)
+        if defer:
+            return on_data
+        run.data_comparison = on_data
+        return None
 
-    def _check(self, candidate: verify.ModelLike, passes: list[Pass], what: str):
+    def _check(self, candidate: verify.ModelLike, passes: list[Pass], what: str, *,
+               defer: bool = False):
         recorded = self.stats.recorded if self.stats is not None else None
-        return self.verifier.check(candidate, passes, what, recorded)
+        return self.verifier.check(candidate, passes, what, recorded, defer=defer)

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxrep import verify
 from onnxrep.data import Dataset, as_dataset
 from onnxrep.errors import (DataError, InputError, OnnxrepError, UnsupportedModelError,
                             VerificationError)
@@ -52,6 +53,7 @@ from onnxrep.progress import Progress, log
 from onnxrep.ptq import bias_correction, mixed_precision, sensitivity
 from onnxrep.ptq import op_types as op_search, ranges as range_search
 from onnxrep.ptq.targets import TARGETS, Target, get_target
+from onnxrep.verify.streaming import DataCheck
 
 if TYPE_CHECKING:
     from onnxrep.training.adaround import Rounding
@@ -258,33 +260,19 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     if config.max_drop is not None and evaluation is None:
         raise InputError("max_drop needs labelled evaluation data")
     mixed = config.max_drop is not None or config.min_sqnr is not None
-    work = _copy(model)
-    # names first, on the input's own node order: unnamed nodes get `onnxrep inspect`'s labels
-    named = name_nodes(work.graph)
-    if config.optimize:
-        log("optimizing (equivalence-preserving passes)")
-        with clock("optimize"):
-            # verified once at the end, on the first batch and over all data: one run of both
-            # models over the data instead of one per data-dependent pass
-            work = optimize_with_details(work, config.passes, calib=dataset, copy=False,
-                                         check_each=False).model
-    notes = ([f"{named} unnamed or duplicate node names made unique"] if named else [])
-    fallback = config.fallback
-    with clock("prepare"):
-        if mixed and "int16" in fallback:  # before prepare: the conversion may add Constants
-            why = mixed_precision.to_int16_opset(work)
-            if why:
-                fallback = tuple(p for p in fallback if p != "int16") or ("fp32",)
-                notes.append(f"{why}; mixed precision falls back to {', '.join(fallback)}")
-        notes += prepare(work, per_channel=config.per_channel)
-    _check_excluded(work, config.exclude)
-    # calibrate the tensors of every op type the op-type search may add
-    calibrated = (config.op_types + tuple(op_search.present(work, config.op_types))
-                  if config.op_search else config.op_types)
     with tempfile.TemporaryDirectory(prefix="onnxrep-quant-") as tmp:
-        with clock("calibration"):
-            ranges, info, kept = calibrate(work, dataset, replace(config, op_types=calibrated),
-                                           Path(tmp))
+        try:
+            # the passes are verified once, on the first batch now and over all data inside
+            # calibration, which runs the optimized model over the data anyway
+            work, notes, fallback, calibrated, (ranges, info, kept) = _calibrated(
+                model, dataset, config, Path(tmp), clock, mixed, deferred=True)
+        except VerificationError:
+            if config.passes.strict:
+                raise
+            log("the optimized model failed the check over the data: optimizing again pass "
+                "by pass, rolling back the units that break it")
+            work, notes, fallback, calibrated, (ranges, info, kept) = _calibrated(
+                model, dataset, config, Path(tmp), clock, mixed, deferred=False)
         searched = None
         if config.method is Method.AUTO:
             with clock("range search"):
@@ -365,6 +353,41 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     return Quantized(qdq, final_float, config, tuple(excluded), notes, info, bias, report,
                      precision, time.monotonic() - start, clock.stages, rounding, searched,
                      picked)
+
+
+def _calibrated(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, tmp: Path,
+                clock: "_Clock", mixed: bool, *, deferred: bool):
+    """Optimize, prepare and calibrate a copy of ``model``: (model, notes, mixed-precision
+    fallback, calibrated op types, (ranges, info, kept)). ``deferred``: the optimize passes'
+    check over the data is made inside calibration (:class:`VerificationError` when it fails);
+    otherwise they are checked pass by pass, each failing unit rolled back."""
+    work = _copy(model)
+    # names first, on the input's own node order: unnamed nodes get `onnxrep inspect`'s labels
+    named = name_nodes(work.graph)
+    check = None
+    if config.optimize:
+        log("optimizing (equivalence-preserving passes)")
+        with clock("optimize"):
+            optimized = optimize_with_details(work, config.passes, calib=dataset, copy=False,
+                                              check_each=not deferred,
+                                              defer_data_check=deferred)
+            work, check = optimized.model, optimized.data_check
+    notes = ([f"{named} unnamed or duplicate node names made unique"] if named else [])
+    fallback = config.fallback
+    with clock("prepare"):
+        if mixed and "int16" in fallback:  # before prepare: the conversion may add Constants
+            why = mixed_precision.to_int16_opset(work)
+            if why:
+                fallback = tuple(p for p in fallback if p != "int16") or ("fp32",)
+                notes.append(f"{why}; mixed precision falls back to {', '.join(fallback)}")
+        notes += prepare(work, per_channel=config.per_channel)
+    _check_excluded(work, config.exclude)
+    # calibrate the tensors of every op type the op-type search may add
+    calibrated = (config.op_types + tuple(op_search.present(work, config.op_types))
+                  if config.op_search else config.op_types)
+    with clock("calibration"):
+        result = calibrate(work, dataset, replace(config, op_types=calibrated), tmp, check)
+    return work, notes, fallback, calibrated, result
 
 
 def has_torch() -> bool:
@@ -507,11 +530,14 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
 
 # ---- calibration ------------------------------------------------------------------------------
 
-def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, tmp: Path):
+def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, tmp: Path,
+              check: DataCheck | None = None):
     """Stream ``dataset`` through onnxruntime's calibrator; returns (ranges, info, kept batches).
 
     ``kept`` holds the first samples for later analysis (:func:`analysis_limit`), so a
-    one-shot source is read once.
+    one-shot source is read once. ``check``: the optimize passes' check over the data, fed
+    with the model outputs onnxruntime's calibrator computes (and would drop) on every batch,
+    so it costs no inference of its own; :class:`VerificationError` when it fails.
     """
     from onnxruntime.quantization.calibrate import create_calibrator
 
@@ -529,6 +555,7 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
                                            else config.method),
                                        use_external_data_format=_big(model),
                                        extra_options=extra)
+    observed = check is not None and _observe(calibrator, check)
     kept: list[Feeds] = []
     kept_rows = samples = batches = 0
     limit = None
@@ -557,9 +584,52 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
         with quiet_onnxruntime():
             ranges = calibrator.compute_data()
         _check_ranges(ranges)
+    if check is not None:
+        if not observed or check.batches != batches:  # the calibrator did not show its outputs
+            check = _rerun(check, model)
+        check.finish()
     info = CalibrationInfo(config.method.value, samples, batches, len(ranges.keys()),
                            time.monotonic() - start)
     return ranges, info, kept
+
+
+class _Observed:
+    """An onnxruntime session that hands every run's outputs named in ``check`` to it, as
+    onnxruntime's calibrators run ``infer_session.run(None, feeds)`` once per batch."""
+
+    def __init__(self, sess, check: DataCheck):
+        self._sess, self._check = sess, check
+
+    def run(self, names, feeds, *args, **kwargs):
+        values = self._sess.run(names, feeds, *args, **kwargs)
+        got = dict(zip(names or [o.name for o in self._sess.get_outputs()], values))
+        if all(n in got for n in self._check.names):
+            self._check.add(feeds, got)
+        return values
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def _observe(calibrator, check: DataCheck) -> bool:
+    """Route the calibrator's runs through :class:`_Observed`; False when it keeps its session
+    elsewhere (another onnxruntime version): then the check runs the model itself."""
+    sess = getattr(calibrator, "infer_session", None)
+    if sess is None or not hasattr(sess, "run"):
+        return False
+    calibrator.infer_session = _Observed(sess, check)
+    return True
+
+
+def _rerun(check: DataCheck, model: onnx.ModelProto) -> DataCheck:
+    """The check over the data with the model run for it (a fresh check: the observed one may
+    have seen only part of the batches)."""
+    again = DataCheck(check.reference, check.dataset, rtol=check.rtol, what=check.what,
+                      recorded=check.recorded)
+    sess = verify.session(model, optimized=True)
+    for feeds in check.dataset.batches():
+        again.add(feeds, verify.run(sess, feeds))
+    return again
 
 
 ANALYSIS_MAX_SAMPLES = 256

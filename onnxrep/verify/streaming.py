@@ -29,37 +29,57 @@ def compare_on_data(reference: ModelLike, candidate: ModelLike, data, *,
     :class:`VerificationError` when ``rtol`` is given and exceeded. ``recorded``: the
     reference's outputs for the first batches of ``data`` (as a statistics run kept them);
     the reference model runs only on the batches they do not cover."""
-    dataset = as_dataset(data, reference)
+    check = DataCheck(reference, data, rtol=rtol, what=what, recorded=recorded)
     cand_sess = session(candidate, optimized=True)
-    ref_model = (reference if isinstance(reference, onnx.ModelProto) else
-                 onnx.load(os.fspath(reference), load_external_data=False))
-    names = [o.name for o in ref_model.graph.output]
-    bounds = output_bounds(ref_model)
-    recorded, ref_sess = recorded or [], None
-    sums = {name: Fidelity(bounds.get(name, 0.0)) for name in names}
-    samples = 0
-    with Progress(dataset.num_samples, "verifying on data") as bar:
-        for i, feeds in enumerate(dataset.batches()):
-            n = len(next(iter(feeds.values())))
-            ref = recorded[i] if i < len(recorded) else None
-            if ref is None or set(ref) != set(names) or len(next(iter(ref.values()))) != n:
-                ref_sess = ref_sess or session(reference, optimized=True)
-                ref = run(ref_sess, feeds)
-            out = run(cand_sess, feeds)
-            for name, acc in sums.items():
-                try:
-                    acc.update(ref[name], out[name], name)
-                except InputError as exc:
-                    text = str(exc).replace("the reference model outputs",
-                                            "the original model already outputs", 1)
-                    raise InputError(f"{text} of the calibration data; its outputs cannot be "
-                                     "verified") from None
-            samples += n
-            bar.update(n)
-    comparison = Comparison({name: acc.result() for name, acc in sums.items()})
-    if rtol is not None:
-        check(comparison, rtol, f"{what} (on {samples} calibration samples)")
-    return comparison
+    with Progress(check.dataset.num_samples, "verifying on data") as bar:
+        for feeds in check.dataset.batches():
+            check.add(feeds, run(cand_sess, feeds))
+            bar.update(len(next(iter(feeds.values()))))
+    return check.finish()
+
+
+class DataCheck:
+    """:func:`compare_on_data` fed by whoever runs the candidate: ``add(feeds, outputs)`` for
+    each batch of ``data`` in order (the candidate's outputs on it), then ``finish()``. A run
+    that computes the candidate's outputs anyway (onnxruntime's calibrator does) thus checks it
+    at no extra inference."""
+
+    def __init__(self, reference: ModelLike, data, *, rtol: float | None, what: str,
+                 recorded: list[dict] | None = None):
+        self.reference, self.rtol, self.what = reference, rtol, what
+        self.dataset = as_dataset(data, reference)
+        ref_model = (reference if isinstance(reference, onnx.ModelProto) else
+                     onnx.load(os.fspath(reference), load_external_data=False))
+        self.names = [o.name for o in ref_model.graph.output]
+        bounds = output_bounds(ref_model)
+        self.sums = {name: Fidelity(bounds.get(name, 0.0)) for name in self.names}
+        self.recorded, self._session = recorded or [], None
+        self.batches = self.samples = 0
+
+    def add(self, feeds: dict, outputs: dict) -> None:
+        n = len(next(iter(feeds.values())))
+        i, self.batches = self.batches, self.batches + 1
+        ref = self.recorded[i] if i < len(self.recorded) else None
+        if ref is None or set(ref) != set(self.names) or len(next(iter(ref.values()))) != n:
+            self._session = self._session or session(self.reference, optimized=True)
+            ref = run(self._session, feeds)
+        for name, acc in self.sums.items():
+            try:
+                acc.update(ref[name], outputs[name], name)
+            except InputError as exc:
+                text = str(exc).replace("the reference model outputs",
+                                        "the original model already outputs", 1)
+                raise InputError(f"{text} of the calibration data; its outputs cannot be "
+                                 "verified") from None
+        self.samples += n
+
+    def finish(self) -> Comparison:
+        """The comparison; :class:`VerificationError` past ``rtol``."""
+        self._session = None
+        comparison = Comparison({name: acc.result() for name, acc in self.sums.items()})
+        if self.rtol is not None:
+            check(comparison, self.rtol, f"{self.what} (on {self.samples} calibration samples)")
+        return comparison
 
 
 class Fidelity:
