@@ -22,9 +22,9 @@ How it runs (about one inference of each model per sample, whatever the number o
    mean gives its correction, and the change of its dequantized bias is added to its cached
    output before any consumer runs, as a rerun with the new bias would compute. The last
    segment yields the corrected model's outputs; the "after" means are the measured ones plus
-   the change. When onnxruntime, quantizing the corrected biases, chooses other parameters
-   (it may widen a weight scale to fit a large int32 bias), the written model is run once
-   instead. Memory: the tensors live at one layer frontier for all analysis samples (each
+   the change. The corrected QDQ model is the uncorrected one with the new int32 biases, as
+   onnxruntime would write it; only when a bias comes near the int32 limit (where onnxruntime
+   widens the weight scale to fit it) is it quantized by onnxruntime and run once more. Memory: the tensors live at one layer frontier for all analysis samples (each
    layer's mean needs every sample before its consumers run), plus one batch's intermediates.
 
 Guard: the corrected model is kept only when its output SQNR against FP32 on the same samples
@@ -168,7 +168,10 @@ def correct_biases(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto],
     with Progress(len(layers), "bias correction") as bar:
         swept = _Sweep(plain, [lay.node for lay in layers],
                        {lay.node: lay.rank for lay in layers}).run(batches, correct, bar)
-    corrected = quantize(model)
+    # with every corrected bias far inside int32, onnxruntime would write ``plain`` with the new
+    # int32 biases (it changes a weight scale only for a bias that does not fit): write that
+    corrected = (_with_biases(plain, biases) if all(_fits(lay, index) for lay in layers)
+                 else quantize(model))
     if not _same_but_biases(corrected, plain, biases):
         # onnxruntime chose other parameters for the corrected biases (it may widen a weight
         # scale to fit a large int32 bias): measure the model it wrote instead
@@ -230,6 +233,23 @@ def _same_but_biases(corrected: onnx.ModelProto, plain: onnx.ModelProto,
         elif t.SerializeToString() != mine[t.name].SerializeToString():
             return False
     return True
+
+
+def _fits(lay: _Layer, index: GraphIndex) -> bool:
+    """Whether the layer's float bias quantizes to at most 2^30 in magnitude: half of int32,
+    well below where onnxruntime widens the weight scale to make a bias fit."""
+    q = np.abs(index.const(lay.bias).astype(np.float64) / lay.scale.astype(np.float64))
+    return bool(np.all(q <= 2.0**30))
+
+
+def _with_biases(plain: onnx.ModelProto, biases: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``plain`` with the int32 bias initializers ``biases``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(plain)
+    for t in out.graph.initializer:
+        if t.name in biases:
+            t.CopyFrom(numpy_helper.from_array(biases[t.name], t.name))
+    return out
 
 
 def _requantize(b: np.ndarray, lay: _Layer) -> np.ndarray:
