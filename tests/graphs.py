@@ -133,3 +133,13 @@ def mobileone_like(seed: int = 0) -> onnx.ModelProto:
     c.conv(32, group=32, stride=2, outliers={7: 600.0}).relu().conv(32, k=1).relu()
     c.conv(32, group=32, outliers={0: 200.0, 30: 350.0}).relu().conv(64, k=1).relu()
     return c.gap().flatten().gemm(10).build()
+
+
+def perturbed(model: onnx.ModelProto, factor: float = 1.01) -> onnx.ModelProto:
+    """A copy of ``model`` whose second-to-last initializer is scaled by ``factor``: a model
+    that is no longer equivalent (for checks that must fail)."""
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w = other.graph.initializer[-2]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * factor, w.name))
+    return other

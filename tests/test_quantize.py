@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import Chain, batch_for, conv_relu_conv, depthwise_chain, mobileone_like
+from graphs import (Chain, batch_for, conv_relu_conv, depthwise_chain, mobileone_like,
+                    perturbed)
 from onnxrep import verify
 from onnxrep.cli import main
 from onnxrep.errors import InputError
@@ -503,10 +504,7 @@ def test_calibration_completes_the_passes_check_over_the_data(tmp_path):
     from onnxrep.verify.streaming import DataCheck
 
     model = mobileone_like()
-    other = onnx.ModelProto()
-    other.CopyFrom(model)
-    w = other.graph.initializer[-2]
-    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+    other = perturbed(model)
     data = as_dataset(batch_for(model, 40), model, batch_size=8)
     config = QuantizeConfig(optimize=False)
     same = DataCheck(model, data, rtol=1e-4, what="test")

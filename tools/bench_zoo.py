@@ -285,24 +285,31 @@ def main(argv=None) -> int:
             info[key] = values[0] if len(values) == 1 else "/".join(values)
         report(info, [rows[n] for n in MODELS if n in rows])
         return 0
-    names = [n for n in args.models.split(",") if n]
-    unknown = [n for n in names if n not in SPECS]
-    if unknown:
-        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(SPECS)}")
     info = header(args)
-    log(info["cpu"])
-    rows = []
-    for name in names:
-        rows.append(bench_model(name, args))
-        if args.save:
-            part = args.save.with_name(args.save.name + ".part")
-            part.write_text(json.dumps({"header": info, "rows": rows}, indent=1))
-            part.replace(args.save)
+    rows = run_models(p, args, info, bench_model)
     if args.json:
         print(json.dumps({"header": info, "rows": rows}, indent=1))
         return 0
     report(info, rows)
     return 0
+
+
+def run_models(p: argparse.ArgumentParser, args, info: dict, bench) -> list[dict]:
+    """``bench(name, args)`` for each model of ``args.models`` in order, the JSON document
+    rewritten to ``args.save`` after each one (a killed run keeps the rows it finished)."""
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(SPECS)}")
+    log(info["cpu"])
+    rows = []
+    for name in names:
+        rows.append(bench(name, args))
+        if args.save:
+            part = args.save.with_name(args.save.name + ".part")
+            part.write_text(json.dumps({"header": info, "rows": rows}, indent=1))
+            part.replace(args.save)
+    return rows
 
 
 def report(info: dict, rows: list[dict]) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 
-from bench_zoo import cell, fmt_metric, header, measure  # noqa: E402
+from bench_zoo import cell, fmt_metric, header, measure, run_models  # noqa: E402
 from fetch_zoo import DEFAULT_CACHE, MODELS  # noqa: E402
 from zoo.models import SPECS, harness, train_set  # noqa: E402
 
@@ -169,21 +169,10 @@ def main(argv=None) -> int:
         rows = {r["model"]: r for d in docs for r in d["rows"]}
         report(docs[0]["header"], [rows[n] for n in MODELS if n in rows])
         return 0
-    names = [n for n in args.models.split(",") if n]
-    unknown = [n for n in names if n not in SPECS]
-    if unknown:
-        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(SPECS)}")
     info = {**header(argparse.Namespace(calib=args.calib, test=args.test, onnxrep_args="")),
             "lr": args.lr, "freeze_bn_after": args.freeze_bn_after, "seed": args.seed,
             "max_minutes": args.max_minutes, "threads": args.threads}
-    log(info["cpu"])
-    rows = []
-    for name in names:
-        rows.append(bench_model(name, args))
-        if args.save:
-            part = args.save.with_name(args.save.name + ".part")
-            part.write_text(json.dumps({"header": info, "rows": rows}, indent=1))
-            part.replace(args.save)
+    rows = run_models(p, args, info, bench_model)
     if args.json:
         print(json.dumps({"header": info, "rows": rows}, indent=1))
         return 0

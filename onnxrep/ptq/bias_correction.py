@@ -48,6 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxrep import verify
 from onnxrep.ir.graph import GraphIndex, attr, unique_name
+from onnxrep.ir.layers import out_channels
 from onnxrep.ir.model import opset_version
 from onnxrep.passes.base import Skip
 from onnxrep.progress import Progress
@@ -273,7 +274,7 @@ def _candidates(model: onnx.ModelProto, skips: list[Skip]) -> list[_Layer]:
         if w is None or not np.issubdtype(w.dtype, np.floating):
             skips.append(Skip(node.name, "weight is not a float constant"))
             continue
-        channels = _channels(node, w)
+        channels = out_channels(node, w.shape)
         if node.op_type == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0:
             skips.append(Skip(node.name, "Gemm with beta != 1 (onnxruntime folds beta into the "
                                          "bias scale)"))
@@ -303,14 +304,6 @@ def _candidates(model: onnx.ModelProto, skips: list[Skip]) -> list[_Layer]:
                 node.input[2] = bias
         layers.append(_Layer(node.name, bias, 2 if node.op_type == "Gemm" else w.ndim))
     return layers
-
-
-def _channels(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return w.shape[0]
-    if node.op_type == "ConvTranspose":
-        return w.shape[1] * int(attr(node, "group", 1))
-    return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
 
 
 def _init(graph: onnx.GraphProto, name: str) -> onnx.TensorProto:

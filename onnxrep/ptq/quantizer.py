@@ -41,7 +41,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxrep import verify
 from onnxrep.data import Dataset, as_dataset
 from onnxrep.errors import (DataError, InputError, OnnxrepError, UnsupportedModelError,
                             VerificationError)
@@ -53,7 +52,7 @@ from onnxrep.progress import Progress, log
 from onnxrep.ptq import bias_correction, mixed_precision, sensitivity
 from onnxrep.ptq import op_types as op_search, ranges as range_search
 from onnxrep.ptq.targets import TARGETS, Target, get_target
-from onnxrep.verify.streaming import DataCheck
+from onnxrep.verify.streaming import DataCheck, compare_on_data
 
 if TYPE_CHECKING:
     from onnxrep.training.adaround import Rounding
@@ -584,10 +583,11 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
         with quiet_onnxruntime():
             ranges = calibrator.compute_data()
         _check_ranges(ranges)
-    if check is not None:
-        if not observed or check.batches != batches:  # the calibrator did not show its outputs
-            check = _rerun(check, model)
+    if check is not None and observed and check.batches == batches:
         check.finish()
+    elif check is not None:  # the calibrator did not show its outputs: run the model for it
+        compare_on_data(check.reference, model, check.dataset, rtol=check.rtol,
+                        what=check.what, recorded=check.recorded)
     info = CalibrationInfo(config.method.value, samples, batches, len(ranges.keys()),
                            time.monotonic() - start)
     return ranges, info, kept
@@ -619,17 +619,6 @@ def _observe(calibrator, check: DataCheck) -> bool:
         return False
     calibrator.infer_session = _Observed(sess, check)
     return True
-
-
-def _rerun(check: DataCheck, model: onnx.ModelProto) -> DataCheck:
-    """The check over the data with the model run for it (a fresh check: the observed one may
-    have seen only part of the batches)."""
-    again = DataCheck(check.reference, check.dataset, rtol=check.rtol, what=check.what,
-                      recorded=check.recorded)
-    sess = verify.session(model, optimized=True)
-    for feeds in check.dataset.batches():
-        again.add(feeds, verify.run(sess, feeds))
-    return again
 
 
 ANALYSIS_MAX_SAMPLES = 256

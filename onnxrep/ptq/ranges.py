@@ -47,9 +47,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxrep import verify
 from onnxrep.ir.graph import GraphIndex
 from onnxrep.passes.base import Skip
+from onnxrep.ptq.sensitivity import summed_outputs
 
 PERCENTILES = (99.99, 99.999)
 MSE_GRID, MSE_SMALLEST = 96, 1e-3  # clipping factors a: MSE_GRID geometric steps in [1e-3, 1]
@@ -315,15 +315,7 @@ class _ScoringGraph:
         return out
 
     def run(self, batches: list[dict]) -> tuple[dict[str, float], int]:
-        sess = verify.session(self.model)
-        names = [o.name for o in sess.get_outputs()]
-        sums = dict.fromkeys(names, 0.0)
-        samples = 0
-        for feeds in batches:
-            for name, value in zip(names, sess.run(names, feeds)):
-                sums[name] += float(value)
-            samples += len(next(iter(feeds.values())))
-        return sums, samples
+        return summed_outputs(self.model, batches)
 
     def choose(self, t: str, sums: dict[str, float]) -> RangeChoice:
         scores = {}

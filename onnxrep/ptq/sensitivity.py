@@ -83,12 +83,10 @@ def _db(v: float | None) -> str:
     return "-" if v is None else (fmt(v, 3) if not math.isfinite(v) else f"{v:.1f}")
 
 
-def layer_report(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto,
-                 batches: list[dict]) -> LayerReport:
-    """Per-node SQNR of ``qdq_model`` against ``float_model`` (the FP32 model it was quantized
-    from, node names unchanged) on ``batches``; neither model is mutated."""
-    graph = _Combined(float_model, qdq_model)
-    sess = verify.session(graph.model)
+def summed_outputs(model: onnx.ModelProto, batches: list[dict]) -> tuple[dict[str, float], int]:
+    """({output: its sum over ``batches``}, samples) of a model whose outputs are scalars (the
+    reductions a probe graph adds), in one session."""
+    sess = verify.session(model)
     names = [o.name for o in sess.get_outputs()]
     sums = dict.fromkeys(names, 0.0)
     samples = 0
@@ -96,6 +94,15 @@ def layer_report(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto,
         for name, value in zip(names, sess.run(names, feeds)):
             sums[name] += float(value)
         samples += len(next(iter(feeds.values())))
+    return sums, samples
+
+
+def layer_report(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto,
+                 batches: list[dict]) -> LayerReport:
+    """Per-node SQNR of ``qdq_model`` against ``float_model`` (the FP32 model it was quantized
+    from, node names unchanged) on ``batches``; neither model is mutated."""
+    graph = _Combined(float_model, qdq_model)
+    sums, samples = summed_outputs(graph.model, batches)
     layers = [probe.result(sums) for probe in graph.probes]
     layers.sort(key=lambda e: (e.sqnr_db, e.node))
     return LayerReport(layers, samples, graph.skips)

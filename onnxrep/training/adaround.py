@@ -45,6 +45,7 @@ from onnx import helper
 
 from onnxrep import verify
 from onnxrep.ir.graph import GraphIndex, attr
+from onnxrep.ir.layers import out_channels
 from onnxrep.passes.base import Skip
 from onnxrep.progress import Progress, log
 from onnxrep.ptq.bias_correction import _ancestors, _read_graph
@@ -233,7 +234,7 @@ def _find_layers(float_model: onnx.ModelProto, qdq: onnx.ModelProto, skips: list
         axis = None if scale.size == 1 else int(axis if axis is not None else 1)
         z = qindex.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         zero = _broadcast(z if z is not None else np.zeros((), codes.dtype), w.shape, axis)
-        cout = _cout(node, w)
+        cout = out_channels(node, w.shape)
         b = findex.const(fnode.input[2]) if len(fnode.input) > 2 and fnode.input[2] else None
         b = np.zeros(cout, np.float32) if b is None else b.astype(np.float32).reshape(-1)
         qb = (_dequant_value(qindex, qdq.graph, node.input[2])
@@ -245,16 +246,6 @@ def _find_layers(float_model: onnx.ModelProto, qdq: onnx.ModelProto, skips: list
                              _broadcast(scale, w.shape, axis).astype(np.float32),
                              np.asarray(zero), b, qb.reshape(-1).astype(np.float32), qi, fi))
     return layers
-
-
-def _cout(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return w.shape[0]
-    if node.op_type == "ConvTranspose":
-        return w.shape[1] * int(attr(node, "group", 1))
-    if node.op_type == "Gemm":
-        return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
-    return w.shape[1]
 
 
 def _torch_layout(layer: _Layer, a: np.ndarray | torch.Tensor):
