@@ -91,7 +91,11 @@ class OptimizeConfig:
 class Optimized:
     """What a run did. ``model`` is None after :func:`optimize_file`, which does not keep it.
     ``comparison``: on the verification inputs; ``data_comparison``: the result against the
-    original over all calibration samples, when a data-dependent pass changed the model."""
+    original over all calibration samples, when a data-dependent pass changed the model.
+    ``folded``: weight statistics of the deploy form, the model after reparameterization and
+    BN/affine folding (which every INT8 flow does: onnxruntime's quantization pre-processing,
+    OpenVINO and TensorRT fold BN too), before the passes that move precision between layers;
+    None when neither pass changed the model."""
 
     model: onnx.ModelProto | None
     results: list[tuple[str, PassResult]]
@@ -101,6 +105,7 @@ class Optimized:
     data_comparison: verify.Comparison | None = None
     subgraph_layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, where): left alone
     data_check: DataCheck | None = None  # the check over the data left to the caller (defer)
+    folded: list[WeightStats] | None = None  # after reparameterize + fold-affine, if they ran
 
 
 @dataclass
@@ -154,8 +159,9 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
                             rtol=verify.effective_rtol(work, config.rtol),
                             bounds=verify.output_bounds(work),
                             dataset=dataset if replay else None)
-    before = weight_stats(work)
-    manager = _manager(work, config, dataset, progress, verifier, check_each=check_each)
+    before, folded = weight_stats(work), []
+    manager = _manager(work, config, dataset, progress, verifier, check_each=check_each,
+                       folded=folded)
     run = manager.run(work)
     pending = None
     if verifier is not None and not check_each and run.changed:
@@ -165,12 +171,13 @@ def optimize_with_details(model: onnx.ModelProto, config: OptimizeConfig | None 
             if config.strict:
                 raise
             work.CopyFrom(original)  # again, pass by pass, rolling back what breaks
-            run = _manager(work, config, dataset, progress, verifier, check_each=True).run(work)
+            run = _manager(work, config, dataset, progress, verifier, check_each=True,
+                           folded=folded).run(work)
     comparison = run.comparison
     if verifier is not None and comparison is None:  # nothing changed: exact
         comparison = verify.compare_outputs(verifier.reference, verifier.reference)
     return Optimized(work, run.results, before, weight_stats(work), comparison,
-                     run.data_comparison, subgraph_layers(work.graph), pending)
+                     run.data_comparison, subgraph_layers(work.graph), pending, folded or None)
 
 
 def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
@@ -199,7 +206,9 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
                                 reference=verify.run(ref_session.result(), feeds))
             ref_session = None
             verify.release_memory()
-        manager = _manager(model, config, dataset, progress, verifier, check_each=False)
+        folded: list[WeightStats] = []
+        manager = _manager(model, config, dataset, progress, verifier, check_each=False,
+                           folded=folded)
         run = manager.run(model)
     after = weight_stats(model)
     nested = subgraph_layers(model.graph)
@@ -221,9 +230,9 @@ def optimize_file(src: str | os.PathLike, dst: str | os.PathLike,
                                               progress=progress)
                 write_to(again.model, tmp)
                 return Optimized(None, again.results, before, again.after, again.comparison,
-                                 again.data_comparison, nested)
+                                 again.data_comparison, nested, folded=again.folded)
     return Optimized(None, run.results, before, after, run.comparison, run.data_comparison,
-                     nested)
+                     nested, folded=folded or None)
 
 
 def restore_bn(model: onnx.ModelProto, calib, layers: list[str] | None = None,
@@ -255,10 +264,12 @@ def restore_bn_with_details(model: onnx.ModelProto, calib, layers: list[str] | N
 
 
 def _manager(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress,
-             verifier: Verifier | None, *, check_each: bool) -> PassManager:
+             verifier: Verifier | None, *, check_each: bool,
+             folded: list | None = None) -> PassManager:
     """The optimize pipeline in order; each stage sees the model as the earlier passes left
     it. fold-affine runs when there is something it could fold; the data-dependent passes
-    run when the data can be read more than once (statistics, then verification)."""
+    run when the data can be read more than once (statistics, then verification).
+    ``folded``: filled with the weight statistics of the deploy form (see :class:`Optimized`)."""
     if dataset is not None and not _replayable(dataset):
         dataset = None
     checked = verifier is not None and verifier.dataset is not None
@@ -275,8 +286,15 @@ def _manager(model: onnx.ModelProto, config: OptimizeConfig, dataset, progress,
     if config.absorb_bias and dataset is not None:
         stages.append(Stage("absorb-bias", lambda m, s: AbsorbHighBias(
             s.get(m, relu_inputs(m)))))
+    def observe(name: str, result: PassResult, m: onnx.ModelProto) -> None:
+        if folded is not None and name in DEPLOY_FORM and result.modified:
+            folded[:] = weight_stats(m)
+
     return PassManager(stages, verifier=verifier, stats=stats, check_each=check_each,
-                       strict=config.strict, progress=progress)
+                       strict=config.strict, progress=progress, observe=observe)
+
+
+DEPLOY_FORM = ("reparameterize", "fold-affine")  # what every INT8 flow does first
 
 
 def _dead_inputs(model: onnx.ModelProto, config: OptimizeConfig,

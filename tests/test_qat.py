@@ -421,6 +421,60 @@ def test_distillation_without_labels_and_dataloaders():
     assert result.steps == 4 and all(h.accuracy is not None for h in result.history)
 
 
+def test_training_starts_from_the_ptq_model():
+    """Held weights (a learning rate of 1e-12) and fixed ranges: the export is the PTQ model
+    it started from, bias correction included, up to a rounding tie."""
+    from onnxrep.ptq.quantizer import quantize
+
+    model, data = _conv_bn_relu(), _tiny_data(128, labels=False)
+    calib = {"input": data["input"][:64]}
+    result = qat_with_details(model, data, calib=calib, config=QATConfig(
+        batch_size=32, lr=1e-12, averaging_constant=0.0, keep_better=False))
+    feeds = {"input": _tiny_data(64, seed=5, labels=False)["input"]}
+    ptq = quantize(model, calib)
+    assert result.ptq is not None and result.choice is None
+    same = verify.compare_outputs(verify.run(ptq, feeds), verify.run(result.model, feeds))
+    assert same.sqnr_db > 40, same.summary()
+
+
+def test_a_qat_run_that_ends_below_its_ptq_start_writes_the_ptq_model():
+    model, data = _conv_bn_relu(), _tiny_data(128, labels=False)
+    calib = {"input": data["input"][:64]}
+    wreck = dict(batch_size=32, optimizer="adam", lr=0.5)  # each tensor moves 50% a step
+    kept = qat_with_details(model, data, calib=calib, config=QATConfig(**wreck))
+    assert kept.choice.kept == "ptq" and kept.choice.ptq_db > kept.choice.qat_db + 3
+    assert kept.model.SerializeToString() == kept.ptq.SerializeToString()
+    assert "wrote the PTQ model instead" in kept.choice.summary()
+    raw = qat_with_details(model, data, calib=calib, config=QATConfig(**wreck,
+                                                                      keep_better=False))
+    assert raw.choice is None and raw.model.SerializeToString() != raw.ptq.SerializeToString()
+    fine = qat_with_details(model, data, calib=calib, config=QATConfig(
+        batch_size=32, lr=1e-12, averaging_constant=0.0))
+    assert fine.choice.kept == "qat" and fine.choice.qat_db >= fine.choice.ptq_db
+
+
+def test_adam_steps_are_relative_to_each_tensor():
+    """An equivalent model whose first layer is 1000x smaller and whose second is 1000x larger
+    trains along the same loss curve with the relative Adam steps."""
+    def chain(c):
+        m = Chain(channels=1, hw=(12, 12), seed=0).conv(8, stride=2).relu().conv(4, k=1).build()
+        for init in m.graph.initializer:
+            w = numpy_helper.to_array(init)
+            first = init.name in (m.graph.node[0].input[1], m.graph.node[0].input[2])
+            init.CopyFrom(numpy_helper.from_array((w * (c if first else 1 / c)
+                                                   if init.name != m.graph.node[2].input[2]
+                                                   else w).astype(np.float32), init.name))
+        return m
+
+    data = _tiny_data(128, labels=False)
+    cfg = QATConfig(batch_size=32, optimizer="adam", lr=1e-2, optimize=False, from_ptq=False,
+                    restore_bn=False, averaging_constant=0.0, rtol=1e-4)
+    curves = [[h.loss for h in qat_with_details(chain(c), data, config=cfg).history]
+              for c in (1.0, 1e-3)]
+    assert len(curves[0]) == 4 and curves[0][-1] != curves[0][0]
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-3)
+
+
 def test_bad_training_data_is_a_data_error():
     model = _conv_bn_relu()
     with pytest.raises(DataError, match="input"):
@@ -486,8 +540,10 @@ def test_cli_defaults_are_the_config_defaults():
 
     args = build_parser().parse_args(["qat", "m.onnx", "--data", "d.npz"])
     config = QATConfig()
-    for name in ("epochs", "lr", "batch_size", "momentum", "calib_samples", "seed", "rtol"):
+    for name in ("epochs", "optimizer", "lr", "batch_size", "momentum", "calib_samples", "seed",
+                 "rtol", "from_ptq", "keep_better"):
         assert getattr(args, name) == getattr(config, name), name
+    assert args.range_averaging == config.averaging_constant
 
 
 def test_importing_onnxrep_and_its_cli_does_not_import_torch():

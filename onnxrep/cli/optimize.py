@@ -102,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
                                    for n, w in nested]})
     else:
         if result.before:
-            print(layer_table(result.before, result.after))
+            if result.folded:
+                print("before = the deploy form: the input with its BatchNormalization and "
+                      "per-channel affine ops folded (and train-form blocks merged), as every "
+                      "INT8 flow quantizes it")
+            print(layer_table(result.folded or result.before, result.after))
         else:
             print("nothing to equalize: the model has no Conv/ConvTranspose/Gemm/MatMul layer "
                   "with constant weights in its main graph")
@@ -140,6 +144,7 @@ def summary(result: Optimized, out) -> str:
     passes = dict(result.results)
     eq = passes["equalize"]
     worst_b = max((s.spread for s in result.before), default=1.0)
+    worst_f = max((s.spread for s in result.folded), default=1.0) if result.folded else None
     worst_a = max((s.spread for s in result.after), default=1.0)
     verified = (f"verified: {result.comparison.summary()}" if result.comparison
                 else "not verified")
@@ -173,13 +178,16 @@ def summary(result: Optimized, out) -> str:
     e = eq.summary
     lines.append(f"equalized {len(eq.changes)}/{e.pairs} pairs in {e.rounds} "
                  f"rounds{'' if e.converged else ' (not converged)'}, {len(eq.skips)} "
-                 f"layers skipped; worst spread {fmt(worst_b)} -> {fmt(worst_a)}; {verified}; "
+                 f"layers skipped; worst spread {fmt(worst_b)} -> "
+                 + (f"{fmt(worst_f)} folded -> " if worst_f is not None else "")
+                 + f"{fmt(worst_a)}; {verified}; "
                  f"wrote {out}")
     return "\n".join(lines)
 
 
 def as_json(result: Optimized, src, out) -> dict:
     after_by = {s.node: s for s in result.after}
+    folded_by = {s.node: s for s in result.folded or []}
     return {
         "input": str(src), "output": str(out),
         "passes": [{"name": name, "changes": [vars(c) for c in r.changes],
@@ -187,6 +195,7 @@ def as_json(result: Optimized, src, out) -> dict:
                     "summary": asdict(r.summary) if r.summary is not None else None}
                    for name, r in result.results],
         "layers": [{"node": b.node, "before": b.as_dict(),
+                    "folded": folded_by[b.node].as_dict() if b.node in folded_by else None,
                     "after": after_by.get(b.node, b).as_dict()} for b in result.before],
         "verification": result.comparison.as_dict() if result.comparison else None,
         "verification_on_data": (result.data_comparison.as_dict() if result.data_comparison

@@ -34,7 +34,7 @@ from onnxrep.cli.common import (add_image_options, add_output, add_reporting, bo
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.progress import log
-from onnxrep.training.config import Distill, QATConfig
+from onnxrep.training.config import OPTIMIZERS, Distill, QATConfig
 from onnxrep.ptq.targets import TARGETS
 from onnxrep.report import table
 
@@ -52,11 +52,18 @@ def register(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=_D.epochs,
                    help="default %(default)s")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=_D.optimizer,
+                   help="adam: AdamW with each tensor's step lr x its RMS at the start (a "
+                        "relative step); sgd: Nesterov momentum (default %(default)s)")
     p.add_argument("--lr", type=positive_float, default=_D.lr,
-                   help="peak learning rate, SGD with Nesterov momentum, cosine decay "
-                        "(default %(default)g)")
+                   help="peak learning rate, cosine decay to 0 (default %(default)g)")
     p.add_argument("--momentum", type=bounded(float, lo=0, hi=1, hi_open=True), default=_D.momentum,
-                   help="default %(default)s")
+                   help="SGD momentum (default %(default)s)")
+    p.add_argument("--range-averaging", type=bounded(float, lo=0, hi=1),
+                   default=_D.averaging_constant, metavar="C",
+                   help="activation ranges: 0 keeps the calibrated ones, C > 0 moves them by "
+                        "an exponential average of each training batch's min/max (default "
+                        "%(default)g)")
     p.add_argument("--batch-size", type=positive_int, default=_D.batch_size,
                    help="global batch size (default %(default)s)")
     p.add_argument("--target", choices=list(TARGETS), default=_D.profile.name,
@@ -75,6 +82,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="run onnxrep's equivalence-preserving passes (CLE, ...) first "
                         "(default on)")
+    p.add_argument("--from-ptq", action=argparse.BooleanOptionalAction, default=_D.from_ptq,
+                   help="start from `onnxrep quantize`'s model (its passes and bias-corrected "
+                        "biases) (default on)")
+    p.add_argument("--keep-better", action=argparse.BooleanOptionalAction,
+                   default=_D.keep_better,
+                   help="when distilling from a PTQ start, write the PTQ model instead if the "
+                        "QAT model ends further from FP32 on the calibration data (default on)")
     p.add_argument("--distill", choices=("kl", "mse"),
                    help="distillation loss when the data has no labels (default: per output, "
                         "kl for Softmax probabilities and [N, K] logits, mse normalized by the "
@@ -117,11 +131,13 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--threads must be at least 1, not {args.threads}")
         torch.set_num_threads(args.threads)
     try:
-        config = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           momentum=args.momentum, target=args.target,
+        config = QATConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr,
+                           batch_size=args.batch_size, momentum=args.momentum,
+                           averaging_constant=args.range_averaging, target=args.target,
                            per_channel=args.per_channel,
                            reduce_range=args.reduce_range,
                            restore_bn=args.restore_bn, optimize=args.optimize,
+                           from_ptq=args.from_ptq, keep_better=args.keep_better,
                            freeze_bn_after=args.freeze_bn_after,
                            calib_samples=args.calib_samples,
                            distill=Distill(args.distill) if args.distill else None,
@@ -161,14 +177,15 @@ def _scores(model, result, val, args, config: QATConfig) -> dict:
 
     scores = {"FP32": evaluate(model, val)}
     if args.ptq:
-        from onnxrep.ptq.quantizer import QuantizeConfig, quantize
-
         label = f"PTQ {'per-channel' if config.per_channel else 'per-tensor'}"
-        log(f"qat: {label} (target {config.profile.name}) for comparison")
-        scores[label] = evaluate(
-            quantize(model, result.calibration,
-                     QuantizeConfig(target=config.target, per_channel=config.per_channel)),
-            val, reference=model)
+        ptq = result.ptq
+        if ptq is None:
+            from onnxrep.ptq.quantizer import QuantizeConfig, quantize
+
+            log(f"qat: {label} (target {config.profile.name}) for comparison")
+            ptq = quantize(model, result.calibration,
+                           QuantizeConfig(target=config.target, per_channel=config.per_channel))
+        scores[label] = evaluate(ptq, val, reference=model)
     scores["QAT INT8"] = evaluate(result.model, val, reference=model)
     return scores
 
@@ -189,6 +206,8 @@ def summary(result, out) -> str:
         f"deployed (onnxruntime int8) vs trained (torch fake-quant): "
         f"{result.deployment.summary()}",
     ]
+    if result.choice is not None:
+        lines.append(result.choice.summary())
     lines += [f"note: {s.node}: {s.reason}" for s in result.skips]
     return "\n".join(lines)
 
@@ -222,5 +241,6 @@ def as_json(result, src, out, scores) -> dict:
         "history": [vars(h) for h in result.history],
         "conversion": result.conversion.as_dict(), "deployment": result.deployment.as_dict(),
         "skips": [vars(s) for s in result.skips],
+        "choice": None if result.choice is None else result.choice.as_dict(),
         "evaluation": None if scores is None else {k: v.as_dict() for k, v in scores.items()},
     }

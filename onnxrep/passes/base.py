@@ -218,13 +218,16 @@ class PassManager:
     rest, each rolled-back unit a Skip with the error it caused, unless ``strict`` (the
     default for single-pass commands, whose whole job is that pass) raises instead.
     Without ``check_each`` the caller verifies once (e.g. the file it wrote) through
-    :meth:`verify_result`."""
+    :meth:`verify_result`. ``observe(name, result, model)`` is called after each stage with
+    the model as that stage left it."""
 
     def __init__(self, stages: list[Stage], *, verifier: Verifier | None = None,
                  stats: StatisticsCache | None = None, check_each: bool = True,
-                 strict: bool = True, progress: Callable[[str], None] | None = None):
+                 strict: bool = True, progress: Callable[[str], None] | None = None,
+                 observe: Callable[[str, PassResult, onnx.ModelProto], None] | None = None):
         self.stages, self.verifier, self.stats = stages, verifier, stats
         self.check_each, self.strict, self.progress = check_each, strict, progress
+        self.observe = observe
 
     def run(self, model: onnx.ModelProto) -> Run:
         run = Run()
@@ -252,6 +255,8 @@ class PassManager:
                     if on_data is not None:
                         run.data_comparison, stale = on_data, False
             run.results.append((p.name, result))
+            if self.observe is not None:
+                self.observe(p.name, result, model)
             if result.modified:
                 run.changed.append(p)
                 if self.stats is not None:

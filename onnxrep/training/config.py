@@ -16,7 +16,8 @@ from onnxrep.ptq.targets import ONNXRUNTIME, TARGETS, Target, get_target
 class FakeQuantConfig:
     """``per_channel``: one weight scale per output channel (else per tensor);
     ``reduce_range``: 7-bit weights [-63, 63] (see the module docstring);
-    ``averaging_constant``: EMA weight of a training batch's activation min/max;
+    ``averaging_constant``: EMA weight of a training batch's activation min/max (0: the
+    calibrated ranges stay fixed);
     ``bn_momentum``: running-statistics momentum of fused BatchNorm in training;
     ``target``: the deployment profile whose activation codes, bias form and Q/DQ placement
     the fake quantization reproduces (:mod:`onnxrep.ptq.targets`)."""
@@ -28,10 +29,13 @@ class FakeQuantConfig:
     target: Target = field(default=ONNXRUNTIME)
 
     def __post_init__(self):
-        if not 0 < self.averaging_constant <= 1:
-            raise ValueError(f"averaging_constant must be in (0, 1], not {self.averaging_constant}")
+        if not 0 <= self.averaging_constant <= 1:
+            raise ValueError(f"averaging_constant must be in [0, 1], not {self.averaging_constant}")
         if not 0 <= self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must be in [0, 1], not {self.bn_momentum}")
+
+
+OPTIMIZERS = ("sgd", "adam")
 
 
 class Distill(enum.Enum):
@@ -43,14 +47,21 @@ class Distill(enum.Enum):
 class QATConfig:
     """How to train.
 
-    ``lr``: peak learning rate (SGD, Nesterov momentum ``momentum``, cosine decay to 0).
+    ``lr``: peak learning rate (cosine decay to 0; Nesterov ``momentum`` for SGD).
     ``target``: the runtime the model is for ("onnxruntime", "openvino", "tensorrt" or a
     :class:`~onnxrep.ptq.targets.Target`): fake quantization and export place and round Q/DQ
     as ``onnxrep quantize --target`` does. ``per_channel``/``reduce_range``: weight
     quantization (:class:`FakeQuantConfig`); ``per_channel`` None takes the target's default.
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
     statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
-    ``optimize``: :func:`onnxrep.optimize` first. ``calib_samples``: training samples used for calibration when no
+    ``optimize``: :func:`onnxrep.optimize` first. ``from_ptq``: start from what
+    ``onnxrep quantize`` (same target and weight granularity) makes of the model: its passes and
+    its bias-corrected biases, so the first step trains the PTQ model. ``keep_better``: when
+    distilling from a PTQ start, score the export and that PTQ model on the calibration data and
+    write the better (:mod:`onnxrep.training.guard`). ``optimizer``: "adam" (AdamW, each
+    tensor's learning rate ``lr`` times its RMS at the start: a relative step) or "sgd".
+    ``averaging_constant``: 0 keeps the calibrated activation ranges fixed, else their
+    exponential average per training batch. ``calib_samples``: training samples used for calibration when no
     calibration data is given. ``distill``: distillation loss without labels (None: per
     output by what it holds, :mod:`onnxrep.training.distill`). ``checkpoint_every``: also
     checkpoint every N steps (0: only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
@@ -61,6 +72,7 @@ class QATConfig:
     """
 
     epochs: int = 1
+    optimizer: str = "sgd"
     lr: float = 1e-2
     batch_size: int = 128
     momentum: float = 0.9
@@ -70,6 +82,8 @@ class QATConfig:
     reduce_range: bool = False
     restore_bn: bool = True
     optimize: bool = True
+    from_ptq: bool = True
+    keep_better: bool = True
     freeze_bn_after: int | None = None
     calib_samples: int = 512
     distill: Distill | None = None
@@ -91,6 +105,9 @@ class QATConfig:
         problems = []
         if self.epochs < 1 or self.batch_size < 1 or self.calib_samples < 1:
             problems.append("epochs, batch_size and calib_samples must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not "
+                            f"{self.optimizer!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be positive, not {self.lr}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:

@@ -17,7 +17,7 @@ Numerics (the ones onnxruntime's quantizer uses; straight-through estimator for 
   z = clamp(round(qmin - lo / s)); q(x) = (clamp(round(x / s) + z, qmin, qmax) - z) * s,
   onnxruntime's formula. Ranges are min/max over the calibration data first, then an
   exponential moving average of each training batch's min/max (lo += c (batch_lo - lo),
-  c = ``averaging_constant``). Tensors tied into a group (a Concat's inputs and output under
+  c = ``averaging_constant``; c = 0 keeps the calibrated ranges). Tensors tied into a group (a Concat's inputs and output under
   TensorRT) quantize with the union of their ranges: one scale.
 - biases of a target without int32 biases (TensorRT) stay float.
 
@@ -112,7 +112,8 @@ class ActQuant(nn.Module):
         return np.uint8 if self.qmin >= 0 else np.int8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode is Mode.CALIBRATE or (self.mode is Mode.TRAIN and self.training):
+        if self.mode is Mode.CALIBRATE or (self.mode is Mode.TRAIN and self.training
+                                           and self.c > 0):
             self._observe(x.detach())
         if self.mode is Mode.CALIBRATE:
             return x

@@ -2,26 +2,34 @@
 
 ``qat(model, train_data, loss_fn, config)``:
 
-1. onnxrep's equivalence-preserving passes (:func:`onnxrep.pipeline.optimize`: CLE, ...,
-   verified), opset 13 first when per-channel;
+1. the starting FP32 model: with ``from_ptq`` (default), what ``onnxrep quantize`` (same target
+   and weight granularity) quantizes: its verified passes and its bias-corrected biases, so
+   the first step trains the PTQ model, and that PTQ model is kept for step 7; else the
+   passes alone (:func:`onnxrep.pipeline.optimize`: CLE, ..., verified), opset 13 first when
+   per-channel;
 2. BN restore on the calibration data (:func:`onnxrep.pipeline.restore_bn`):
    a BN after each Conv with gamma = sqrt(var + eps), beta = mean, so the function is unchanged
    and training has batch statistics to normalize with;
-3. ONNX -> torch (:mod:`.torch_graph`); torch and onnxruntime must agree on the first
+3. ONNX -> torch (:mod:`.convert`); torch and onnxruntime must agree on the first
    calibration batch within ``rtol`` (relative to the largest output), else
-   :class:`VerificationError`;
-4. fake quantization (:mod:`.fake_quant`) placed as ``config.target`` places Q/DQ, activation ranges = min/max over the calibration data;
-5. training: SGD (Nesterov momentum) with a cosine learning-rate decay to 0 over all steps;
+   :class:`VerificationError`; without labels the input model itself, converted and checked
+   the same way, is the FP32 teacher (a PTQ start's biases are corrected for INT8 noise);
+4. fake quantization (:mod:`.fake_quant`) placed as ``config.target`` places Q/DQ, activation
+   ranges = min/max over the calibration data (then fixed, or an exponential average);
+5. training: AdamW with per-tensor relative steps (``_relative_groups``) or SGD (Nesterov
+   momentum), cosine learning-rate decay to 0 over all steps;
    loss = cross-entropy on labels when the data has them, else distillation against the FP32
    model, per output by what it holds (:mod:`.distill`: KL for Softmax probabilities and
    [N, K] logits, normalized MSE otherwise; ``Distill`` forces one), or
    ``loss_fn(output, target)`` with target = labels or the FP32 model's output; training stops
    after ``max_steps`` steps or ``max_minutes`` of training, whichever comes first;
-6. export to QDQ with BN folded (:mod:`.export_qdq`), then the target's post-processing and
+6. export to QDQ with BN folded (:mod:`.export`), then the target's post-processing and
    rule check (``config.target``: a TensorRT export that breaks a placement rule raises
    :class:`VerificationError`); onnxruntime (optimizations on, int8 kernels) vs the torch
    fake-quant model on the first calibration batch is reported as ``deployment`` ("what was
-   trained is what is deployed").
+   trained is what is deployed");
+7. distilling from a PTQ start with ``keep_better``: the export and the PTQ model are scored
+   against FP32 on the calibration data and the better is returned (:mod:`.guard`).
 
 Determinism: data order is a function of (seed, epoch) and nothing else is random, so a run
 is reproducible and a resumed run (``checkpoint_dir`` + ``resume``) continues exactly where the
@@ -59,6 +67,7 @@ from onnxrep.progress import Progress, log, quiet
 from onnxrep.training import fake_quant
 from onnxrep.training.distill import OutputKind, distill_loss, output_kinds
 from onnxrep.training.export import export_qdq
+from onnxrep.training.guard import Choice, keep_better
 from onnxrep.training.config import QATConfig
 from onnxrep.training.fake_quant import Mode, QuantPlan, prepare
 from onnxrep.training.convert import GraphModule, to_torch
@@ -82,7 +91,9 @@ class QATResult:
     (after CLE and BN restore); ``net``: the trained torch fake-quant model (eval mode);
     ``calibration``: the calibration data used; ``conversion``: torch vs onnxruntime on the
     float model before training; ``deployment``: the exported model in onnxruntime (int8
-    kernels) vs the torch fake-quant model, both on the first calibration batch."""
+    kernels) vs the torch fake-quant model, both on the first calibration batch; ``choice``:
+    with ``keep_better``, whether ``model`` is the export or the PTQ model training started
+    from (``net`` and ``deployment`` describe the export either way)."""
 
     model: onnx.ModelProto
     float_model: onnx.ModelProto
@@ -101,6 +112,8 @@ class QATResult:
     train_seconds: float  # the training loop alone (this run's part when resumed)
     samples_per_second: float  # training throughput of this run
     resumed_from: int | None = None
+    choice: Choice | None = None  # keep_better's record: the export or the PTQ start
+    ptq: onnx.ModelProto | None = None  # the PTQ model a from_ptq run started from
 
 
 def qat(model: onnx.ModelProto, train_data, loss_fn: LossFn | None = None,
@@ -134,11 +147,14 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
     torch.manual_seed(config.seed)
     data = TrainData(train_data, model, config.batch_size, config.seed)
     calib_set = _calibration(calib, data, model, config)
-    work, restored = _prepare_float(model, calib_set, config)
+    work, restored, ptq = _prepare_float(model, calib_set, config)
     net = to_torch(work)
     first = calib_set.first_batch()
     conversion = _check_conversion(work, net, first, config.rtol)
-    teacher = None if data.has_labels else copy.deepcopy(net)
+    teacher = None
+    if not data.has_labels:
+        # the FP32 model: a PTQ start's float model carries biases corrected for INT8 noise
+        teacher = copy.deepcopy(net) if ptq is None else _fp32_teacher(model, first, config.rtol)
     target = config.profile
     plan = prepare(net, config.fake_quant(),
                    None if target.quantizes_outputs else target.input_layout(work))
@@ -156,11 +172,15 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
                                 + "; ".join(broken[:3]) + (f" (+{len(broken) - 3} more)"
                                                            if len(broken) > 3 else ""))
     deployment = _check_deployment(qdq, net, first)
+    choice = None
+    if config.keep_better and ptq is not None and teacher is not None and loss_fn is None:
+        qdq, choice = keep_better(model, qdq, ptq, calib_set)
+        log(f"qat: {choice.summary()}")
     return QATResult(qdq, work, net, calib_set, trainer.history, conversion, deployment,
                      restored, len(plan.layers), len(plan.activations), plan.skips, trainer.step,
                      trainer.samples, time.monotonic() - start, trainer.seconds,
                      trainer.run_samples / trainer.seconds if trainer.seconds > 0 else 0.0,
-                     resumed)
+                     resumed, choice, ptq)
 
 
 # ---- steps 1-4 ----------------------------------------------------------------------------------
@@ -173,17 +193,29 @@ def _calibration(calib, data: "TrainData", model, config: QATConfig) -> Dataset:
 
 
 def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
-                   ) -> tuple[onnx.ModelProto, int]:
-    """CLE and BN restore on a copy; returns (model, number of BNs restored)."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    if config.per_channel and opset_version(work) < 13:
-        from onnxrep.ptq.quantizer import convert_opset
+                   ) -> tuple[onnx.ModelProto, int, onnx.ModelProto | None]:
+    """The FP32 model training starts from, on a copy: ``onnxrep quantize``'s prepared and
+    bias-corrected float model (``from_ptq``; its QDQ model is returned too) or the passes
+    alone; then BN restore. Returns (model, number of BNs restored, PTQ model or None)."""
+    ptq = None
+    if config.from_ptq:
+        from onnxrep.ptq.quantizer import QuantizeConfig, quantize_with_details
 
-        work = convert_opset(work, 13)
-    if config.optimize:
-        log("qat: equivalence-preserving passes (CLE, ...)")
-        work = optimize(work, OptimizeConfig(), calib=calib)
+        log("qat: onnxrep quantize first (passes, calibration, bias correction); training "
+            "starts from its model")
+        done = quantize_with_details(model, calib, QuantizeConfig(
+            per_channel=config.per_channel, optimize=config.optimize, target=config.target))
+        work, ptq = done.float_model, done.model
+    else:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        if config.per_channel and opset_version(work) < 13:
+            from onnxrep.ptq.quantizer import convert_opset
+
+            work = convert_opset(work, 13)
+        if config.optimize:
+            log("qat: equivalence-preserving passes (CLE, ...)")
+            work = optimize(work, OptimizeConfig(), calib=calib)
     restored = 0
     if config.restore_bn:
         from onnxrep.pipeline import restore_bn_with_details
@@ -192,7 +224,14 @@ def _prepare_float(model: onnx.ModelProto, calib: Dataset, config: QATConfig
         result = restore_bn_with_details(work, calib, rtol=OptimizeConfig.rtol,
                                          batch_size=config.batch_size)
         work, restored = result.model, result.result.summary.restored
-    return work, restored
+    return work, restored, ptq
+
+
+def _fp32_teacher(model: onnx.ModelProto, feeds, rtol: float) -> GraphModule:
+    """The input model in torch, checked against onnxruntime like the student."""
+    net = to_torch(model)
+    _check_conversion(model, net, feeds, rtol)
+    return net.eval()
 
 
 def _torch_feeds(net: GraphModule, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
@@ -409,6 +448,19 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _relative_groups(params: list[torch.Tensor], lr: float) -> list[dict]:
+    """One Adam parameter group per tensor with learning rate ``lr`` x the tensor's RMS now.
+    Adam moves every element by about its learning rate per step whatever the gradient's
+    size, so this makes ``lr`` a relative step: a pretrained detector's head conv with weights
+    near 3e-5 (PP-OCRv4 det) and a stem near 1 change by the same fraction. A tensor of zeros
+    keeps ``lr`` itself."""
+    groups = []
+    for p in params:
+        rms = float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else 0.0
+        groups.append({"params": [p], "lr": lr * rms if rms > 0 else lr})
+    return groups
+
+
 def _past(deadline: float) -> bool:
     """Whether the wall clock passed ``deadline`` (on every rank alike under torchrun: rank 0
     decides, so no process stops a step before the others)."""
@@ -431,9 +483,13 @@ class _Trainer:
         self.step = self.epoch = self.batch = self.samples = 0
         self.seconds, self.run_samples = 0.0, 0
         params = [p for p in net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                         nesterov=config.momentum > 0,
-                                         weight_decay=config.weight_decay)
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.AdamW(_relative_groups(params, config.lr),
+                                               lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                             nesterov=config.momentum > 0,
+                                             weight_decay=config.weight_decay)
         per_epoch = data.batches_per_epoch()
         total = per_epoch * config.epochs if per_epoch else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
