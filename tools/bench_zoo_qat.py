@@ -15,7 +15,7 @@ Per-model settings (SETTINGS): batch size and training-set size so one epoch is 
 2 cores; the layout model's input has a fixed batch of 1. --max-minutes bounds each run's
 training loop (default 15, the issue's bound).
 
-usage: python tools/bench_zoo_qat.py [--models a,b] [--calib 64] [--test 64] [--lr 1e-4]
+usage: python tools/bench_zoo_qat.py [--models a,b] [--calib 64] [--test 64] [--lr LR]
            [--freeze-bn-after K] [--max-minutes 15] [--threads 2] [--json] [--save FILE]
 """
 
@@ -70,7 +70,8 @@ def command(run: str, model: Path, calib: Path, train: Path, out: Path, s: Setti
                 "-o", str(out), "--force"]
     return [sys.executable, "-m", "onnxrep", "qat", str(model), "--data", str(train),
             "--calib", str(calib), "--restore-bn" if run == "qat_bn" else "--no-restore-bn",
-            "--batch-size", str(s.batch), "--lr", str(args.lr), "--seed", str(args.seed),
+            "--batch-size", str(s.batch), "--seed", str(args.seed),
+            *(["--lr", str(args.lr)] if args.lr is not None else []),
             "--max-minutes", str(args.max_minutes), "--threads", str(args.threads),
             "--rtol", "1e-4", "-o", str(out), "--force", "--json",
             *(["--freeze-bn-after", str(args.freeze_bn_after)]
@@ -110,6 +111,7 @@ def _qat_summary(doc: dict) -> dict:
             "train_s": doc["train_seconds"], "restored_bn": doc["restored_bn"],
             "loss_first": losses[0] if losses else None,
             "loss_last5": sum(tail) / len(tail) if tail else None,
+            "choice": doc.get("choice"),
             "deployment_sqnr": min((o["sqnr_db"] for o in doc["deployment"].values()
                                     if o.get("sqnr_db") is not None),
                                    default=None)}
@@ -120,8 +122,11 @@ def qat_cell(task: str, run: dict) -> str:
     q = run.get("qat")
     if not q:
         return text
+    c = q.get("choice")
+    kept = ("" if not c else f"; {'QAT' if c['kept'] == 'qat' else 'PTQ'} kept ({c['qat_db']:.1f} "
+            f"vs {c['ptq_db']:.1f} dB on calibration)")
     return (f"{text}; {q['steps']} steps in {q['train_s']:.0f} s, loss "
-            f"{q['loss_first']:.3g} -> {q['loss_last5']:.3g}")
+            f"{q['loss_first']:.3g} -> {q['loss_last5']:.3g}{kept}")
 
 
 def table(rows: list[dict]) -> str:
@@ -143,9 +148,7 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(MODELS)} (default all)")
     p.add_argument("--calib", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--test", type=int, default=64, help="test samples (default 64)")
-    p.add_argument("--lr", type=float, default=1e-4, help="QAT peak learning rate "
-                   "(default 1e-4: onnxrep qat's default 1e-2 diverges on these pretrained "
-                   "models)")
+    p.add_argument("--lr", type=float, help="QAT peak learning rate (default: onnxrep qat's)")
     p.add_argument("--freeze-bn-after", type=int, metavar="K",
                    help="passed to onnxrep qat (default: not passed)")
     p.add_argument("--seed", type=int, default=0)
@@ -183,7 +186,8 @@ def main(argv=None) -> int:
 def report(info: dict, rows: list[dict]) -> None:
     print(f"CPU: {info['cpu']}")
     print(f"onnxruntime {info['onnxruntime']}, onnx {info['onnx']}, commit {info['commit']}; "
-          f"{info['calib']} calibration / {info['test']} test samples; QAT: lr {info['lr']:g}, "
+          f"{info['calib']} calibration / {info['test']} test samples; QAT: lr "
+          f"{'onnxrep qat default' if info['lr'] is None else format(info['lr'], 'g')}, "
           f"seed {info['seed']}, {info['threads']} torch threads, at most "
           f"{info['max_minutes']:g} min of training"
           + (f", BN frozen after {info['freeze_bn_after']} steps"

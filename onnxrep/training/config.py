@@ -72,8 +72,8 @@ class QATConfig:
     """
 
     epochs: int = 1
-    optimizer: str = "sgd"
-    lr: float = 1e-2
+    optimizer: str = "adam"
+    lr: float = 1e-4
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -87,7 +87,7 @@ class QATConfig:
     freeze_bn_after: int | None = None
     calib_samples: int = 512
     distill: Distill | None = None
-    averaging_constant: float = 0.01
+    averaging_constant: float = 0.0
     bn_momentum: float = 0.1
     seed: int = 0
     checkpoint_dir: str | os.PathLike | None = None
