@@ -142,3 +142,28 @@ def test_image_options_apply_to_every_data_flag(tmp_path):
                  "--grayscale", "--mean", "0.5", "--no-bias-correction", "-o", str(out),
                  "-q"]) == 0
     assert out.exists()
+
+
+def test_optimize_judges_layers_against_the_bn_folded_input(tmp_path, capsys):
+    """A BN that scales one channel 20x makes the folded conv an outlier layer; that is
+    folding (every INT8 flow folds BN), so the table's "before" is the folded input (flagged
+    `*`, not `v`), while the JSON keeps the input, the folded and the output statistics."""
+    from graphs import Chain
+
+    c = Chain(channels=3, hw=(8, 8), seed=0).conv(8)
+    gamma = np.ones(8, np.float32)
+    gamma[2] = 20.0
+    c.node("BatchNormalization", [c.const(v, "bn") for v in (
+        gamma, np.zeros(8, np.float32), np.zeros(8, np.float32), np.ones(8, np.float32))])
+    path = tmp_path / "bn.onnx"
+    onnx.save(c.relu().conv(4).build(), path)
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["layers"][0]
+    assert first["folded"]["max_abs"] > 10 * first["before"]["max_abs"]
+    assert first["folded"]["channel_sqnr_db"] < first["before"]["channel_sqnr_db"] - 3
+    assert first["after"]["channel_sqnr_db"] > first["folded"]["channel_sqnr_db"] + 3
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "before = the deploy form" in out and " folded -> " in out
+    row = next(line for line in out.splitlines() if line.startswith("Conv"))
+    assert f"{first['folded']['max_abs']:.3g} ->" in row and row.rstrip().endswith("*")
