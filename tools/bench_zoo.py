@@ -196,7 +196,11 @@ def fmt_metric(task: str, m: dict, fp32: bool = False) -> str:
         return f"{_db(m['sqnr'])}, F1 {m['f1_vs_fp32']:.3f} vs FP32 boxes"
     main = {"det": f"hmean {m.get('hmean', 0):.3f}",
             "rec": f"char {m.get('char_acc', 0):.4f}"}.get(task, f"top-1 {m.get('top1', 0):.3f}")
-    return main if fp32 else f"{main}, {_db(m['sqnr'])}"
+    if fp32:
+        return main
+    key = {"det": "hmean_vs_fp32", "rec": "char_vs_fp32"}.get(task, "top1_vs_fp32")
+    agree = f" ({m[key]:.3f} vs FP32's own)" if m.get(key) is not None else ""
+    return f"{main}{agree}, {_db(m['sqnr'])}"
 
 
 def _db(v) -> str:
