@@ -1,15 +1,18 @@
 """Quantization-aware training: fine-tune with INT8 fake quantization, write a QDQ model.
 
-onnxrep's equivalence-preserving passes (`onnxrep optimize`: CLE, ...), BatchNormalization
-restored after each Conv from the calibration statistics, conversion to torch (checked against
-onnxruntime, --rtol), fake quantization
-placed and rounded as `onnxrep quantize --target` places Q/DQ (onnxruntime, openvino: uint8
-activations, int8 weights, outputs quantized; tensorrt: int8 symmetric on op inputs, float
-biases, checked against TensorRT's rules, exit 3 if one breaks), training
-(cross-entropy on the data's labels; distillation from the FP32 model when it has none), BN
-folded back, QDQ export. --val prints FP32, PTQ (same target) and QAT INT8 top-1 side by
-side. Needs torch (pip install 'onnxrep[qat]'). Launched with torchrun it
-trains with DistributedDataParallel (gloo), each process on a slice of every batch.
+Starts from what `onnxrep quantize` makes of the model (its equivalence-preserving passes and
+bias-corrected biases; --no-from-ptq: the passes alone), restores BatchNormalization after each
+Conv from the calibration statistics, converts to torch (checked against onnxruntime, --rtol),
+places and rounds fake quantization as `onnxrep quantize --target` places Q/DQ (onnxruntime,
+openvino: uint8 activations, int8 weights, outputs quantized; tensorrt: int8 symmetric on op
+inputs, float biases, checked against TensorRT's rules, exit 3 if one breaks), trains
+(cross-entropy on the data's labels; distillation from the FP32 model when it has none; AdamW
+with steps relative to each tensor, calibrated ranges fixed), folds BN back and exports QDQ.
+Distilling, it writes the QAT model only if it ends at least as close to FP32 on the
+calibration data as the PTQ model it started from, else that PTQ model (--no-keep-better:
+always the QAT model). --val prints FP32, PTQ (same target) and QAT INT8 top-1 side by side.
+Needs torch (pip install 'onnxrep[qat]'). Launched with torchrun it trains with
+DistributedDataParallel (gloo), each process on a slice of every batch.
 
 Data (--data, --val, --calib): .npz (one array per input, optional `labels`, uint8 images with
 preprocess_scale/mean/std), .npy, or a folder of images. Without --calib the first
