@@ -435,6 +435,18 @@ def test_training_starts_from_the_ptq_model():
     assert result.ptq is not None and result.choice is None
     same = verify.compare_outputs(verify.run(ptq, feeds), verify.run(result.model, feeds))
     assert same.sqnr_db > 40, same.summary()
+    mine, theirs = _activation_qparams(result.model), _activation_qparams(ptq)
+    assert mine and mine.keys() <= theirs.keys()
+    for tensor, (scale, zero) in mine.items():  # PTQ's ranges, not the corrected model's
+        assert zero == theirs[tensor][1] and scale == pytest.approx(theirs[tensor][0], rel=1e-6)
+
+
+def _activation_qparams(model) -> dict:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: (float(inits[n.input[1]].reshape(-1)[0]),
+                         int(inits[n.input[2]].reshape(-1)[0]))
+            for n in model.graph.node if n.op_type == "QuantizeLinear"
+            and n.input[0] not in inits and inits[n.input[1]].size == 1}
 
 
 def test_a_qat_run_that_ends_below_its_ptq_start_writes_the_ptq_model():

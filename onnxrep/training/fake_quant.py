@@ -47,8 +47,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
+import onnx
 import torch
 import torch.distributed as dist
+from onnx import numpy_helper
 from torch import nn
 
 from onnxrep.passes.base import Skip
@@ -393,6 +395,28 @@ def prepare(net: GraphModule, config: FakeQuantConfig | None = None,
                 step.set_input_quant(plan.activations[net.step_inputs[i][0]])
     net.train(net.training)  # the new modules take the graph's mode
     return plan
+
+
+def ranges_from_qdq(plan: QuantPlan, qdq: onnx.ModelProto) -> int:
+    """Give every activation quantizer whose tensor ``qdq`` quantizes the range its
+    QuantizeLinear encodes, lo = (qmin - z) s, hi = (qmax - z) s, so it computes that scale and
+    zero point again; returns how many were set. A PTQ start needs this: its float model's
+    biases are corrected for the quantized model's mean errors, so run in float its activations
+    drift (PP-LCNet page orientation: a late conv output spans [-15.8, 39.8] there against
+    [-8.8, 20.4] in the model PTQ calibrated), and ranges measured on it would not be PTQ's."""
+    inits = {t.name: t for t in qdq.graph.initializer}
+    done = 0
+    for node in qdq.graph.node:
+        act = plan.activations.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if act is None or node.input[1] not in inits:
+            continue
+        scale = float(numpy_helper.to_array(inits[node.input[1]]).reshape(-1)[0])
+        zero = (float(numpy_helper.to_array(inits[node.input[2]]).reshape(-1)[0])
+                if len(node.input) > 2 and node.input[2] in inits else 0.0)
+        act.min_val.fill_((act.qmin - zero) * scale)
+        act.max_val.fill_((act.qmax - zero) * scale)
+        done += 1
+    return done
 
 
 def _readers(net: GraphModule) -> dict[str, list[int]]:

@@ -15,7 +15,8 @@
    :class:`VerificationError`; without labels the input model itself, converted and checked
    the same way, is the FP32 teacher (a PTQ start's biases are corrected for INT8 noise);
 4. fake quantization (:mod:`.fake_quant`) placed as ``config.target`` places Q/DQ, activation
-   ranges = min/max over the calibration data (then fixed, or an exponential average);
+   ranges = min/max over the calibration data, those the PTQ model quantizes taken from it
+   (:func:`.fake_quant.ranges_from_qdq`), then fixed or an exponential average;
 5. training: AdamW with per-tensor relative steps (``_relative_groups``) or SGD (Nesterov
    momentum), cosine learning-rate decay to 0 over all steps;
    loss = cross-entropy on labels when the data has them, else distillation against the FP32
@@ -159,6 +160,8 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
     plan = prepare(net, config.fake_quant(),
                    None if target.quantizes_outputs else target.input_layout(work))
     _calibrate(net, plan, calib_set)
+    if ptq is not None:
+        fake_quant.ranges_from_qdq(plan, ptq)
     trainer = _Trainer(net, plan, teacher, data, loss_fn, config, _fingerprint(work, config),
                        output_kinds(work))
     resumed = trainer.load() if config.resume else None
