@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -227,3 +228,23 @@ def test_cli_rounding_json_and_missing_torch(tmp_path, capsys, monkeypatch):
     assert "pip install 'onnxrep[qat]'" in capsys.readouterr().err
     with pytest.raises(InputError, match="onnxrep\\[qat\\]"):
         quantize_with_details(model, batch_for(model, 16), QuantizeConfig(rounding="learned"))
+
+
+def test_learned_rounding_learns_on_more_samples_than_bias_correction():
+    """Bias correction keeps its analysis samples; learned rounding gets rounding_samples
+    (never fewer), a quarter of them held out, and the nearest model it starts from is the one
+    nearest rounding returns."""
+    model = _net(seed=6)
+    x = batch_for(model, 64, seed=1)
+    config = QuantizeConfig(analysis_samples=8, rounding_samples=32, optimize=False)
+    near = quantize_with_details(model, x, config, batch_size=4)
+    q = quantize_with_details(model, x, replace(config, rounding="learned"), batch_size=4)
+    assert near.bias.samples == q.bias.samples == 8
+    assert (q.rounding.samples, q.rounding.held_out) == (24, 8)
+    if not q.rounding.kept:
+        assert q.model.SerializeToString() == near.model.SerializeToString()
+    few = quantize_with_details(model, x, replace(config, rounding="learned",
+                                                  rounding_samples=4), batch_size=4)
+    assert few.rounding.samples + few.rounding.held_out == 8
+    with pytest.raises(ValueError, match="rounding_samples"):
+        QuantizeConfig(rounding_samples=0)
