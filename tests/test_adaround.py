@@ -248,3 +248,31 @@ def test_learned_rounding_learns_on_more_samples_than_bias_correction():
     assert few.rounding.samples + few.rounding.held_out == 8
     with pytest.raises(ValueError, match="rounding_samples"):
         QuantizeConfig(rounding_samples=0)
+
+
+def test_layer_budget_bounds_the_iterations_of_costly_layers():
+    """A moment-form layer learns for min(iterations, max(min_iterations, budget / cost))
+    iterations, cost = Cout (K+1)^2 multiply-adds; without a budget every layer gets all."""
+    model = _net(seed=7)
+    q, batches = _quantized(model, per_channel=False)
+    cfg = AdaRoundConfig(iterations=200, layer_budget=2e5, min_iterations=20)
+    _, record = learn_rounding(q.float_model, q.model, batches, cfg)
+    weights = {n.input[1]: numpy_helper.to_array(t).shape for n in q.float_model.graph.node
+               for t in q.float_model.graph.initializer if len(n.input) > 1
+               and t.name == n.input[1]}
+    nodes = {n.name: n for n in q.float_model.graph.node}
+    for r in record.layers:
+        node = nodes[r.node]
+        shape = weights[node.input[1]]
+        if node.op_type == "Conv":
+            cout, k = shape[0], int(np.prod(shape[1:]))
+        elif node.op_type == "Gemm":  # transB=0: [K, Cout]
+            k, cout = shape
+        else:  # MatMul [K, Cout]
+            k, cout = shape
+        assert r.iterations == min(200, max(20, int(2e5 // (cout * (k + 1) ** 2))))
+    assert len({r.iterations for r in record.layers}) > 1
+    _, full = learn_rounding(q.float_model, q.model, batches,
+                             AdaRoundConfig(iterations=60, layer_budget=None))
+    assert {r.iterations for r in full.layers} == {60}
+    assert "iterations" in full.table() and "60 iterations" in full.summary()

@@ -54,6 +54,7 @@ from onnxrep.training.convert import Conv, Linear, _weight_module
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ZETA, GAMMA = 1.1, -0.1
+LAYER_BUDGET = 1e11
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,15 @@ class AdaRoundConfig:
     """``iterations`` per layer; ``reg``: lambda; ``beta``: (start, end) of the annealed
     exponent; ``warmup``: share of iterations without the regulariser; ``lr``: Adam on V;
     ``max_positions``: positions (output pixels x samples) sampled per layer for the second
-    moments; ``batch``: samples per step for layers learned on mini-batches; ``held_out``: share
-    of the calibration samples kept aside to choose between nearest and learned; ``seed``."""
+    moments; ``layer_budget``: multiply-adds per layer for the iterations of the moment form (a
+    layer whose iteration costs c = Cout (K+1)^2 learns for min(iterations, max(min_iterations,
+    layer_budget / c)) iterations; None: no bound); ``batch``: samples per step for layers
+    learned on mini-batches; ``held_out``: share of the calibration samples kept aside to choose
+    between nearest and learned; ``seed``."""
 
     iterations: int = 1000
+    layer_budget: float | None = LAYER_BUDGET
+    min_iterations: int = 250
     reg: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
@@ -81,7 +87,7 @@ class LayerRounding:
     """One layer: reconstruction MSE (per output element, with the inputs as the earlier
     learned layers leave them) with nearest and with learned codes, on the training samples
     and on the held-out ones; ``changed``: codes that differ from nearest; ``kept``: the learned
-    codes were written (they lowered both errors)."""
+    codes were written (they lowered both errors); ``iterations`` it learned for."""
 
     node: str
     op_type: str
@@ -93,6 +99,8 @@ class LayerRounding:
     changed: int
     kept: bool
     method: str  # "moments" | "minibatch"
+    iterations: int = 0
+    seconds: float = 0.0  # gathering its data and learning (not the runs that feed it)
 
 
 @dataclass
@@ -128,17 +136,19 @@ class Rounding:
                    "discarded: nearest rounding scored higher on the held-out samples")
         learned = sum(r.kept for r in self.layers)
         return (f"learned rounding on {len(self.layers)} layers ({learned} kept, "
-                f"{self.samples} samples, {self.config.iterations} iterations) in "
+                f"{self.samples} samples, {_span(r.iterations for r in self.layers)} "
+                f"iterations) in "
                 f"{self.seconds:.1f} s: mean layer MSE {self.loss_nearest:.4g} -> "
                 f"{self.loss_learned:.4g}, held-out output SQNR ({self.held_out} samples) "
                 f"{self.sqnr_nearest:.2f} -> {self.sqnr_learned:.2f} dB; {verdict}")
 
     def table(self) -> str:
-        rows = [[r.node, r.op_type, r.weights, f"{r.loss_nearest:.4g}", f"{r.loss_learned:.4g}",
-                 f"{r.held_nearest:.4g}", f"{r.held_learned:.4g}", r.changed,
-                 "yes" if r.kept else "no"] for r in self.layers]
-        return table(["node", "op", "weights", "MSE nearest", "MSE learned", "held-out nearest",
-                      "held-out learned", "changed", "kept"], rows, "llrrrrrrl")
+        rows = [[r.node, r.op_type, r.weights, r.iterations, f"{r.loss_nearest:.4g}",
+                 f"{r.loss_learned:.4g}", f"{r.held_nearest:.4g}", f"{r.held_learned:.4g}",
+                 r.changed, "yes" if r.kept else "no", f"{r.seconds:.1f}"] for r in self.layers]
+        return table(["node", "op", "weights", "iterations", "MSE nearest", "MSE learned",
+                      "held-out nearest", "held-out learned", "changed", "kept", "s"], rows,
+                     "llrrrrrrrlr")
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "kept": self.kept, "samples": self.samples,
@@ -146,6 +156,11 @@ class Rounding:
                 "sqnr_learned": self.sqnr_learned, "seconds": self.seconds,
                 "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
                 "layers": [vars(r) for r in self.layers], "skipped": [vars(s) for s in self.skips]}
+
+
+def _span(values) -> str:
+    values = sorted(set(values))
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 # ---- the layers --------------------------------------------------------------------------------
@@ -376,6 +391,7 @@ class _Rounder:
         self.lo, self.hi = float(layer.codes.min()), float(layer.codes.max())
         self.floor = torch.floor(self.w / self.s)
         self.v = _v_init(self.w / self.s - self.floor).requires_grad_(True)
+        self.iterations = 0
 
     def soft(self) -> torch.Tensor:
         q = torch.clamp(self.floor + _h(self.v) + self.z, self.lo, self.hi)
@@ -396,12 +412,21 @@ def _adam(v: torch.Tensor, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([v], lr=lr)
 
 
-def _beta(cfg: AdaRoundConfig, it: int) -> float | None:
-    """The regulariser's exponent at iteration ``it``; None during warm-up."""
-    start = int(cfg.warmup * cfg.iterations)
+def _iterations(cfg: AdaRoundConfig, cost: int) -> int:
+    """Iterations of a moment-form layer whose iteration costs ``cost`` multiply-adds:
+    ``cfg.iterations``, fewer (down to ``cfg.min_iterations``) when they would cost more than
+    ``cfg.layer_budget``."""
+    if cfg.layer_budget is None:
+        return cfg.iterations
+    return int(min(cfg.iterations, max(cfg.min_iterations, cfg.layer_budget // max(cost, 1))))
+
+
+def _beta(cfg: AdaRoundConfig, it: int, iterations: int) -> float | None:
+    """The regulariser's exponent at iteration ``it`` of ``iterations``; None during warm-up."""
+    start = int(cfg.warmup * iterations)
     if it < start:
         return None
-    rel = (it - start) / max(cfg.iterations - start, 1)
+    rel = (it - start) / max(iterations - start, 1)
     b0, b1 = cfg.beta
     return b1 + (b0 - b1) * max(0.0, 1 - rel)
 
@@ -516,8 +541,9 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
 
     near = losses(r.nearest)
     opt = _adam(r.v, cfg.lr)
+    r.iterations = _iterations(cfg, g * cout_g * (k + 1) ** 2)
     with torch.no_grad():
-        for it in range(cfg.iterations):
+        for it in range(r.iterations):
             # gradients by hand (one batched product per step; autograd tripled the cost)
             sig = torch.sigmoid(r.v)
             hs = sig * (ZETA - GAMMA) + GAMMA
@@ -526,7 +552,7 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
             inside = (q >= r.lo) & (q <= r.hi)
             dw = _grouped(layer, (q.clamp(r.lo, r.hi) - r.z) * r.s - r.w)
             grad = mom.grad(dw, db).reshape(r.w.shape) * r.s * inside
-            beta = _beta(cfg, it)
+            beta = _beta(cfg, it, r.iterations)
             if beta is not None:
                 u = 2 * h - 1
                 grad = grad - cfg.reg * 2 * beta * u.abs().pow(beta - 1) * u.sign()
@@ -570,12 +596,13 @@ def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
 
     near = [loss_of(r.nearest, xq, xf), loss_of(r.nearest, hq, hf)]
     opt = _adam(r.v, cfg.lr)
-    for it in range(cfg.iterations):
+    r.iterations = cfg.iterations
+    for it in range(r.iterations):
         idx = [rows[int(i)] for i in torch.randperm(len(rows), generator=gen)[:cfg.batch]]
         xs, ys = pick(idx)
         opt.zero_grad()
         loss = mse(m.apply(xs, r.soft(), qb), ys)
-        beta = _beta(cfg, it)
+        beta = _beta(cfg, it, r.iterations)
         if beta is not None:
             loss = loss + cfg.reg * _reg(r, beta)
         loss.backward()
@@ -658,7 +685,8 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
             xq = [np.asarray(a, np.float32) for a in qsteps.inputs(j)]
             xf = [np.asarray(a, np.float32) for a in fsteps.inputs(j)]
             learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
-            codes, fit, check, _ = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:],
+            began_layer = time.monotonic()
+            codes, fit, check, r = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:],
                                          xf[n_train:], cfg, gen)
             # kept when it also lowers the error on the held-out samples: a layer that sees
             # few positions (an SE block's 1x1 convs on pooled features) can overfit
@@ -670,7 +698,8 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
                 index.set_const(lay.codes_name, new)
             record.layers.append(LayerRounding(
                 lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0], check[1],
-                changed, keep, "moments" if learn is _learn_moments else "minibatch"))
+                changed, keep, "moments" if learn is _learn_moments else "minibatch",
+                r.iterations, time.monotonic() - began_layer))
             qsteps.layer(j)
             fsteps.layer(j)
             bar.update(1, mse=fit[1])
