@@ -174,24 +174,49 @@ def test_guard_keeps_nearest_when_learned_scores_lower(monkeypatch):
     assert "discarded" in record.summary()
 
 
-def test_conv_transpose_learns_on_minibatches():
+def _upsampler(kernel: int, pads: int) -> onnx.ModelProto:
+    """Conv -> Relu -> ConvTranspose (stride 2, with a bias)."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32)
-    w2 = rng.normal(0, 0.5, (6, 4, 2, 2)).astype(np.float32)  # ConvTranspose [Cin, Cout, k, k]
+    w2 = rng.normal(0, 0.5, (6, 4, kernel, kernel)).astype(np.float32)  # [Cin, Cout, k, k]
+    b2 = rng.normal(0, 0.1, 4).astype(np.float32)
     nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv", pads=[1] * 4),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
-             helper.make_node("ConvTranspose", ["r1", "w2"], ["out"], name="up", strides=[2, 2])]
+             helper.make_node("ConvTranspose", ["r1", "w2", "b2"], ["out"], name="up",
+                              strides=[2, 2], pads=[pads] * 4)]
     graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info(
         "input", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
-            "out", TensorProto.FLOAT, ["N", 4, 16, 16])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+            "out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(b2, "b2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    q, batches = _quantized(model, per_channel=False, n=32)
+    return model
+
+
+def test_conv_transpose_learns_on_minibatches():
+    q, batches = _quantized(_upsampler(kernel=3, pads=1), per_channel=False, n=32)
     out, record = learn_rounding(q.float_model, q.model, batches, AdaRoundConfig(iterations=100))
     methods = {r.node: r.method for r in record.layers}
     assert methods.get("up") == "minibatch" and methods.get("conv") == "moments"
     assert record.sqnr_learned is not None and math.isfinite(record.sqnr_learned)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_conv_transpose_with_kernel_equal_to_stride_learns_on_moments(per_channel, monkeypatch):
+    """Its moment form (one linear map per input position) measures the error running the
+    layer measures, and learning lowers it."""
+    q, batches = _quantized(_upsampler(kernel=2, pads=0), per_channel=per_channel, n=32)
+    cfg = AdaRoundConfig(iterations=100, max_positions=10**6)
+    _, record = learn_rounding(q.float_model, q.model, batches, cfg)
+    up = next(r for r in record.layers if r.node == "up")
+    assert up.method == "moments" and up.kept and up.loss_learned < up.loss_nearest
+    monkeypatch.setattr(adaround, "_patchwise", lambda layer: False)
+    _, run = learn_rounding(q.float_model, q.model, batches, cfg)
+    ran = next(r for r in run.layers if r.node == "up")
+    assert ran.method == "minibatch"
+    assert ran.loss_nearest == pytest.approx(up.loss_nearest, rel=1e-4)
+    assert ran.held_nearest == pytest.approx(up.held_nearest, rel=1e-4)
 
 
 def test_quantize_config_rounding_and_record():

@@ -15,13 +15,16 @@ regulariser for the first ``warmup`` share of the iterations, then beta annealed
 to 2 (the paper's schedule, as BRECQ's code runs it); Adam on V. The codes are
 floor(W / s) + [V >= 0], clamped to the codes onnxruntime used.
 
-The reconstruction error is quadratic in the weights, so for Conv (1-D/2-D, via unfold), Gemm and
-MatMul it is computed from second moments gathered once per layer (``A = E[x~ x~^T]`` with a
-ones row for the bias, ``M = E[x~ (W (x~ - x))^T]``, ``c = E||W (x~ - x)||^2``): an iteration
-costs one (K+1) x (K+1) product per output channel whatever the number of samples, and every
-iteration sees every sampled position. Positions are sampled (seeded) up to ``max_positions`` per
-layer. ConvTranspose (and Conv with other ranks) learns on mini-batches of the cached samples
-through the layer's torch op instead.
+The reconstruction error is quadratic in the weights, so for Conv (1-D/2-D, via unfold), Gemm,
+MatMul and a ConvTranspose whose kernel equals its stride (each input position writes its own
+output block: a linear layer per position) it is computed from second moments gathered once per
+layer (``A = E[x~ x~^T]`` with a ones row for the bias, ``M = E[x~ (W (x~ - x))^T]``,
+``c = E||W (x~ - x)||^2``): an iteration costs one (K+1) x (K+1) product per output channel
+whatever the number of samples, and every iteration sees every sampled position. Positions are
+sampled (seeded) up to ``max_positions`` per layer; a layer whose iterations would cost more
+than ``layer_budget`` multiply-adds learns for fewer (at least ``min_iterations``). Other
+ConvTransposes (and Conv with other ranks) learn on mini-batches of the cached samples through
+the layer's torch op instead.
 
 Export: the learned codes are written into the QDQ model's int8 weight initializers, so its
 dequantized weights equal the learned fake-quant weights; scales, zero points and int32 biases
@@ -50,7 +53,7 @@ from onnxrep.passes.base import Skip
 from onnxrep.progress import Progress, log
 from onnxrep.ptq.bias_correction import _ancestors, _read_graph
 from onnxrep.report import table
-from onnxrep.training.convert import Conv, Linear, _weight_module
+from onnxrep.training.convert import Conv, ConvTranspose, Linear, _weight_module
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ZETA, GAMMA = 1.1, -0.1
@@ -479,6 +482,8 @@ def _columns(layer: _Layer, x: torch.Tensor) -> torch.Tensor | None:
     m = layer.module
     if isinstance(m, Linear):
         return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
+    if _patchwise(layer):
+        return x.transpose(0, 1).reshape(x.shape[1], -1).unsqueeze(0)
     if not isinstance(m, Conv) or x.ndim not in (3, 4):
         return None
     x, padding = m.pads(x)
@@ -493,10 +498,36 @@ def _columns(layer: _Layer, x: torch.Tensor) -> torch.Tensor | None:
     return cols.reshape(m.groups, ck // m.groups, n * length)
 
 
+def _patchwise(layer: _Layer) -> bool:
+    """A ConvTranspose whose kernel equals its stride (no padding, dilation or groups): each
+    input position alone writes a k1 x k2 output block, y[(o, a, b), p] = sum_i W[i, o, a, b]
+    x[i, p], a linear layer with Cout k1 k2 outputs per input position."""
+    m = layer.module
+    return (isinstance(m, ConvTranspose) and m.groups == 1
+            and tuple(m.strides) == layer.w_onnx.shape[2:] and not any(m.begin + m.end)
+            and not any(m.output_padding) and all(d == 1 for d in m.dilations))
+
+
 def _grouped(layer: _Layer, w: torch.Tensor) -> torch.Tensor:
-    """Torch-layout weight -> [G, Cout_g, K]."""
+    """Torch-layout weight -> [G, Cout_g, K] (a patchwise ConvTranspose: [1, Cout k1 k2, Cin])."""
+    if _patchwise(layer):
+        return w.reshape(w.shape[0], -1).T.unsqueeze(0)
     g = layer.module.groups if isinstance(layer.module, Conv) else 1
     return w.reshape(g, w.shape[0] // g, -1)
+
+
+def _ungrouped(layer: _Layer, wg: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_grouped`."""
+    if _patchwise(layer):
+        return wg[0].T.reshape(shape)
+    return wg.reshape(shape)
+
+
+def _bias_rows(layer: _Layer, b: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel bias as the rows of :func:`_grouped`."""
+    if _patchwise(layer):
+        return b.repeat_interleave(int(np.prod(layer.w_onnx.shape[2:])))
+    return b
 
 
 def _gather(layer: _Layer, wg: torch.Tensor, xq: list[np.ndarray], xf: list[np.ndarray],
@@ -531,7 +562,7 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
     g, cout_g, k = wg.shape
     mom = _gather(layer, wg, xq, xf, cfg, gen)
     held = _gather(layer, wg, hq, hf, cfg, gen)
-    db = torch.from_numpy(layer.qbias - layer.bias)
+    db = _bias_rows(layer, torch.from_numpy(layer.qbias - layer.bias))
     cout = g * cout_g
 
     def losses(codes, m=None):
@@ -551,13 +582,15 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
             q = r.floor + h + r.z
             inside = (q >= r.lo) & (q <= r.hi)
             dw = _grouped(layer, (q.clamp(r.lo, r.hi) - r.z) * r.s - r.w)
-            grad = mom.grad(dw, db).reshape(r.w.shape) * r.s * inside
+            grad = _ungrouped(layer, mom.grad(dw, db), r.w.shape) * r.s * inside
             beta = _beta(cfg, it, r.iterations)
             if beta is not None:
                 u = 2 * h - 1
                 grad = grad - cfg.reg * 2 * beta * u.abs().pow(beta - 1) * u.sign()
             dh = (ZETA - GAMMA) * sig * (1 - sig) * ((hs > 0) & (hs < 1))
-            r.v.grad = grad * dh
+            # contiguous: fused Adam pairs parameter and gradient elements by storage order,
+            # and a patchwise ConvTranspose's gradient comes back transposed
+            r.v.grad = (grad * dh).contiguous()
             opt.step()
     codes = r.hard_codes()
     learned = losses(codes)
@@ -613,7 +646,8 @@ def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
 
 def _moment_form(layer: _Layer, x: np.ndarray) -> bool:
     m = layer.module
-    return isinstance(m, Linear) or (isinstance(m, Conv) and x.ndim in (3, 4))
+    return (isinstance(m, Linear) or _patchwise(layer)
+            or (isinstance(m, Conv) and x.ndim in (3, 4)))
 
 
 # ---- the model ----------------------------------------------------------------------------------
