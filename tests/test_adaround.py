@@ -240,10 +240,13 @@ def test_cli_rounding_json_and_missing_torch(tmp_path, capsys, monkeypatch):
     onnx.save(model, src)
     np.savez(calib, input=batch_for(model, 64, seed=1))
     assert main(["quantize", str(src), "--calib", str(calib), "--rounding", "learned",
-                 "-o", str(tmp_path / "q.onnx"), "--json"]) == 0
+                 "--analysis-samples", "8", "--rounding-samples", "32", "-o",
+                 str(tmp_path / "q.onnx"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     rounding = doc.get("rounding") or doc["result"]["rounding"]
     assert rounding["mode"] == "learned" and rounding["layers"]
+    assert rounding["samples"] + rounding["held_out"] == 32
+    assert all(r["iterations"] > 0 for r in rounding["layers"])
     assert main(["quantize", str(src), "--calib", str(calib), "--rounding", "learned",
                  "-o", str(tmp_path / "q2.onnx"), "--force"]) == 0
     assert "learned rounding on" in capsys.readouterr().out
