@@ -7,11 +7,11 @@ and scores both with the model's task metric:
       models/fmnist_eval.npz, calibrated on models/fmnist_calib.npz;
   zoo models (tools/zoo/models.harness): the harness's headline metric on its rendered test set
       (char_acc, hmean, top1, or sqnr for layout), calibrated on its rendered calibration set.
-The table shows both metrics, the zoo models' output SQNR vs FP32 on the test set, whether
-learned rounding was kept (its held-out output SQNR vs nearest's), the quantize wall time
-(seconds, absolute: the 10-minute bound is on it) and the ratio learned / nearest (two runs back
-to back on the same machine), and the 1-minute load average when the row finished (the CPU line
-says which machine; a load above its CPU count means another job shared the cores).
+The table shows the metric of FP32 and of both, the zoo models' output SQNR vs FP32 on the test
+set, whether learned rounding was kept (its held-out output SQNR vs nearest's), the quantize
+wall time (seconds, absolute: the 10-minute bound is on it) and the ratio learned / nearest (two
+runs back to back on the same machine), and the 1-minute load average when the row finished (the
+CPU line says which machine; a load above its CPU count means another job shared the cores).
 
 usage: python tools/bench_rounding.py [--models repvgg,mobileone,ppocrv6_rec,...]
            [--granularity per-tensor,per-channel] [--calib 64] [--test 64] [--save FILE]
@@ -67,7 +67,8 @@ def bench(name: str, granularity: str, calib: int, test: int) -> dict:
 
     model_path, calib_path, metric, score = _scorer(name, calib, test)
     model = onnx.load(str(model_path))
-    row = {"model": name, "granularity": granularity, "metric": metric}
+    row = {"model": name, "granularity": granularity, "metric": metric,
+           "fp32": score(model_path)[0]}
     with tempfile.TemporaryDirectory() as tmp:
         for rounding in ("nearest", "learned"):
             config = QuantizeConfig(per_channel=granularity == "per-channel", rounding=rounding)
@@ -90,14 +91,14 @@ def bench(name: str, granularity: str, calib: int, test: int) -> dict:
 
 def markdown(rows: list[dict], cpu: str) -> str:
     lines = [f"CPU: {cpu}", "",
-             "| model | weights | metric | nearest | learned | learned - nearest | test SQNR "
-             "nearest -> learned, dB | kept (held-out SQNR nearest -> learned, dB) | layers "
-             "kept | quantize s nearest / learned | time ratio | load |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "| model | weights | metric | FP32 | nearest | learned | learned - nearest | "
+             "test SQNR nearest -> learned, dB | kept (held-out SQNR nearest -> learned, dB) | "
+             "layers kept | quantize s nearest / learned | time ratio | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['granularity']} | error: {r['error']} |"
-                         " | | | | | | | | |")
+                         " | | | | | | | | | |")
             continue
         kept = (f"{'learned' if r['kept'] else 'nearest'} ({r['sqnr_nearest']:.2f} -> "
                 f"{r['sqnr_learned']:.2f})" if r.get("sqnr_nearest") is not None else "-")
@@ -105,9 +106,11 @@ def markdown(rows: list[dict], cpu: str) -> str:
                 if r.get("nearest_sqnr") is not None and r.get("learned_sqnr") is not None
                 else "-")
         load = f"{r['load']:.1f}" if "load" in r else "-"
+        fp32 = f"{r['fp32']:.2f}" if r.get("fp32") is not None else "-"
         lines.append(
-            f"| {r['model']} | {r['granularity']} | {r['metric']} | {r['nearest']:.2f} | "
-            f"{r['learned']:.2f} | {r['learned'] - r['nearest']:+.2f} | {sqnr} | {kept} | "
+            f"| {r['model']} | {r['granularity']} | {r['metric']} | {fp32} | "
+            f"{r['nearest']:.2f} | {r['learned']:.2f} | {r['learned'] - r['nearest']:+.2f} | "
+            f"{sqnr} | {kept} | "
             f"{r.get('improved', 0)}/{r.get('layers', 0)} | {r['nearest_s']:.0f} / "
             f"{r['learned_s']:.0f} | {r['learned_s'] / r['nearest_s']:.1f}x | {load} |")
     return "\n".join(lines)
