@@ -9,9 +9,10 @@ and scores both with the model's task metric:
       (char_acc, hmean, top1, or sqnr for layout), calibrated on its rendered calibration set.
 The table shows the metric of FP32 and of both, the zoo models' output SQNR vs FP32 on the test
 set, whether learned rounding was kept (its held-out output SQNR vs nearest's), the quantize
-wall time (seconds, absolute: the 10-minute bound is on it) and the ratio learned / nearest (two
-runs back to back on the same machine), and the 1-minute load average when the row finished (the
-CPU line says which machine; a load above its CPU count means another job shared the cores).
+wall time (seconds, absolute: the 10-minute bound is on it) and the ratio learned / nearest
+(two runs back to back on the same machine), the learned run's process CPU seconds, and the
+1-minute load average when the row finished (the CPU line says which machine; a load above its
+CPU count means another job shared the cores).
 
 usage: python tools/bench_rounding.py [--models repvgg,mobileone,ppocrv6_rec,...]
            [--granularity per-tensor,per-channel] [--calib 64] [--test 64] [--save FILE]
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -93,12 +95,12 @@ def markdown(rows: list[dict], cpu: str) -> str:
     lines = [f"CPU: {cpu}", "",
              "| model | weights | metric | FP32 | nearest | learned | learned - nearest | "
              "test SQNR nearest -> learned, dB | kept (held-out SQNR nearest -> learned, dB) | "
-             "layers kept | quantize s nearest / learned | time ratio | load |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "layers kept | quantize s nearest / learned | time ratio | learned CPU s | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['granularity']} | error: {r['error']} |"
-                         " | | | | | | | | | |")
+                         " | | | | | | | | | | |")
             continue
         kept = (f"{'learned' if r['kept'] else 'nearest'} ({r['sqnr_nearest']:.2f} -> "
                 f"{r['sqnr_learned']:.2f})" if r.get("sqnr_nearest") is not None else "-")
@@ -112,7 +114,8 @@ def markdown(rows: list[dict], cpu: str) -> str:
             f"{r['nearest']:.2f} | {r['learned']:.2f} | {r['learned'] - r['nearest']:+.2f} | "
             f"{sqnr} | {kept} | "
             f"{r.get('improved', 0)}/{r.get('layers', 0)} | {r['nearest_s']:.0f} / "
-            f"{r['learned_s']:.0f} | {r['learned_s'] / r['nearest_s']:.1f}x | {load} |")
+            f"{r['learned_s']:.0f} | {r['learned_s'] / r['nearest_s']:.1f}x | "
+            f"{r.get('learned_cpu_s', math.nan):.0f} | {load} |")
     return "\n".join(lines)
 
 
