@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -173,24 +174,49 @@ def test_guard_keeps_nearest_when_learned_scores_lower(monkeypatch):
     assert "discarded" in record.summary()
 
 
-def test_conv_transpose_learns_on_minibatches():
+def _upsampler(kernel: int, pads: int) -> onnx.ModelProto:
+    """Conv -> Relu -> ConvTranspose (stride 2, with a bias)."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32)
-    w2 = rng.normal(0, 0.5, (6, 4, 2, 2)).astype(np.float32)  # ConvTranspose [Cin, Cout, k, k]
+    w2 = rng.normal(0, 0.5, (6, 4, kernel, kernel)).astype(np.float32)  # [Cin, Cout, k, k]
+    b2 = rng.normal(0, 0.1, 4).astype(np.float32)
     nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv", pads=[1] * 4),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
-             helper.make_node("ConvTranspose", ["r1", "w2"], ["out"], name="up", strides=[2, 2])]
+             helper.make_node("ConvTranspose", ["r1", "w2", "b2"], ["out"], name="up",
+                              strides=[2, 2], pads=[pads] * 4)]
     graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info(
         "input", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
-            "out", TensorProto.FLOAT, ["N", 4, 16, 16])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+            "out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(b2, "b2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    q, batches = _quantized(model, per_channel=False, n=32)
+    return model
+
+
+def test_conv_transpose_learns_on_minibatches():
+    q, batches = _quantized(_upsampler(kernel=3, pads=1), per_channel=False, n=32)
     out, record = learn_rounding(q.float_model, q.model, batches, AdaRoundConfig(iterations=100))
     methods = {r.node: r.method for r in record.layers}
     assert methods.get("up") == "minibatch" and methods.get("conv") == "moments"
     assert record.sqnr_learned is not None and math.isfinite(record.sqnr_learned)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_conv_transpose_with_kernel_equal_to_stride_learns_on_moments(per_channel, monkeypatch):
+    """Its moment form (one linear map per input position) measures the error running the
+    layer measures, and learning lowers it."""
+    q, batches = _quantized(_upsampler(kernel=2, pads=0), per_channel=per_channel, n=32)
+    cfg = AdaRoundConfig(iterations=100, max_positions=10**6)
+    _, record = learn_rounding(q.float_model, q.model, batches, cfg)
+    up = next(r for r in record.layers if r.node == "up")
+    assert up.method == "moments" and up.kept and up.loss_learned < up.loss_nearest
+    monkeypatch.setattr(adaround, "_patchwise", lambda layer: False)
+    _, run = learn_rounding(q.float_model, q.model, batches, cfg)
+    ran = next(r for r in run.layers if r.node == "up")
+    assert ran.method == "minibatch"
+    assert ran.loss_nearest == pytest.approx(up.loss_nearest, rel=1e-4)
+    assert ran.held_nearest == pytest.approx(up.held_nearest, rel=1e-4)
 
 
 def test_quantize_config_rounding_and_record():
@@ -214,10 +240,13 @@ def test_cli_rounding_json_and_missing_torch(tmp_path, capsys, monkeypatch):
     onnx.save(model, src)
     np.savez(calib, input=batch_for(model, 64, seed=1))
     assert main(["quantize", str(src), "--calib", str(calib), "--rounding", "learned",
-                 "-o", str(tmp_path / "q.onnx"), "--json"]) == 0
+                 "--analysis-samples", "8", "--rounding-samples", "32", "-o",
+                 str(tmp_path / "q.onnx"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     rounding = doc.get("rounding") or doc["result"]["rounding"]
     assert rounding["mode"] == "learned" and rounding["layers"]
+    assert rounding["samples"] + rounding["held_out"] == 32
+    assert all(r["iterations"] > 0 for r in rounding["layers"])
     assert main(["quantize", str(src), "--calib", str(calib), "--rounding", "learned",
                  "-o", str(tmp_path / "q2.onnx"), "--force"]) == 0
     assert "learned rounding on" in capsys.readouterr().out
@@ -227,3 +256,51 @@ def test_cli_rounding_json_and_missing_torch(tmp_path, capsys, monkeypatch):
     assert "pip install 'onnxrep[qat]'" in capsys.readouterr().err
     with pytest.raises(InputError, match="onnxrep\\[qat\\]"):
         quantize_with_details(model, batch_for(model, 16), QuantizeConfig(rounding="learned"))
+
+
+def test_learned_rounding_learns_on_more_samples_than_bias_correction():
+    """Bias correction keeps its analysis samples; learned rounding gets rounding_samples
+    (never fewer), a quarter of them held out, and the nearest model it starts from is the one
+    nearest rounding returns."""
+    model = _net(seed=6)
+    x = batch_for(model, 64, seed=1)
+    config = QuantizeConfig(analysis_samples=8, rounding_samples=32, optimize=False)
+    near = quantize_with_details(model, x, config, batch_size=4)
+    q = quantize_with_details(model, x, replace(config, rounding="learned"), batch_size=4)
+    assert near.bias.samples == q.bias.samples == 8
+    assert (q.rounding.samples, q.rounding.held_out) == (24, 8)
+    if not q.rounding.kept:
+        assert q.model.SerializeToString() == near.model.SerializeToString()
+    few = quantize_with_details(model, x, replace(config, rounding="learned",
+                                                  rounding_samples=4), batch_size=4)
+    assert few.rounding.samples + few.rounding.held_out == 8
+    with pytest.raises(ValueError, match="rounding_samples"):
+        QuantizeConfig(rounding_samples=0)
+
+
+def test_layer_budget_bounds_the_iterations_of_costly_layers():
+    """A moment-form layer learns for min(iterations, max(min_iterations, budget / cost))
+    iterations, cost = Cout (K+1)^2 multiply-adds; without a budget every layer gets all."""
+    model = _net(seed=7)
+    q, batches = _quantized(model, per_channel=False)
+    cfg = AdaRoundConfig(iterations=200, layer_budget=2e5, min_iterations=20)
+    _, record = learn_rounding(q.float_model, q.model, batches, cfg)
+    weights = {n.input[1]: numpy_helper.to_array(t).shape for n in q.float_model.graph.node
+               for t in q.float_model.graph.initializer if len(n.input) > 1
+               and t.name == n.input[1]}
+    nodes = {n.name: n for n in q.float_model.graph.node}
+    for r in record.layers:
+        node = nodes[r.node]
+        shape = weights[node.input[1]]
+        if node.op_type == "Conv":
+            cout, k = shape[0], int(np.prod(shape[1:]))
+        elif node.op_type == "Gemm":  # transB=0: [K, Cout]
+            k, cout = shape
+        else:  # MatMul [K, Cout]
+            k, cout = shape
+        assert r.iterations == min(200, max(20, int(2e5 // (cout * (k + 1) ** 2))))
+    assert len({r.iterations for r in record.layers}) > 1
+    _, full = learn_rounding(q.float_model, q.model, batches,
+                             AdaRoundConfig(iterations=60, layer_budget=None))
+    assert {r.iterations for r in full.layers} == {60}
+    assert "iterations" in full.table() and "60 iterations" in full.summary()

@@ -7,9 +7,12 @@ and scores both with the model's task metric:
       models/fmnist_eval.npz, calibrated on models/fmnist_calib.npz;
   zoo models (tools/zoo/models.harness): the harness's headline metric on its rendered test set
       (char_acc, hmean, top1, or sqnr for layout), calibrated on its rendered calibration set.
-The table shows both metrics, whether learned rounding was kept (its held-out output SQNR vs
-nearest's), and the quantize wall-time ratio learned / nearest (two runs back to back on the same
-machine, so the ratio is what counts; the CPU line says which machine).
+The table shows the metric of FP32 and of both, the zoo models' output SQNR vs FP32 on the test
+set, whether learned rounding was kept (its held-out output SQNR vs nearest's), the quantize
+wall time (seconds, absolute: the 10-minute bound is on it) and the ratio learned / nearest
+(two runs back to back on the same machine), the learned run's process CPU seconds, and the
+1-minute load average when the row finished (the CPU line says which machine; a load above its
+CPU count means another job shared the cores).
 
 usage: python tools/bench_rounding.py [--models repvgg,mobileone,ppocrv6_rec,...]
            [--granularity per-tensor,per-channel] [--calib 64] [--test 64] [--save FILE]
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import tempfile
 import time
@@ -36,19 +41,24 @@ DEFAULT = ("repvgg", "mobileone", "ppocrv6_rec", "cls", "orientation", "ppocrv4_
 
 
 def _scorer(name: str, calib: int, test: int):
-    """(model path, calibration data, metric name, path -> value)."""
+    """(model path, calibration data, metric name, path -> (value, output SQNR vs FP32 in dB
+    or None))."""
     if name in SHIPPED:
         from onnxrep.evaluation import evaluate
 
         ev = ROOT / "models" / "fmnist_eval.npz"
         return (ROOT / "models" / f"{name}_fmnist.onnx", ROOT / "models" / "fmnist_calib.npz",
-                "top1", lambda path: 100 * evaluate(str(path), str(ev)).top1)
+                "top1", lambda path: (100 * evaluate(str(path), str(ev)).top1, None))
     from zoo.models import SPECS, harness
 
     h = harness(name, calib=calib, test=test)
     key = SPECS[name].primary
     scale = 1 if key == "sqnr" else 100
-    return h.model, h.calib, key, lambda path: scale * h.metric(str(path))[key]
+
+    def score(path):
+        m = h.metric(str(path))
+        return scale * m[key], m["sqnr"]
+    return h.model, h.calib, key, score
 
 
 def bench(name: str, granularity: str, calib: int, test: int) -> dict:
@@ -59,7 +69,8 @@ def bench(name: str, granularity: str, calib: int, test: int) -> dict:
 
     model_path, calib_path, metric, score = _scorer(name, calib, test)
     model = onnx.load(str(model_path))
-    row = {"model": name, "granularity": granularity, "metric": metric}
+    row = {"model": name, "granularity": granularity, "metric": metric,
+           "fp32": score(model_path)[0]}
     with tempfile.TemporaryDirectory() as tmp:
         for rounding in ("nearest", "learned"):
             config = QuantizeConfig(per_channel=granularity == "per-channel", rounding=rounding)
@@ -70,33 +81,41 @@ def bench(name: str, granularity: str, calib: int, test: int) -> dict:
             row[f"{rounding}_cpu_s"] = time.process_time() - cpu
             out = Path(tmp) / f"{rounding}.onnx"
             onnx.save(q.model, str(out))
-            row[rounding] = score(out)
+            row[rounding], row[f"{rounding}_sqnr"] = score(out)
             if q.rounding is not None:
                 r = q.rounding
                 row.update(kept=r.kept, sqnr_nearest=r.sqnr_nearest, sqnr_learned=r.sqnr_learned,
                            layers=len(r.layers), improved=sum(x.kept for x in r.layers),
                            rounding_s=r.seconds, samples=r.samples, held_out=r.held_out)
+    row["load"] = os.getloadavg()[0]
     return row
 
 
 def markdown(rows: list[dict], cpu: str) -> str:
     lines = [f"CPU: {cpu}", "",
-             "| model | weights | metric | nearest | learned | learned - nearest | kept "
-             "(held-out SQNR nearest -> learned, dB) | layers kept | quantize s nearest / "
-             "learned | time ratio |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| model | weights | metric | FP32 | nearest | learned | learned - nearest | "
+             "test SQNR nearest -> learned, dB | kept (held-out SQNR nearest -> learned, dB) | "
+             "layers kept | quantize s nearest / learned | time ratio | learned CPU s | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['granularity']} | error: {r['error']} |"
-                         " | | | | | | |")
+                         " | | | | | | | | | | |")
             continue
         kept = (f"{'learned' if r['kept'] else 'nearest'} ({r['sqnr_nearest']:.2f} -> "
                 f"{r['sqnr_learned']:.2f})" if r.get("sqnr_nearest") is not None else "-")
+        sqnr = (f"{r['nearest_sqnr']:.2f} -> {r['learned_sqnr']:.2f}"
+                if r.get("nearest_sqnr") is not None and r.get("learned_sqnr") is not None
+                else "-")
+        load = f"{r['load']:.1f}" if "load" in r else "-"
+        fp32 = f"{r['fp32']:.2f}" if r.get("fp32") is not None else "-"
         lines.append(
-            f"| {r['model']} | {r['granularity']} | {r['metric']} | {r['nearest']:.2f} | "
-            f"{r['learned']:.2f} | {r['learned'] - r['nearest']:+.2f} | {kept} | "
+            f"| {r['model']} | {r['granularity']} | {r['metric']} | {fp32} | "
+            f"{r['nearest']:.2f} | {r['learned']:.2f} | {r['learned'] - r['nearest']:+.2f} | "
+            f"{sqnr} | {kept} | "
             f"{r.get('improved', 0)}/{r.get('layers', 0)} | {r['nearest_s']:.0f} / "
-            f"{r['learned_s']:.0f} | {r['learned_s'] / r['nearest_s']:.1f}x |")
+            f"{r['learned_s']:.0f} | {r['learned_s'] / r['nearest_s']:.1f}x | "
+            f"{r.get('learned_cpu_s', math.nan):.0f} | {load} |")
     return "\n".join(lines)
 
 

@@ -101,9 +101,14 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="batches per calibrator call; bounds entropy/percentile memory "
                         "(default %(default)s)")
     p.add_argument("--analysis-samples", type=positive_int, default=_D.analysis_samples, metavar="N",
-                   help="calibration samples used by --report, --exclude auto, --max-drop, "
-                        "bias correction and learned rounding (default: as many as hold 2^21 "
-                        "input values, 8 to 256: 45 text lines of 48x320, 8 pages of 480x640)")
+                   help="calibration samples used by --report, --exclude auto, --max-drop "
+                        "and bias correction (default: as many as hold 2^21 input values, 8 to "
+                        "256: 45 text lines of 48x320, 8 pages of 480x640)")
+    p.add_argument("--rounding-samples", type=positive_int, default=_D.rounding_samples,
+                   metavar="N",
+                   help="calibration samples --rounding learned learns on, a quarter held out "
+                        "(default: as many as hold 2^23 input values, 16 to 256, at least "
+                        "--analysis-samples)")
     p.add_argument("--rtol", type=tolerance, default=_D.passes.rtol,
                    help="largest relative output error accepted from the FP32 passes before "
                         "quantization (default %(default)g: a tenth of the error of one "
@@ -197,6 +202,7 @@ def _config(args: argparse.Namespace) -> QuantizeConfig:
                               percentile=args.percentile,
                               calibration_chunk=args.calibration_chunk,
                               analysis_samples=args.analysis_samples, rounding=args.rounding,
+                              rounding_samples=args.rounding_samples,
                               min_sqnr=args.min_sqnr,
                               fallback=tuple(args.fallback) if args.fallback else None,
                               op_types=None if auto_ops or not args.op_types

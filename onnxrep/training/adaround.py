@@ -15,13 +15,16 @@ regulariser for the first ``warmup`` share of the iterations, then beta annealed
 to 2 (the paper's schedule, as BRECQ's code runs it); Adam on V. The codes are
 floor(W / s) + [V >= 0], clamped to the codes onnxruntime used.
 
-The reconstruction error is quadratic in the weights, so for Conv (1-D/2-D, via unfold), Gemm and
-MatMul it is computed from second moments gathered once per layer (``A = E[x~ x~^T]`` with a
-ones row for the bias, ``M = E[x~ (W (x~ - x))^T]``, ``c = E||W (x~ - x)||^2``): an iteration
-costs one (K+1) x (K+1) product per output channel whatever the number of samples, and every
-iteration sees every sampled position. Positions are sampled (seeded) up to ``max_positions`` per
-layer. ConvTranspose (and Conv with other ranks) learns on mini-batches of the cached samples
-through the layer's torch op instead.
+The reconstruction error is quadratic in the weights, so for Conv (1-D/2-D, via unfold), Gemm,
+MatMul and a ConvTranspose whose kernel equals its stride (each input position writes its own
+output block: a linear layer per position) it is computed from second moments gathered once per
+layer (``A = E[x~ x~^T]`` with a ones row for the bias, ``M = E[x~ (W (x~ - x))^T]``,
+``c = E||W (x~ - x)||^2``): an iteration costs one (K+1) x (K+1) product per output channel
+whatever the number of samples, and every iteration sees every sampled position. Positions are
+sampled (seeded) up to ``max_positions`` per layer; a layer whose iterations would cost more
+than ``layer_budget`` multiply-adds learns for fewer (at least ``min_iterations``). Other
+ConvTransposes (and Conv with other ranks) learn on mini-batches of the cached samples through
+the layer's torch op instead.
 
 Export: the learned codes are written into the QDQ model's int8 weight initializers, so its
 dequantized weights equal the learned fake-quant weights; scales, zero points and int32 biases
@@ -50,10 +53,11 @@ from onnxrep.passes.base import Skip
 from onnxrep.progress import Progress, log
 from onnxrep.ptq.bias_correction import _ancestors, _read_graph
 from onnxrep.report import table
-from onnxrep.training.convert import Conv, Linear, _weight_module
+from onnxrep.training.convert import Conv, ConvTranspose, Linear, _weight_module
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ZETA, GAMMA = 1.1, -0.1
+LAYER_BUDGET = 1e11
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,15 @@ class AdaRoundConfig:
     """``iterations`` per layer; ``reg``: lambda; ``beta``: (start, end) of the annealed
     exponent; ``warmup``: share of iterations without the regulariser; ``lr``: Adam on V;
     ``max_positions``: positions (output pixels x samples) sampled per layer for the second
-    moments; ``batch``: samples per step for layers learned on mini-batches; ``held_out``: share
-    of the calibration samples kept aside to choose between nearest and learned; ``seed``."""
+    moments; ``layer_budget``: multiply-adds per layer for the iterations of the moment form (a
+    layer whose iteration costs c = Cout (K+1)^2 learns for min(iterations, max(min_iterations,
+    layer_budget / c)) iterations; None: no bound); ``batch``: samples per step for layers
+    learned on mini-batches; ``held_out``: share of the calibration samples kept aside to choose
+    between nearest and learned; ``seed``."""
 
     iterations: int = 1000
+    layer_budget: float | None = LAYER_BUDGET
+    min_iterations: int = 250
     reg: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
@@ -81,7 +90,7 @@ class LayerRounding:
     """One layer: reconstruction MSE (per output element, with the inputs as the earlier
     learned layers leave them) with nearest and with learned codes, on the training samples
     and on the held-out ones; ``changed``: codes that differ from nearest; ``kept``: the learned
-    codes were written (they lowered both errors)."""
+    codes were written (they lowered both errors); ``iterations`` it learned for."""
 
     node: str
     op_type: str
@@ -93,6 +102,8 @@ class LayerRounding:
     changed: int
     kept: bool
     method: str  # "moments" | "minibatch"
+    iterations: int = 0
+    seconds: float = 0.0  # gathering its data and learning (not the runs that feed it)
 
 
 @dataclass
@@ -128,17 +139,19 @@ class Rounding:
                    "discarded: nearest rounding scored higher on the held-out samples")
         learned = sum(r.kept for r in self.layers)
         return (f"learned rounding on {len(self.layers)} layers ({learned} kept, "
-                f"{self.samples} samples, {self.config.iterations} iterations) in "
+                f"{self.samples} samples, {_span(r.iterations for r in self.layers)} "
+                f"iterations) in "
                 f"{self.seconds:.1f} s: mean layer MSE {self.loss_nearest:.4g} -> "
                 f"{self.loss_learned:.4g}, held-out output SQNR ({self.held_out} samples) "
                 f"{self.sqnr_nearest:.2f} -> {self.sqnr_learned:.2f} dB; {verdict}")
 
     def table(self) -> str:
-        rows = [[r.node, r.op_type, r.weights, f"{r.loss_nearest:.4g}", f"{r.loss_learned:.4g}",
-                 f"{r.held_nearest:.4g}", f"{r.held_learned:.4g}", r.changed,
-                 "yes" if r.kept else "no"] for r in self.layers]
-        return table(["node", "op", "weights", "MSE nearest", "MSE learned", "held-out nearest",
-                      "held-out learned", "changed", "kept"], rows, "llrrrrrrl")
+        rows = [[r.node, r.op_type, r.weights, r.iterations, f"{r.loss_nearest:.4g}",
+                 f"{r.loss_learned:.4g}", f"{r.held_nearest:.4g}", f"{r.held_learned:.4g}",
+                 r.changed, "yes" if r.kept else "no", f"{r.seconds:.1f}"] for r in self.layers]
+        return table(["node", "op", "weights", "iterations", "MSE nearest", "MSE learned",
+                      "held-out nearest", "held-out learned", "changed", "kept", "s"], rows,
+                     "llrrrrrrrlr")
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "kept": self.kept, "samples": self.samples,
@@ -146,6 +159,11 @@ class Rounding:
                 "sqnr_learned": self.sqnr_learned, "seconds": self.seconds,
                 "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
                 "layers": [vars(r) for r in self.layers], "skipped": [vars(s) for s in self.skips]}
+
+
+def _span(values) -> str:
+    values = sorted(set(values))
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 # ---- the layers --------------------------------------------------------------------------------
@@ -376,6 +394,7 @@ class _Rounder:
         self.lo, self.hi = float(layer.codes.min()), float(layer.codes.max())
         self.floor = torch.floor(self.w / self.s)
         self.v = _v_init(self.w / self.s - self.floor).requires_grad_(True)
+        self.iterations = 0
 
     def soft(self) -> torch.Tensor:
         q = torch.clamp(self.floor + _h(self.v) + self.z, self.lo, self.hi)
@@ -396,12 +415,21 @@ def _adam(v: torch.Tensor, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([v], lr=lr)
 
 
-def _beta(cfg: AdaRoundConfig, it: int) -> float | None:
-    """The regulariser's exponent at iteration ``it``; None during warm-up."""
-    start = int(cfg.warmup * cfg.iterations)
+def _iterations(cfg: AdaRoundConfig, cost: int) -> int:
+    """Iterations of a moment-form layer whose iteration costs ``cost`` multiply-adds:
+    ``cfg.iterations``, fewer (down to ``cfg.min_iterations``) when they would cost more than
+    ``cfg.layer_budget``."""
+    if cfg.layer_budget is None:
+        return cfg.iterations
+    return int(min(cfg.iterations, max(cfg.min_iterations, cfg.layer_budget // max(cost, 1))))
+
+
+def _beta(cfg: AdaRoundConfig, it: int, iterations: int) -> float | None:
+    """The regulariser's exponent at iteration ``it`` of ``iterations``; None during warm-up."""
+    start = int(cfg.warmup * iterations)
     if it < start:
         return None
-    rel = (it - start) / max(cfg.iterations - start, 1)
+    rel = (it - start) / max(iterations - start, 1)
     b0, b1 = cfg.beta
     return b1 + (b0 - b1) * max(0.0, 1 - rel)
 
@@ -454,6 +482,8 @@ def _columns(layer: _Layer, x: torch.Tensor) -> torch.Tensor | None:
     m = layer.module
     if isinstance(m, Linear):
         return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
+    if _patchwise(layer):
+        return x.transpose(0, 1).reshape(x.shape[1], -1).unsqueeze(0)
     if not isinstance(m, Conv) or x.ndim not in (3, 4):
         return None
     x, padding = m.pads(x)
@@ -468,10 +498,36 @@ def _columns(layer: _Layer, x: torch.Tensor) -> torch.Tensor | None:
     return cols.reshape(m.groups, ck // m.groups, n * length)
 
 
+def _patchwise(layer: _Layer) -> bool:
+    """A ConvTranspose whose kernel equals its stride (no padding, dilation or groups): each
+    input position alone writes a k1 x k2 output block, y[(o, a, b), p] = sum_i W[i, o, a, b]
+    x[i, p], a linear layer with Cout k1 k2 outputs per input position."""
+    m = layer.module
+    return (isinstance(m, ConvTranspose) and m.groups == 1
+            and tuple(m.strides) == layer.w_onnx.shape[2:] and not any(m.begin + m.end)
+            and not any(m.output_padding) and all(d == 1 for d in m.dilations))
+
+
 def _grouped(layer: _Layer, w: torch.Tensor) -> torch.Tensor:
-    """Torch-layout weight -> [G, Cout_g, K]."""
+    """Torch-layout weight -> [G, Cout_g, K] (a patchwise ConvTranspose: [1, Cout k1 k2, Cin])."""
+    if _patchwise(layer):
+        return w.reshape(w.shape[0], -1).T.unsqueeze(0)
     g = layer.module.groups if isinstance(layer.module, Conv) else 1
     return w.reshape(g, w.shape[0] // g, -1)
+
+
+def _ungrouped(layer: _Layer, wg: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_grouped`."""
+    if _patchwise(layer):
+        return wg[0].T.reshape(shape)
+    return wg.reshape(shape)
+
+
+def _bias_rows(layer: _Layer, b: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel bias as the rows of :func:`_grouped`."""
+    if _patchwise(layer):
+        return b.repeat_interleave(int(np.prod(layer.w_onnx.shape[2:])))
+    return b
 
 
 def _gather(layer: _Layer, wg: torch.Tensor, xq: list[np.ndarray], xf: list[np.ndarray],
@@ -506,7 +562,7 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
     g, cout_g, k = wg.shape
     mom = _gather(layer, wg, xq, xf, cfg, gen)
     held = _gather(layer, wg, hq, hf, cfg, gen)
-    db = torch.from_numpy(layer.qbias - layer.bias)
+    db = _bias_rows(layer, torch.from_numpy(layer.qbias - layer.bias))
     cout = g * cout_g
 
     def losses(codes, m=None):
@@ -516,8 +572,9 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
 
     near = losses(r.nearest)
     opt = _adam(r.v, cfg.lr)
+    r.iterations = _iterations(cfg, g * cout_g * (k + 1) ** 2)
     with torch.no_grad():
-        for it in range(cfg.iterations):
+        for it in range(r.iterations):
             # gradients by hand (one batched product per step; autograd tripled the cost)
             sig = torch.sigmoid(r.v)
             hs = sig * (ZETA - GAMMA) + GAMMA
@@ -525,13 +582,15 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
             q = r.floor + h + r.z
             inside = (q >= r.lo) & (q <= r.hi)
             dw = _grouped(layer, (q.clamp(r.lo, r.hi) - r.z) * r.s - r.w)
-            grad = mom.grad(dw, db).reshape(r.w.shape) * r.s * inside
-            beta = _beta(cfg, it)
+            grad = _ungrouped(layer, mom.grad(dw, db), r.w.shape) * r.s * inside
+            beta = _beta(cfg, it, r.iterations)
             if beta is not None:
                 u = 2 * h - 1
                 grad = grad - cfg.reg * 2 * beta * u.abs().pow(beta - 1) * u.sign()
             dh = (ZETA - GAMMA) * sig * (1 - sig) * ((hs > 0) & (hs < 1))
-            r.v.grad = grad * dh
+            # contiguous: fused Adam pairs parameter and gradient elements by storage order,
+            # and a patchwise ConvTranspose's gradient comes back transposed
+            r.v.grad = (grad * dh).contiguous()
             opt.step()
     codes = r.hard_codes()
     learned = losses(codes)
@@ -570,12 +629,13 @@ def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
 
     near = [loss_of(r.nearest, xq, xf), loss_of(r.nearest, hq, hf)]
     opt = _adam(r.v, cfg.lr)
-    for it in range(cfg.iterations):
+    r.iterations = cfg.iterations
+    for it in range(r.iterations):
         idx = [rows[int(i)] for i in torch.randperm(len(rows), generator=gen)[:cfg.batch]]
         xs, ys = pick(idx)
         opt.zero_grad()
         loss = mse(m.apply(xs, r.soft(), qb), ys)
-        beta = _beta(cfg, it)
+        beta = _beta(cfg, it, r.iterations)
         if beta is not None:
             loss = loss + cfg.reg * _reg(r, beta)
         loss.backward()
@@ -586,7 +646,8 @@ def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
 
 def _moment_form(layer: _Layer, x: np.ndarray) -> bool:
     m = layer.module
-    return isinstance(m, Linear) or (isinstance(m, Conv) and x.ndim in (3, 4))
+    return (isinstance(m, Linear) or _patchwise(layer)
+            or (isinstance(m, Conv) and x.ndim in (3, 4)))
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -658,7 +719,8 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
             xq = [np.asarray(a, np.float32) for a in qsteps.inputs(j)]
             xf = [np.asarray(a, np.float32) for a in fsteps.inputs(j)]
             learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
-            codes, fit, check, _ = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:],
+            began_layer = time.monotonic()
+            codes, fit, check, r = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:],
                                          xf[n_train:], cfg, gen)
             # kept when it also lowers the error on the held-out samples: a layer that sees
             # few positions (an SE block's 1x1 convs on pooled features) can overfit
@@ -670,7 +732,8 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
                 index.set_const(lay.codes_name, new)
             record.layers.append(LayerRounding(
                 lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0], check[1],
-                changed, keep, "moments" if learn is _learn_moments else "minibatch"))
+                changed, keep, "moments" if learn is _learn_moments else "minibatch",
+                r.iterations, time.monotonic() - began_layer))
             qsteps.layer(j)
             fsteps.layer(j)
             bar.update(1, mse=fit[1])
