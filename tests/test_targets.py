@@ -418,13 +418,14 @@ def _layout(model):
     return out
 
 
-def _qat(model, target, data=None):
+def _qat(model, target, data=None, **kw):
+    """The QAT export itself (keep_better off: never the PTQ model it started from)."""
     pytest.importorskip("torch")
     from onnxrep.training.train import QATConfig, qat
 
     data = data if data is not None else {"input": CALIB_FOR(model)}
     return qat(model, data, config=QATConfig(target=target, max_steps=2, batch_size=32,
-                                             calib_samples=32))
+                                             calib_samples=32, keep_better=False, **kw))
 
 
 def test_qat_tensorrt_export_places_qdq_as_quantize_does(tmp_path, capsys):
@@ -451,7 +452,9 @@ def test_qat_tensorrt_residual_add_and_concat():
     for fp32 in (residual_block(), dense_block()):
         out = fp32.graph.output[0]  # the QAT export's checker wants the output's shape
         out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, ["N", 2, 8, 8]))
-        trt = _qat(fp32, dataclasses.replace(get_target("tensorrt"), postprocess=None))
+        # a PTQ start would quantize with this target too, and need the post-processing
+        trt = _qat(fp32, dataclasses.replace(get_target("tensorrt"), postprocess=None),
+                   from_ptq=False)
         assert check_tensorrt_rules(trt) == []
         assert _layout(trt) == _layout(quantized(fp32, "tensorrt"))
 
