@@ -73,7 +73,7 @@ class QATConfig:
 
     epochs: int = 1
     optimizer: str = "adam"
-    lr: float = 1e-4
+    lr: float = 1e-5
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
