@@ -62,8 +62,9 @@ def keep_better(reference: onnx.ModelProto, qat: onnx.ModelProto, ptq: onnx.Mode
                 data: Dataset) -> tuple[onnx.ModelProto, Choice]:
     """(the better model, the record); ``reference`` is the FP32 model both approximate."""
     log("qat: scoring the QAT and the PTQ model against FP32 on the calibration data")
-    recorded = [verify.run(verify.session(reference, optimized=True), feeds)
-                for feeds in data.batches()]
+    ref = verify.session(reference, optimized=True)
+    recorded = [verify.run(ref, feeds) for feeds in data.batches()]
+    del ref
     scores = [score_db(compare_on_data(reference, m, data, recorded=recorded))
               for m in (qat, ptq)]
     choice = Choice("qat" if scores[0] >= scores[1] else "ptq", scores[0], scores[1],
