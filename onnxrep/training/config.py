@@ -61,11 +61,12 @@ class QATConfig:
     write the better (:mod:`onnxrep.training.guard`). ``optimizer``: "adam" (AdamW, each
     tensor's learning rate ``lr`` times its RMS at the start: a relative step) or "sgd".
     ``averaging_constant``: 0 keeps the calibrated activation ranges fixed, else their
-    exponential average per training batch. ``calib_samples``: training samples used for calibration when no
-    calibration data is given. ``distill``: distillation loss without labels (None: per
-    output by what it holds, :mod:`onnxrep.training.distill`). ``checkpoint_every``: also
-    checkpoint every N steps (0: only at epoch ends). ``max_steps``: stop after this many steps in all (a checkpoint is
-    written; the learning-rate schedule still spans all epochs). ``max_minutes``: also stop
+    exponential average per training batch. ``calib_samples``: training samples used for
+    calibration when no calibration data is given. ``distill``: distillation loss without
+    labels (None: per output by what it holds, :mod:`onnxrep.training.distill`).
+    ``checkpoint_every``: also checkpoint every N steps (0: only at epoch ends). ``max_steps``:
+    stop after this many steps in all (a checkpoint is written; the learning-rate schedule
+    still spans all epochs). ``max_minutes``: also stop
     once the training loop has run this long (wall clock, checked after each step; checkpointed
     and exported like ``max_steps``). ``rtol``: torch vs onnxruntime tolerance of the
     conversion check.

@@ -17,8 +17,9 @@ Numerics (the ones onnxruntime's quantizer uses; straight-through estimator for 
   z = clamp(round(qmin - lo / s)); q(x) = (clamp(round(x / s) + z, qmin, qmax) - z) * s,
   onnxruntime's formula. Ranges are min/max over the calibration data first, then an
   exponential moving average of each training batch's min/max (lo += c (batch_lo - lo),
-  c = ``averaging_constant``; c = 0 keeps the calibrated ranges). Tensors tied into a group (a Concat's inputs and output under
-  TensorRT) quantize with the union of their ranges: one scale.
+  c = ``averaging_constant``; c = 0 keeps the calibrated ranges). Tensors tied into a group
+  (a Concat's inputs and output under TensorRT) quantize with the union of their ranges: one
+  scale.
 - biases of a target without int32 biases (TensorRT) stay float.
 
 Placement, as ``onnxrep quantize --target`` places Q/DQ. Targets that quantize outputs

@@ -90,8 +90,8 @@ class Step:
 class QATResult:
     """The QDQ model and how it was made. ``float_model``: the FP32 model that was trained from
     (after the passes, bias correction with ``from_ptq``, and BN restore); ``net``: the
-    trained torch fake-quant model (eval mode); ``calibration``: the calibration data used; ``conversion``: torch vs onnxruntime on the
-    float model before training; ``deployment``: the exported model in onnxruntime (int8
+    trained torch fake-quant model (eval mode); ``calibration``: the calibration data used;
+    ``conversion``: torch vs onnxruntime on the float model before training; ``deployment``: the exported model in onnxruntime (int8
     kernels) vs the torch fake-quant model, both on the first calibration batch; ``choice``:
     with ``keep_better``, whether ``model`` is the export or the PTQ model training started
     from (``net`` and ``deployment`` describe the export either way)."""
