@@ -167,3 +167,11 @@ def test_optimize_judges_layers_against_the_bn_folded_input(tmp_path, capsys):
     assert "before = the deploy form" in out and " folded -> " in out
     row = next(line for line in out.splitlines() if line.startswith("Conv"))
     assert f"{first['folded']['max_abs']:.3g} ->" in row and row.rstrip().endswith("*")
+
+
+def test_optimize_without_data_points_to_calibration_when_a_layer_fell(model_path, capsys):
+    assert main(["optimize", str(model_path), "-o", str(model_path.parent / "o.onnx")]) == 0
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if line.rstrip().endswith("v")]
+    assert flagged and f"note: {len(flagged)} layer(s) lost per-channel SQNR" in out
+    assert "--calib DATA" in out

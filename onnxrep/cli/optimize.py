@@ -116,9 +116,22 @@ def run(args: argparse.Namespace) -> int:
             print(table(["layer", "inside"], [list(r) for r in nested], "ll"))
         print()
         print(summary(result, out))
+        fell = worse_layers(result)
+        if fell and args.calib is None and args.input_range is None:
+            print(f"note: {len(fell)} layer(s) lost per-channel SQNR (v): CLE traded them for "
+                  "outlier layers; with --calib DATA (or --input-range LO,HI) the dead channels "
+                  "behind such outliers are zeroed first, which leaves less to trade")
     return 0
 
 
+def worse_layers(result: Optimized) -> list[str]:
+    """Layers whose per-channel INT8 weight SQNR fell against the deploy form (the `v` flag)."""
+    after = {s.node: s for s in result.after}
+    return [b.node for b in result.folded or result.before
+            if b.node in after and after[b.node].channel_sqnr_db < b.channel_sqnr_db - WORSE_DB]
+
+
+WORSE_DB = 0.05  # a per-channel SQNR drop the table flags `v`
 SUBGRAPH_REASON = "inside an If/Loop/Scan body: onnxrep's passes leave subgraphs unchanged"
 
 
@@ -130,7 +143,7 @@ def layer_table(before, after) -> str:
     for b in before:
         a = after_by.get(b.node, b)
         flag = "!" if a.outlier else ("*" if b.outlier else "")
-        if a.channel_sqnr_db < b.channel_sqnr_db - 0.05:
+        if a.channel_sqnr_db < b.channel_sqnr_db - WORSE_DB:
             flag += "v"
         rows.append([b.node, b.op, f"{fmt(b.max_abs)} -> {fmt(a.max_abs)}",
                      f"{fmt(b.spread)} -> {fmt(a.spread)}",
