@@ -260,7 +260,6 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(MODELS)} (default all)")
     p.add_argument("--calib", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--test", type=int, default=64, help="test samples (default 64)")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="models and rendered data (default $ONNXREP_CACHE or ~/.cache/onnxrep)")
     p.add_argument("--keep", metavar="DIR", help="keep the quantized models in DIR")
@@ -271,11 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="ort_pt,ort_pc,onnxrep_pt,onnxrep_pc",
                    help="quantize runs to do (default all four; merge partial runs with "
                         "--from-json)")
-    p.add_argument("--save", type=Path, metavar="FILE",
-                   help="also write the --json document to FILE after every model")
-    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
-                   help="print the table of earlier --json/--save runs instead of running "
-                        "(several files: rows in zoo order, a later file's runs of a model win)")
+    add_output_options(p, "several files: rows in zoo order, a later file's runs of a model win")
     args = p.parse_args(argv)
     if args.from_json:
         docs = [json.loads(f.read_text()) for f in args.from_json]
@@ -289,18 +284,24 @@ def main(argv=None) -> int:
             info[key] = values[0] if len(values) == 1 else "/".join(values)
         report(info, [rows[n] for n in MODELS if n in rows])
         return 0
-    info = header(args)
-    rows = run_models(p, args, info, bench_model)
-    if args.json:
-        print(json.dumps({"header": info, "rows": rows}, indent=1))
-        return 0
-    report(info, rows)
-    return 0
+    return run_models(p, args, header(args), bench_model, report)
 
 
-def run_models(p: argparse.ArgumentParser, args, info: dict, bench) -> list[dict]:
+def add_output_options(p: argparse.ArgumentParser, merging: str) -> None:
+    """--json, --save and --from-json, as :func:`run_models` and the benches' --from-json
+    branch read them; ``merging``: how several --from-json files combine."""
+    p.add_argument("--json", action="store_true", help="print one JSON document instead")
+    p.add_argument("--save", type=Path, metavar="FILE",
+                   help="also write the JSON document to FILE after every model")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
+                   help=f"print the table of earlier --json/--save runs instead of running "
+                        f"({merging})")
+
+
+def run_models(p: argparse.ArgumentParser, args, info: dict, bench, report) -> int:
     """``bench(name, args)`` for each model of ``args.models`` in order, the JSON document
-    rewritten to ``args.save`` after each one (a killed run keeps the rows it finished)."""
+    rewritten to ``args.save`` after each one (a killed run keeps the rows it finished); then
+    the document on stdout with ``args.json``, else ``report(info, rows)``."""
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in SPECS]
     if unknown:
@@ -313,7 +314,11 @@ def run_models(p: argparse.ArgumentParser, args, info: dict, bench) -> list[dict
             part = args.save.with_name(args.save.name + ".part")
             part.write_text(json.dumps({"header": info, "rows": rows}, indent=1))
             part.replace(args.save)
-    return rows
+    if args.json:
+        print(json.dumps({"header": info, "rows": rows}, indent=1))
+    else:
+        report(info, rows)
+    return 0
 
 
 def report(info: dict, rows: list[dict]) -> None:

@@ -33,7 +33,8 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 
-from bench_zoo import cell, fmt_metric, header, measure, run_models  # noqa: E402
+from bench_zoo import (add_output_options, cell, fmt_metric, header, measure,  # noqa: E402
+                       run_models)
 from fetch_zoo import DEFAULT_CACHE, MODELS  # noqa: E402
 from zoo.models import SPECS, harness, train_set  # noqa: E402
 
@@ -157,12 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per QAT run")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per child")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--json", action="store_true", help="print one JSON document instead")
-    p.add_argument("--save", type=Path, metavar="FILE",
-                   help="also write the JSON document to FILE after every model")
-    p.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
-                   help="print the table of earlier --json/--save runs instead of running "
-                        "(rows in zoo order; runs made with other settings are refused)")
+    add_output_options(p, "rows in zoo order; runs made with other settings are refused")
     args = p.parse_args(argv)
     if args.from_json:
         docs = [json.loads(f.read_text()) for f in args.from_json]
@@ -175,12 +171,7 @@ def main(argv=None) -> int:
     info = {**header(argparse.Namespace(calib=args.calib, test=args.test, onnxrep_args="")),
             "lr": args.lr, "freeze_bn_after": args.freeze_bn_after, "seed": args.seed,
             "max_minutes": args.max_minutes, "threads": args.threads}
-    rows = run_models(p, args, info, bench_model)
-    if args.json:
-        print(json.dumps({"header": info, "rows": rows}, indent=1))
-        return 0
-    report(info, rows)
-    return 0
+    return run_models(p, args, info, bench_model, report)
 
 
 def report(info: dict, rows: list[dict]) -> None:
