@@ -406,7 +406,7 @@ def ranges_from_qdq(plan: QuantPlan, qdq: onnx.ModelProto) -> int:
     drift (PP-LCNet page orientation: a late conv output spans [-15.8, 39.8] there against
     [-8.8, 20.4] in the model PTQ calibrated), and ranges measured on it would not be PTQ's."""
     inits = {t.name: t for t in qdq.graph.initializer}
-    done = 0
+    done = set()
     for node in qdq.graph.node:
         act = plan.activations.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
         if act is None or node.input[1] not in inits:
@@ -416,8 +416,8 @@ def ranges_from_qdq(plan: QuantPlan, qdq: onnx.ModelProto) -> int:
                 if len(node.input) > 2 and node.input[2] in inits else 0.0)
         act.min_val.fill_((act.qmin - zero) * scale)
         act.max_val.fill_((act.qmax - zero) * scale)
-        done += 1
-    return done
+        done.add(node.input[0])
+    return len(done)
 
 
 def _readers(net: GraphModule) -> dict[str, list[int]]:

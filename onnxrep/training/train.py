@@ -159,9 +159,11 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
     target = config.profile
     plan = prepare(net, config.fake_quant(),
                    None if target.quantizes_outputs else target.input_layout(work))
-    _calibrate(net, plan, calib_set)
-    if ptq is not None:
-        fake_quant.ranges_from_qdq(plan, ptq)
+    # a PTQ start takes PTQ's ranges; only tensors PTQ left float are measured here
+    if ptq is None or fake_quant.ranges_from_qdq(plan, ptq) < len(plan.activations):
+        _calibrate(net, plan, calib_set)
+        if ptq is not None:  # calibration widened PTQ's ranges to its own: set them again
+            fake_quant.ranges_from_qdq(plan, ptq)
     trainer = _Trainer(net, plan, teacher, data, loss_fn, config, _fingerprint(work, config),
                        output_kinds(work))
     resumed = trainer.load() if config.resume else None
