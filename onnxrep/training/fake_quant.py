@@ -341,13 +341,16 @@ class QuantPlan:
 
 
 def prepare(net: GraphModule, config: FakeQuantConfig | None = None,
-            layout: tuple[list[str], list[list[str]]] | None = None) -> QuantPlan:
+            layout: tuple[list[str], list[list[str]]] | None = None,
+            follow: onnx.ModelProto | None = None) -> QuantPlan:
     """Insert fake quantization into ``net`` (mutated in place) and return the plan.
 
     ``layout``: for a target that quantizes op inputs (TensorRT), the tensors to quantize and
     the groups sharing a scale, ``config.target.input_layout(model)`` of the ONNX model ``net``
     was converted from; None for a target that quantizes outputs (its placement is found
-    here)."""
+    here). ``follow``: a QDQ model of the same graph (a PTQ start); every tensor it quantizes
+    that ``net`` computes is quantized too (e.g. the input and output of a pooling op, which
+    onnxruntime's quantizer also wraps), except graph outputs, which training keeps float."""
     config = config or FakeQuantConfig()
     target = config.target
     if (layout is None) != target.quantizes_outputs:
@@ -390,12 +393,24 @@ def prepare(net: GraphModule, config: FakeQuantConfig | None = None,
             tied = [plan.activations[t] for t in group if t in plan.activations]
             if len(tied) > 1:
                 tied[0].tie(tied[1:])
+    if follow is not None:
+        for tensor in quantized_tensors(follow):
+            if tensor in known and tensor not in outputs:
+                quantize(tensor, tensor)
     if target.quantize_bias:  # int32 biases on the grid s_x s_w need the input's scale
         for i, step in enumerate(net.steps):
             if isinstance(step, QuantLayer) and net.step_inputs[i][0] in plan.activations:
                 step.set_input_quant(plan.activations[net.step_inputs[i][0]])
     net.train(net.training)  # the new modules take the graph's mode
     return plan
+
+
+def quantized_tensors(qdq: onnx.ModelProto) -> list[str]:
+    """The computed tensors a QDQ model quantizes (the inputs of its activation
+    QuantizeLinear nodes; weights are initializers)."""
+    inits = {t.name for t in qdq.graph.initializer}
+    return list(dict.fromkeys(n.input[0] for n in qdq.graph.node
+                              if n.op_type == "QuantizeLinear" and n.input[0] not in inits))
 
 
 def ranges_from_qdq(plan: QuantPlan, qdq: onnx.ModelProto) -> int:
