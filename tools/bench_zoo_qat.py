@@ -15,8 +15,13 @@ Per-model settings (SETTINGS): batch size and training-set size so one epoch is 
 2 cores; the layout model's input has a fixed batch of 1. --max-minutes bounds each run's
 training loop (default 15, the issue's bound).
 
-usage: python tools/bench_zoo_qat.py [--models a,b] [--calib 64] [--test 64] [--lr LR]
-           [--freeze-bn-after K] [--max-minutes 15] [--threads 2] [--json] [--save FILE]
+--runs picks a subset of the three; --qat-args passes further flags to both QAT runs (the
+recipe's ablations: "--optimizer sgd", "--no-from-ptq", "--range-averaging 0.01",
+"--no-keep-better").
+
+usage: python tools/bench_zoo_qat.py [--models a,b] [--runs ptq,qat_bn,qat_nobn]
+           [--calib 64] [--test 64] [--lr LR] [--freeze-bn-after K] [--qat-args "..."]
+           [--max-minutes 15] [--threads 2] [--json] [--save FILE]
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from fetch_zoo import DEFAULT_CACHE, MODELS  # noqa: E402
 from zoo.models import SPECS, harness, train_set  # noqa: E402
 
 RUNS = ("ptq", "qat_bn", "qat_nobn")
-SETTING_KEYS = ("lr", "freeze_bn_after", "seed", "max_minutes", "threads", "calib", "test")
+SETTING_KEYS = ("lr", "freeze_bn_after", "qat_args", "seed", "max_minutes", "threads", "calib",
+                "test")
 TITLES = {"ptq": "PTQ per-tensor (`onnxrep quantize`)", "qat_bn": "QAT, restored BN",
           "qat_nobn": "QAT, no BN restored"}
 
@@ -76,7 +82,7 @@ def command(run: str, model: Path, calib: Path, train: Path, out: Path, s: Setti
             "--max-minutes", str(args.max_minutes), "--threads", str(args.threads),
             "--rtol", "1e-4", "-o", str(out), "--force", "--json",
             *(["--freeze-bn-after", str(args.freeze_bn_after)]
-              if args.freeze_bn_after is not None else [])]
+              if args.freeze_bn_after is not None else []), *shlex.split(args.qat_args)]
 
 
 def bench_model(name: str, args) -> dict:
@@ -86,7 +92,7 @@ def bench_model(name: str, args) -> dict:
     row = {"model": name, "what": spec.what, "task": spec.task, "batch": s.batch,
            "train": s.train, "fp32": h.metric(h.model), "runs": {}}
     log(f"{name}: FP32 {row['fp32']}")
-    for run in RUNS:
+    for run in args.runs:
         with tempfile.TemporaryDirectory(prefix=f"zooqat-{name}-{run}-") as tmp:
             out = Path(tmp) / f"{name}.{run}.onnx"
             cmd = command(run, h.model, h.calib, train, out, s, args)
@@ -152,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, help="QAT peak learning rate (default: onnxrep qat's)")
     p.add_argument("--freeze-bn-after", type=int, metavar="K",
                    help="passed to onnxrep qat (default: not passed)")
+    p.add_argument("--qat-args", default="", help="further onnxrep qat flags for both QAT runs")
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help=f"comma-separated subset of {','.join(RUNS)} (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=15,
                    help="bound on each QAT run's training loop (default 15)")
@@ -160,16 +169,20 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     add_output_options(p, "rows in zoo order; runs made with other settings are refused")
     args = p.parse_args(argv)
+    args.runs = [r for r in args.runs.split(",") if r]
+    if not args.runs or set(args.runs) - set(RUNS):
+        p.error(f"--runs takes a comma-separated subset of {','.join(RUNS)}")
     if args.from_json:
         docs = [json.loads(f.read_text()) for f in args.from_json]
-        settings = {json.dumps({k: d["header"][k] for k in SETTING_KEYS}) for d in docs}
+        settings = {json.dumps({k: d["header"].get(k) for k in SETTING_KEYS}) for d in docs}
         if len(settings) > 1:
             p.error(f"the files were run with different settings: {sorted(settings)}")
         rows = {r["model"]: r for d in docs for r in d["rows"]}
         report(docs[0]["header"], [rows[n] for n in MODELS if n in rows])
         return 0
     info = {**header(argparse.Namespace(calib=args.calib, test=args.test, onnxrep_args="")),
-            "lr": args.lr, "freeze_bn_after": args.freeze_bn_after, "seed": args.seed,
+            "lr": args.lr, "freeze_bn_after": args.freeze_bn_after,
+            "qat_args": args.qat_args, "seed": args.seed,
             "max_minutes": args.max_minutes, "threads": args.threads}
     return run_models(p, args, info, bench_model, report)
 
@@ -182,7 +195,8 @@ def report(info: dict, rows: list[dict]) -> None:
           f"seed {info['seed']}, {info['threads']} torch threads, at most "
           f"{info['max_minutes']:g} min of training"
           + (f", BN frozen after {info['freeze_bn_after']} steps"
-             if info["freeze_bn_after"] is not None else ""))
+             if info["freeze_bn_after"] is not None else "")
+          + (f", onnxrep qat {info['qat_args']}" if info.get("qat_args") else ""))
     print("Each cell: task metric, SQNR vs FP32; wall time (CPU time) and peak RSS of that "
           "subprocess (QAT: all of it, passes and export included); QAT: steps, training "
           "time, distillation loss at the first step -> mean of the last five.\n")
