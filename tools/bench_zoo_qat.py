@@ -20,7 +20,7 @@ recipe's ablations: "--optimizer sgd", "--no-from-ptq", "--range-averaging 0.01"
 "--no-keep-better").
 
 usage: python tools/bench_zoo_qat.py [--models a,b] [--runs ptq,qat_bn,qat_nobn]
-           [--calib 64] [--test 64] [--lr LR] [--freeze-bn-after K] [--qat-args "..."]
+           [--calib 64] [--test 64] [--lr LR] [--freeze-bn-after K] [--qat-args="..."]
            [--max-minutes 15] [--threads 2] [--json] [--save FILE]
 """
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, help="QAT peak learning rate (default: onnxrep qat's)")
     p.add_argument("--freeze-bn-after", type=int, metavar="K",
                    help="passed to onnxrep qat (default: not passed)")
-    p.add_argument("--qat-args", default="", help="further onnxrep qat flags for both QAT runs")
+    p.add_argument("--qat-args", default="", help="further onnxrep qat flags for both QAT runs; write --qat-args=\"--flag ...\" (a value starting with -- needs the =)")
     p.add_argument("--runs", default=",".join(RUNS),
                    help=f"comma-separated subset of {','.join(RUNS)} (default all)")
     p.add_argument("--seed", type=int, default=0)
