@@ -158,7 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, help="QAT peak learning rate (default: onnxrep qat's)")
     p.add_argument("--freeze-bn-after", type=int, metavar="K",
                    help="passed to onnxrep qat (default: not passed)")
-    p.add_argument("--qat-args", default="", help="further onnxrep qat flags for both QAT runs; write --qat-args=\"--flag ...\" (a value starting with -- needs the =)")
+    p.add_argument("--qat-args", default="",
+                   help='further onnxrep qat flags for both QAT runs: --qat-args="--flag ..." '
+                        "(a value starting with -- needs the =)")
     p.add_argument("--runs", default=",".join(RUNS),
                    help=f"comma-separated subset of {','.join(RUNS)} (default all)")
     p.add_argument("--seed", type=int, default=0)
