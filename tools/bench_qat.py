@@ -11,6 +11,7 @@ writes the loss curves.
 
 usage: python tools/bench_qat.py [--model models/mobileone_fmnist.onnx] [--epochs 1]
            [--plot qat_loss.png] [--per-channel] [--reduce-range] [--limit-train N]
+           [--lr LR] [--batch-size N] [--freeze-bn-after K]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, help="default: QATConfig's")
     p.add_argument("--batch-size", type=int, help="default: QATConfig's")
+    p.add_argument("--freeze-bn-after", type=int, metavar="K", help="default: QATConfig's")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--reduce-range", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
     model = load(args.model)
     with np.load(args.calib) as z:
         calib = {"input": z["input"]}
-    overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size))
-                 if v is not None}
+    overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size),
+                                   ("freeze_bn_after", args.freeze_bn_after)) if v is not None}
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxrep-bench-qat-") as tmp:
         train = write_split("train", Path(tmp) / "train.npz", args.data_dir, args.limit_train)
