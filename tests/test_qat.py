@@ -563,9 +563,12 @@ def test_cli_defaults_are_the_config_defaults():
     args = build_parser().parse_args(["qat", "m.onnx", "--data", "d.npz"])
     config = QATConfig()
     for name in ("epochs", "optimizer", "lr", "batch_size", "momentum", "calib_samples", "seed",
-                 "rtol", "from_ptq", "keep_better"):
+                 "rtol", "from_ptq", "keep_better", "freeze_bn_after"):
         assert getattr(args, name) == getattr(config, name), name
     assert args.range_averaging == config.averaging_constant
+    never = build_parser().parse_args(["qat", "m.onnx", "--data", "d.npz",
+                                       "--freeze-bn-after", "never"])
+    assert never.freeze_bn_after is None
 
 
 def test_importing_onnxrep_and_its_cli_does_not_import_torch():

@@ -30,10 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 
 from models import fmnist  # noqa: E402
+from onnxrep.cli.common import steps_or_never  # noqa: E402
 from onnxrep.evaluation import evaluate  # noqa: E402
 from onnxrep.ir.model import load  # noqa: E402
 from onnxrep.progress import log  # noqa: E402
 from onnxrep.ptq.quantizer import QuantizeConfig, quantize  # noqa: E402
+from onnxrep.training.config import QATConfig  # noqa: E402
 from onnxrep.verify import metrics, run, session  # noqa: E402
 
 
@@ -46,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, help="default: QATConfig's")
     p.add_argument("--batch-size", type=int, help="default: QATConfig's")
-    p.add_argument("--freeze-bn-after", type=int, metavar="K", help="default: QATConfig's")
+    p.add_argument("--freeze-bn-after", type=steps_or_never, default=QATConfig.freeze_bn_after,
+                   metavar="K|never", help="default: QATConfig's")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--reduce-range", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from onnxrep.training.train import QATConfig, qat_with_details
+    from onnxrep.training.train import qat_with_details
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
     with np.load(args.calib) as z:
         calib = {"input": z["input"]}
     overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size),
-                                   ("freeze_bn_after", args.freeze_bn_after)) if v is not None}
+                                   ) if v is not None}
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxrep-bench-qat-") as tmp:
         train = write_split("train", Path(tmp) / "train.npz", args.data_dir, args.limit_train)
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
             log(f"bench: {name}")
             config = QATConfig(epochs=args.epochs, per_channel=args.per_channel,
                                reduce_range=args.reduce_range, restore_bn=restore,
-                               seed=args.seed, **overrides)
+                               seed=args.seed, freeze_bn_after=args.freeze_bn_after,
+                               **overrides)
             result = qat_with_details(model, train, config=config, calib=calib)
             runs[name] = result
             score = evaluate(result.model, test, batch_size=500)

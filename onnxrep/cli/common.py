@@ -169,6 +169,17 @@ def bounded(kind=float, *, lo=None, hi=None, lo_open=False, hi_open=False):
 positive_int = bounded(int, lo=1)
 nonnegative_int = bounded(int, lo=0)
 finite_float = bounded(float)
+
+
+def steps_or_never(text: str) -> int | None:
+    """A step count >= 0, or ``never`` (None)."""
+    if text == "never":
+        return None
+    try:
+        return nonnegative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a step count >= 0 or 'never', got '{text}'") from None
 positive_float = bounded(float, lo=0, lo_open=True)
 nonnegative_float = bounded(float, lo=0)
 tolerance = bounded(float, lo=0)  # --rtol: 0 means exact

@@ -33,7 +33,7 @@ from onnxrep.errors import UnsupportedModelError
 from onnxrep.verify import check_weights, is_float16
 from onnxrep.cli.common import (add_image_options, add_output, add_reporting, bounded, emit_json,
                                 nonnegative_int, output_path, positive_float, positive_int,
-                                read_data, tolerance)
+                                read_data, steps_or_never, tolerance)
 from onnxrep.errors import InputError
 from onnxrep.ir.model import load, save
 from onnxrep.progress import log
@@ -78,8 +78,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=False,
                    help="7-bit weights: no int16 saturation in onnxruntime's u8s8 kernels on "
                         "CPUs without VNNI, so the deployed model computes what was trained")
-    p.add_argument("--freeze-bn-after", type=nonnegative_int, metavar="K",
-                   help="after K steps, BNs use and keep their running statistics")
+    p.add_argument("--freeze-bn-after", type=steps_or_never, default=0, metavar="K|never",
+                   help="after K steps, BNs use and keep their running statistics; never: "
+                        "batch statistics throughout (default 0)")
     p.add_argument("--restore-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="insert BNs after the Convs before training (default on)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,

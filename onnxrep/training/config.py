@@ -53,7 +53,9 @@ class QATConfig:
     as ``onnxrep quantize --target`` does. ``per_channel``/``reduce_range``: weight
     quantization (:class:`FakeQuantConfig`); ``per_channel`` None takes the target's default.
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
-    statistics (None: never). ``restore_bn``: insert BNs after Convs first (step 2).
+    statistics (default 0: from the first step, so a restored BN trains as a per-channel scale
+    and shift of its conv; None: batch statistics throughout, which measured worse at every
+    batch size tried: the README's QAT section). ``restore_bn``: insert BNs after Convs first (step 2).
     ``optimize``: :func:`onnxrep.optimize` first. ``from_ptq``: start from what
     ``onnxrep quantize`` (same target and weight granularity) makes of the model: its passes and
     its bias-corrected biases, so the first step trains the PTQ model. ``keep_better``: when
@@ -85,7 +87,7 @@ class QATConfig:
     optimize: bool = True
     from_ptq: bool = True
     keep_better: bool = True
-    freeze_bn_after: int | None = None
+    freeze_bn_after: int | None = 0
     calib_samples: int = 512
     distill: Distill | None = None
     averaging_constant: float = 0.0
