@@ -54,8 +54,8 @@ class QATConfig:
     quantization (:class:`FakeQuantConfig`); ``per_channel`` None takes the target's default.
     ``freeze_bn_after``: optimizer steps after which fused BNs use and keep their running
     statistics (default 0: from the first step, so a restored BN trains as a per-channel scale
-    and shift of its conv; None: batch statistics throughout, which measured worse at every
-    batch size tried: the README's QAT section). ``restore_bn``: insert BNs after Convs first (step 2).
+    and shift of its conv; None: batch statistics throughout, which measured worse on every
+    model tried: the README's QAT section). ``restore_bn``: insert BNs after Convs first (step 2).
     ``optimize``: :func:`onnxrep.optimize` first. ``from_ptq``: start from what
     ``onnxrep quantize`` (same target and weight granularity) makes of the model: its passes and
     its bias-corrected biases, so the first step trains the PTQ model. ``keep_better``: when
