@@ -169,6 +169,9 @@ def bounded(kind=float, *, lo=None, hi=None, lo_open=False, hi_open=False):
 positive_int = bounded(int, lo=1)
 nonnegative_int = bounded(int, lo=0)
 finite_float = bounded(float)
+positive_float = bounded(float, lo=0, lo_open=True)
+nonnegative_float = bounded(float, lo=0)
+tolerance = bounded(float, lo=0)  # --rtol: 0 means exact
 
 
 def steps_or_never(text: str) -> int | None:
@@ -180,9 +183,6 @@ def steps_or_never(text: str) -> int | None:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected a step count >= 0 or 'never', got '{text}'") from None
-positive_float = bounded(float, lo=0, lo_open=True)
-nonnegative_float = bounded(float, lo=0)
-tolerance = bounded(float, lo=0)  # --rtol: 0 means exact
 
 
 def emit_json(command: str, payload: dict) -> None:

@@ -29,7 +29,9 @@ Relu or Clip that is its only reader (onnxruntime gives the conv output the acti
 and fuses Conv + Relu into QLinearConv; never a pair between conv and activation). Targets that
 quantize op inputs (TensorRT): the tensors of ``Target.input_layout`` (the computed inputs of
 the target's op types, residual-Add conv branches left float). A tensor that is a graph output
-stays float. Every reader of a quantized tensor sees the quantized value.
+stays float. A PTQ start (``prepare(follow=qdq)``) also quantizes every other tensor its QDQ
+model quantizes (a pooling op's input and output), so training computes what PTQ wrote. Every
+reader of a quantized tensor sees the quantized value.
 
 Conv -> BatchNormalization pairs train as one fused layer (torch.ao.nn.intrinsic.qat.ConvBn):
 with f = gamma / sqrt(running_var + eps), the weight is quantized as q(W f); in training

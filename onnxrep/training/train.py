@@ -159,7 +159,8 @@ def _qat(model, train_data, loss_fn, config: QATConfig, calib) -> QATResult:
     target = config.profile
     plan = prepare(net, config.fake_quant(),
                    None if target.quantizes_outputs else target.input_layout(work), follow=ptq)
-    # a PTQ start quantizes what PTQ quantizes and takes PTQ's ranges; only tensors PTQ left float are measured here
+    # a PTQ start quantizes what PTQ quantizes and takes PTQ's ranges; only tensors PTQ left
+    # float are measured here
     if ptq is None or fake_quant.ranges_from_qdq(plan, ptq) < len(plan.activations):
         _calibrate(net, plan, calib_set)
         if ptq is not None:  # calibration widened PTQ's ranges to its own: set them again
