@@ -58,6 +58,7 @@ from onnxrep.training.convert import Conv, ConvTranspose, Linear, _weight_module
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ZETA, GAMMA = 1.1, -0.1
 LAYER_BUDGET = 1e11
+BLOCK_BUDGET = 2e11
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,11 @@ class AdaRoundConfig:
     layer whose iteration costs c = Cout (K+1)^2 learns for min(iterations, max(min_iterations,
     layer_budget / c)) iterations; None: no bound); ``batch``: samples per step for layers
     learned on mini-batches; ``held_out``: share of the calibration samples kept aside to choose
-    between nearest and learned; ``seed``."""
+    between nearest and learned; ``seed``. ``blocks``: learn two-layer blocks together where
+    the graph has them (BRECQ, :mod:`onnxrep.training.brecq`), the other layers layer-wise;
+    ``block_budget``: multiply-adds per block (a step costs 3 x the block's on a mini-batch;
+    None: no bound); ``block_positions``: input positions per block mini-batch (the samples
+    are cropped to ``block_positions / batch`` each)."""
 
     iterations: int = 1000
     layer_budget: float | None = LAYER_BUDGET
@@ -83,6 +88,9 @@ class AdaRoundConfig:
     held_out: float = 0.25
     seed: int = 0
     threads: int = 1
+    blocks: bool = False
+    block_budget: float | None = BLOCK_BUDGET
+    block_positions: int = 2048
 
 
 @dataclass(frozen=True)
@@ -101,9 +109,10 @@ class LayerRounding:
     held_learned: float
     changed: int
     kept: bool
-    method: str  # "moments" | "minibatch"
+    method: str  # "moments" | "minibatch" | "block" (with the layer named in ``block``)
     iterations: int = 0
     seconds: float = 0.0  # gathering its data and learning (not the runs that feed it)
+    block: str = ""  # the other layer of its block (losses: the block output's MSE)
 
 
 @dataclass
@@ -138,8 +147,10 @@ class Rounding:
         verdict = ("kept" if self.kept else
                    "discarded: nearest rounding scored higher on the held-out samples")
         learned = sum(r.kept for r in self.layers)
+        blocks = sum(r.method == "block" for r in self.layers) // 2
         return (f"learned rounding on {len(self.layers)} layers ({learned} kept, "
-                f"{self.samples} samples, {_span(r.iterations for r in self.layers)} "
+                + (f"{blocks} two-layer blocks kept, " if self.mode == "block" else "")
+                + f"{self.samples} samples, {_span(r.iterations for r in self.layers)} "
                 f"iterations) in "
                 f"{self.seconds:.1f} s: mean layer MSE {self.loss_nearest:.4g} -> "
                 f"{self.loss_learned:.4g}, held-out output SQNR ({self.held_out} samples) "
@@ -696,7 +707,7 @@ def learn_rounding(float_model: onnx.ModelProto, qdq: onnx.ModelProto, batches: 
 
 def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
     began = time.monotonic()
-    record = Rounding("learned", config=cfg)
+    record = Rounding("block" if cfg.blocks else "learned", config=cfg)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = onnx.ModelProto()
@@ -714,29 +725,27 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
     qsteps = _Stepper(out, [lay.qdq_index for lay in layers], train + held)
     fsteps = _Stepper(float_model, [lay.float_index for lay in layers], train + held)
     n_train = len(train)
+    blocks = {}
+    if cfg.blocks:
+        from onnxrep.training.brecq import find_blocks
+
+        blocks = find_blocks(float_model, out, layers)
+    by_block: dict[int, LayerRounding] = {}  # second layers of learned blocks
     with Progress(len(layers), "learned rounding") as bar:
         for j, lay in enumerate(layers):
             xq = [np.asarray(a, np.float32) for a in qsteps.inputs(j)]
             xf = [np.asarray(a, np.float32) for a in fsteps.inputs(j)]
-            learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
-            began_layer = time.monotonic()
-            codes, fit, check, r = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:],
-                                         xf[n_train:], cfg, gen)
-            # kept when it also lowers the error on the held-out samples: a layer that sees
-            # few positions (an SE block's 1x1 convs on pooled features) can overfit
-            keep = check[1] < check[0] and fit[1] < fit[0]
-            new = _torch_layout(lay, codes.numpy())  # torch layout -> ONNX (a transpose)
-            new = np.ascontiguousarray(new).astype(lay.codes.dtype)
-            changed = int(np.sum(new != lay.codes))
-            if keep:
-                index.set_const(lay.codes_name, new)
-            record.layers.append(LayerRounding(
-                lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0], check[1],
-                changed, keep, "moments" if learn is _learn_moments else "minibatch",
-                r.iterations, time.monotonic() - began_layer))
+            rows = ([by_block.pop(j)] if j in by_block else
+                    _learn_block(blocks[j], layers, xq, xf, n_train, cfg, gen, index)
+                    if j in blocks else [])
+            if not rows:
+                rows = [_learn_layer(lay, xq, xf, n_train, cfg, gen, index)]
+            record.layers.append(rows[0])
+            if len(rows) > 1:
+                by_block[blocks[j].second] = rows[1]
             qsteps.layer(j)
             fsteps.layer(j)
-            bar.update(1, mse=fit[1])
+            bar.update(1, mse=rows[0].loss_learned)
     learned_out = qsteps.finish()[n_train:]
     reference = fsteps.finish()[n_train:]
     del qsteps, fsteps
@@ -749,3 +758,54 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
     record.seconds = time.monotonic() - began
     log(record.summary())
     return (out if record.kept else qdq), record
+
+
+def _learn_layer(lay: _Layer, xq, xf, n_train: int, cfg: AdaRoundConfig, gen: torch.Generator,
+                 index: GraphIndex) -> LayerRounding:
+    """Learn one layer (AdaRound) and write its codes into ``index``'s model when kept."""
+    learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
+    began = time.monotonic()
+    codes, fit, check, r = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:], xf[n_train:],
+                                 cfg, gen)
+    # kept when it also lowers the error on the held-out samples: a layer that sees few
+    # positions (an SE block's 1x1 convs on pooled features) can overfit
+    keep = check[1] < check[0] and fit[1] < fit[0]
+    changed = _write(lay, codes, index) if keep else _changed(lay, codes)
+    return LayerRounding(lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0],
+                         check[1], changed, keep,
+                         "moments" if learn is _learn_moments else "minibatch", r.iterations,
+                         time.monotonic() - began)
+
+
+def _learn_block(block, layers: list[_Layer], xq, xf, n_train: int, cfg: AdaRoundConfig,
+                 gen: torch.Generator, index: GraphIndex) -> list[LayerRounding]:
+    """Learn a block (BRECQ); when kept, write both layers' codes into ``index``'s model and
+    return their rows (the second's for when its turn comes), else []."""
+    from onnxrep.training.brecq import learn_block
+
+    began = time.monotonic()
+    result = learn_block(block, layers, xq[:n_train], xf[:n_train], xq[n_train:], xf[n_train:],
+                         cfg, gen)
+    if not result.kept:
+        return []
+    two = (layers[block.first], layers[block.second])
+    seconds = time.monotonic() - began
+    return [LayerRounding(lay.node, lay.op_type, int(lay.codes.size), *result.fit, *result.held,
+                          _write(lay, codes, index), True, "block", result.iterations,
+                          seconds / 2, other.node)
+            for lay, codes, other in zip(two, result.codes, two[::-1])]
+
+
+def _onnx_codes(lay: _Layer, codes: torch.Tensor) -> np.ndarray:
+    """Learned codes (torch layout) as the layer's ONNX initializer (layout and dtype)."""
+    return np.ascontiguousarray(_torch_layout(lay, codes.numpy())).astype(lay.codes.dtype)
+
+
+def _changed(lay: _Layer, codes: torch.Tensor) -> int:
+    return int(np.sum(_onnx_codes(lay, codes) != lay.codes))
+
+
+def _write(lay: _Layer, codes: torch.Tensor, index: GraphIndex) -> int:
+    """Write the codes into the model; the number that differ from nearest."""
+    index.set_const(lay.codes_name, _onnx_codes(lay, codes))
+    return _changed(lay, codes)
