@@ -58,7 +58,7 @@ from onnxrep.training.convert import Conv, ConvTranspose, Linear, _weight_module
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ZETA, GAMMA = 1.1, -0.1
 LAYER_BUDGET = 1e11
-BLOCK_BUDGET = 2e11
+BLOCK_BUDGET = 1e11
 
 
 @dataclass(frozen=True)

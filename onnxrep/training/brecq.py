@@ -193,9 +193,8 @@ class _Path:
                                float(zero.reshape(())), info.min, info.max)
                 ins = ins[:1]
             elif node.op_type == "DequantizeLinear":
-                q = graph.node[index.producer[node.input[0]]]
-                zero = (float(index.const(q.input[2]).reshape(()))
-                        if len(q.input) > 2 and q.input[2] else 0.0)
+                zero = (float(index.const(node.input[2]).reshape(()))
+                        if len(node.input) > 2 and node.input[2] else 0.0)
                 scale = float(index.const(node.input[1]).reshape(()))
                 fn = (lambda c, s=scale, z=zero: (c - z) * s)
                 ins = ins[:1]
