@@ -730,19 +730,19 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
         from onnxrep.training.brecq import find_blocks
 
         blocks = find_blocks(float_model, out, layers)
-    by_block: dict[int, LayerRounding] = {}  # second layers of learned blocks
+    by_block: dict[int, LayerRounding] = {}  # second layers of blocks, learned with the first
     with Progress(len(layers), "learned rounding") as bar:
         for j, lay in enumerate(layers):
             xq = [np.asarray(a, np.float32) for a in qsteps.inputs(j)]
             xf = [np.asarray(a, np.float32) for a in fsteps.inputs(j)]
-            rows = ([by_block.pop(j)] if j in by_block else
-                    _learn_block(blocks[j], layers, xq, xf, n_train, cfg, gen, index)
-                    if j in blocks else [])
-            if not rows:
-                rows = [_learn_layer(lay, xq, xf, n_train, cfg, gen, index)]
-            record.layers.append(rows[0])
-            if len(rows) > 1:
+            if j in by_block:
+                rows = [by_block.pop(j)]
+            elif j in blocks:
+                rows = _learn_block(blocks[j], layers, xq, xf, n_train, cfg, gen, index)
                 by_block[blocks[j].second] = rows[1]
+            else:
+                rows = [_learn_layer(lay, xq, xf, n_train, cfg, gen, index)[0]]
+            record.layers.append(rows[0])
             qsteps.layer(j)
             fsteps.layer(j)
             bar.update(1, mse=rows[0].loss_learned)
@@ -761,8 +761,9 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
 
 
 def _learn_layer(lay: _Layer, xq, xf, n_train: int, cfg: AdaRoundConfig, gen: torch.Generator,
-                 index: GraphIndex) -> LayerRounding:
-    """Learn one layer (AdaRound) and write its codes into ``index``'s model when kept."""
+                 index: GraphIndex | None) -> tuple[LayerRounding, torch.Tensor]:
+    """Learn one layer (AdaRound); its row and the codes it keeps (learned or nearest), written
+    into ``index``'s model when learned (None: not written)."""
     learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
     began = time.monotonic()
     codes, fit, check, r = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:], xf[n_train:],
@@ -770,27 +771,38 @@ def _learn_layer(lay: _Layer, xq, xf, n_train: int, cfg: AdaRoundConfig, gen: to
     # kept when it also lowers the error on the held-out samples: a layer that sees few
     # positions (an SE block's 1x1 convs on pooled features) can overfit
     keep = check[1] < check[0] and fit[1] < fit[0]
-    changed = _write(lay, codes, index) if keep else _changed(lay, codes)
-    return LayerRounding(lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0],
-                         check[1], changed, keep,
-                         "moments" if learn is _learn_moments else "minibatch", r.iterations,
-                         time.monotonic() - began)
+    if keep and index is not None:
+        _write(lay, codes, index)
+    row = LayerRounding(lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0],
+                        check[1], _changed(lay, codes), keep,
+                        "moments" if learn is _learn_moments else "minibatch", r.iterations,
+                        time.monotonic() - began)
+    return row, (codes if keep else r.nearest)
 
 
 def _learn_block(block, layers: list[_Layer], xq, xf, n_train: int, cfg: AdaRoundConfig,
                  gen: torch.Generator, index: GraphIndex) -> list[LayerRounding]:
-    """Learn a block (BRECQ); when kept, write both layers' codes into ``index``'s model and
-    return their rows (the second's for when its turn comes), else []."""
-    from onnxrep.training.brecq import learn_block
+    """Learn a block's two layers layer-wise (the second on its input as the first's codes
+    leave it, computed in torch) and together (BRECQ); write the block's codes when they beat
+    the layer-wise ones on the block output, else the layer-wise ones. Both layers' rows."""
+    from onnxrep.training.brecq import learn_block, second_inputs
 
+    two = (layers[block.first], layers[block.second])
+    row1, codes1 = _learn_layer(two[0], xq, xf, n_train, cfg, gen, None)
+    x2q, x2f = second_inputs(block, two[0], codes1, xq, xf)
+    row2, codes2 = _learn_layer(two[1], x2q, x2f, n_train, cfg, gen, None)
+    del x2q, x2f
     began = time.monotonic()
     result = learn_block(block, layers, xq[:n_train], xf[:n_train], xq[n_train:], xf[n_train:],
-                         cfg, gen)
+                         cfg, gen, (codes1, codes2))
     if not result.kept:
-        return []
-    two = (layers[block.first], layers[block.second])
-    seconds = time.monotonic() - began
-    return [LayerRounding(lay.node, lay.op_type, int(lay.codes.size), *result.fit, *result.held,
+        for lay, row, codes in ((two[0], row1, codes1), (two[1], row2, codes2)):
+            if row.kept:
+                _write(lay, codes, index)
+        return [row1, row2]
+    seconds = time.monotonic() - began + row1.seconds + row2.seconds
+    return [LayerRounding(lay.node, lay.op_type, int(lay.codes.size), result.fit[0],
+                          result.fit[2], result.held[0], result.held[2],
                           _write(lay, codes, index), True, "block", result.iterations,
                           seconds / 2, other.node)
             for lay, codes, other in zip(two, result.codes, two[::-1])]

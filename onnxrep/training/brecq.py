@@ -37,10 +37,14 @@ and x~; both paths zero-pad at the crop borders, so the comparison stays like fo
 step costs about three times the block's multiply-adds on a mini-batch, m; a block learns for
 min(iterations, max(min_iterations, block_budget / (3 m))) iterations.
 
-Guards: a block's learned codes are kept only when its output error is lower than nearest
-rounding's on the training samples and on the held-out ones (one seeded crop per sample);
-otherwise its two layers learn layer-wise. The model guard is learned rounding's (held-out
-output SQNR against nearest rounding's). Export is AdaRound's: the codes go into the int8
+Guards: both layers also learn layer-wise first (AdaRound, the second on its input as the
+first's layer-wise codes leave it, computed by the same torch nodes), and the block's learned
+codes are kept only when its output error is lower than with nearest rounding and than with
+the layer-wise codes, on the training samples and on the held-out ones (one seeded crop per
+sample); otherwise the layer-wise codes are written (each only where it beat nearest on its
+own layer). So a block never ends worse on its output than layer-wise learned rounding would
+leave it. The model guard is learned rounding's (held-out output SQNR against nearest
+rounding's). Export is AdaRound's: the codes go into the int8
 weight initializers.
 """
 
@@ -81,16 +85,17 @@ class Block:
 @dataclass(frozen=True)
 class BlockResult:
     """The learned codes of both layers (torch layout), the block output MSE per output element
-    [nearest, learned] on the training and on the held-out samples, and the iterations."""
+    (nearest, the layer-wise codes, learned) on the training and on the held-out samples, and
+    the iterations. ``kept``: lower than both others on both sample sets."""
 
     codes: tuple[torch.Tensor, torch.Tensor]
-    fit: tuple[float, float]
-    held: tuple[float, float]
+    fit: tuple[float, float, float]
+    held: tuple[float, float, float]
     iterations: int
 
     @property
     def kept(self) -> bool:
-        return self.fit[1] < self.fit[0] and self.held[1] < self.held[0]
+        return all(x[2] < min(x[:2]) for x in (self.fit, self.held))
 
 
 def find_blocks(float_model: onnx.ModelProto, qdq: onnx.ModelProto, layers: list[_Layer]
@@ -175,6 +180,7 @@ class _Path:
     def __init__(self, graph: onnx.GraphProto, index: GraphIndex, nodes: list[int],
                  layers: dict[int, _Layer], opset: int):
         self.input, self.output = graph.node[nodes[0]].input[0], graph.node[nodes[-1]].output[0]
+        self.second_input = graph.node[nodes[-1]].input[0]
         self.layers = layers
         self.steps = []
         for i in sorted(nodes):
@@ -202,10 +208,14 @@ class _Path:
                 fn = _OPS[node.op_type](node, opset)
             self.steps.append((i, fn, ins, node.output[0]))
 
-    def run(self, x: torch.Tensor, weights: dict[int, tuple]) -> tuple[torch.Tensor, int]:
+    def run(self, x: torch.Tensor, weights: dict[int, tuple], until: str | None = None
+            ) -> tuple[torch.Tensor, int]:
+        """(tensor ``until`` (None: the output), multiply-adds); the layers ``until`` needs."""
         env = {self.input: x}
         macs = 0
         for i, fn, ins, out in self.steps:
+            if until in env:
+                return env[until], macs
             args = [env[a] if isinstance(a, str) else a for a in ins]
             if fn is None:
                 w, b = weights[i]
@@ -252,11 +262,26 @@ def _window(shape: tuple, axes: list[int], crop: list[int], gen: torch.Generator
     return tuple(index)
 
 
+def second_inputs(block: Block, first: _Layer, codes: torch.Tensor, xq: list[np.ndarray],
+                  xf: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The second layer's input per batch in the QDQ model with the first layer's ``codes``
+    (torch layout) and in the FP32 model, from the block inputs ``xq`` / ``xf``."""
+    r = _Rounder(first)
+    qw = {first.qdq_index: (r.dequant(codes), torch.from_numpy(first.qbias))}
+    fw = {first.float_index: (r.w, torch.from_numpy(first.bias))}
+    with torch.no_grad():
+        return ([block.qdq.run(torch.from_numpy(a), qw, block.qdq.second_input)[0].numpy()
+                 for a in xq],
+                [block.float.run(torch.from_numpy(a), fw, block.float.second_input)[0].numpy()
+                 for a in xf])
+
+
 def learn_block(block: Block, layers: list[_Layer], xq: list[np.ndarray], xf: list[np.ndarray],
                 hq: list[np.ndarray], hf: list[np.ndarray], cfg: AdaRoundConfig,
-                gen: torch.Generator) -> BlockResult:
+                gen: torch.Generator, layerwise: tuple[torch.Tensor, torch.Tensor]
+                ) -> BlockResult:
     """Learn both layers' codes on (xq, xf) (the block input in the QDQ and FP32 models, per
-    batch) and measure them on (hq, hf)."""
+    batch) and measure them, nearest's and the ``layerwise`` codes on (xq, xf) and (hq, hf)."""
     two = (layers[block.first], layers[block.second])
     rounders = [_Rounder(lay) for lay in two]
     qpos = [lay.qdq_index for lay in two]
@@ -300,8 +325,8 @@ def learn_block(block: Block, layers: list[_Layer], xq: list[np.ndarray], xf: li
 
     fit_windows, held_windows = windows_of(xq, rows), windows_of(hq, held)
     nearest = [r.nearest for r in rounders]
-    near = (measure(nearest, xq, xf, rows, fit_windows),
-            measure(nearest, hq, hf, held, held_windows))
+    near = [(measure(c, xq, xf, rows, fit_windows), measure(c, hq, hf, held, held_windows))
+            for c in (nearest, list(layerwise))]
     opt = _adam_all([r.v for r in rounders], cfg.lr)
     iterations, it = None, 0
     while iterations is None or it < iterations:
@@ -320,8 +345,9 @@ def learn_block(block: Block, layers: list[_Layer], xq: list[np.ndarray], xf: li
         it += 1
     codes = [r.hard_codes() for r in rounders]
     return BlockResult((codes[0], codes[1]),
-                       (near[0], measure(codes, xq, xf, rows, fit_windows)),
-                       (near[1], measure(codes, hq, hf, held, held_windows)), iterations)
+                       (near[0][0], near[1][0], measure(codes, xq, xf, rows, fit_windows)),
+                       (near[0][1], near[1][1], measure(codes, hq, hf, held, held_windows)),
+                       iterations)
 
 
 def _adam_all(vs: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
