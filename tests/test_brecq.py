@@ -20,9 +20,10 @@ from onnxrep import verify  # noqa: E402
 from onnxrep.cli import main  # noqa: E402
 from onnxrep.ptq.quantizer import QuantizeConfig, quantize_with_details  # noqa: E402
 from onnxrep.training import adaround, brecq  # noqa: E402
-from onnxrep.training.adaround import AdaRoundConfig, learn_rounding  # noqa: E402
+from onnxrep.training.adaround import AdaRoundConfig  # noqa: E402
+from onnxrep.training.brecq import learn_rounding  # noqa: E402
 
-FAST = AdaRoundConfig(iterations=600, blocks=True)
+FAST = AdaRoundConfig(iterations=600)
 
 
 def _hardswish_pair(seed: int = 0, tail: bool = False) -> onnx.ModelProto:
@@ -182,7 +183,7 @@ def test_block_budget_bounds_the_iterations(monkeypatch):
     q, batches = _quantized(_hardswish_pair(seed=4))
     real, seen = brecq.learn_block, []
     monkeypatch.setattr(brecq, "learn_block", lambda *a: seen.append(real(*a)) or seen[-1])
-    cfg = AdaRoundConfig(iterations=300, blocks=True, block_budget=1e8, min_iterations=20)
+    cfg = AdaRoundConfig(iterations=300, block_budget=1e8, min_iterations=20)
     learn_rounding(q.float_model, q.model, batches, cfg)
     # one step: 4 samples x 144 positions x (8 x 27 + 8 x 9) multiply-adds, times 3: 200
     assert [r.iterations for r in seen] == [int(1e8 // (3 * 4 * 144 * (8 * 27 + 8 * 9)))]
@@ -191,7 +192,7 @@ def test_block_budget_bounds_the_iterations(monkeypatch):
     assert [r.iterations for r in seen] == [20]  # at least min_iterations
     seen.clear()
     learn_rounding(q.float_model, q.model, batches,
-                   AdaRoundConfig(iterations=40, blocks=True, block_budget=None))
+                   AdaRoundConfig(iterations=40, block_budget=None))
     assert [r.iterations for r in seen] == [40]
 
 
@@ -204,7 +205,7 @@ def test_cli_rounding_block(tmp_path, capsys):
                  "--rounding-samples", "32", "-o", str(tmp_path / "q.onnx"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     rounding = doc.get("rounding") or doc["result"]["rounding"]
-    assert rounding["mode"] == "block" and rounding["config"]["blocks"]
+    assert rounding["mode"] == "block"
     assert {r["method"] for r in rounding["layers"]} >= {"block"}
     q = quantize_with_details(model, batch_for(model, 64, seed=1),
                               QuantizeConfig(rounding="block"))

@@ -344,11 +344,11 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
             excluded += [n for n, p in chosen_precision.items() if p == "fp32"]
         rounding = None
         if config.rounding in LEARNED_ROUNDINGS:
-            from onnxrep.training.adaround import AdaRoundConfig, learn_rounding
+            from onnxrep.training import adaround, brecq
 
+            learn = brecq if config.rounding == "block" else adaround
             with clock("learned rounding"):
-                qdq, rounding = learn_rounding(
-                    work, qdq, learning, AdaRoundConfig(blocks=config.rounding == "block"))
+                qdq, rounding = learn.learn_rounding(work, qdq, learning)
         if config.report:
             with clock("report"):
                 report = sensitivity.layer_report(final_float, qdq, kept)

@@ -58,7 +58,7 @@ from onnxrep.training.convert import Conv, ConvTranspose, Linear, _weight_module
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ZETA, GAMMA = 1.1, -0.1
 LAYER_BUDGET = 1e11
-BLOCK_BUDGET = 1e11
+BLOCK_BUDGET = 5e10
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,8 @@ class AdaRoundConfig:
     layer whose iteration costs c = Cout (K+1)^2 learns for min(iterations, max(min_iterations,
     layer_budget / c)) iterations; None: no bound); ``batch``: samples per step for layers
     learned on mini-batches; ``held_out``: share of the calibration samples kept aside to choose
-    between nearest and learned; ``seed``. ``blocks``: learn two-layer blocks together where
-    the graph has them (BRECQ, :mod:`onnxrep.training.brecq`), the other layers layer-wise;
-    ``block_budget``: multiply-adds per block (a step costs 3 x the block's on a mini-batch;
+    between nearest and learned; ``seed``. For block reconstruction
+    (:mod:`onnxrep.training.brecq`): ``block_budget``: multiply-adds per block (a step costs 3 x the block's on a mini-batch;
     None: no bound); ``block_positions``: input positions per block mini-batch (the samples
     are cropped to ``block_positions / batch`` each)."""
 
@@ -88,7 +87,6 @@ class AdaRoundConfig:
     held_out: float = 0.25
     seed: int = 0
     threads: int = 1
-    blocks: bool = False
     block_budget: float | None = BLOCK_BUDGET
     block_positions: int = 2048
 
@@ -690,24 +688,29 @@ def _sqnr(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) ->
 
 
 def learn_rounding(float_model: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[dict],
-                   config: AdaRoundConfig | None = None) -> tuple[onnx.ModelProto, Rounding]:
+                   config: AdaRoundConfig | None = None, blocks=None
+                   ) -> tuple[onnx.ModelProto, Rounding]:
     """``qdq`` (not mutated) with learned weight codes, or ``qdq`` itself when nearest rounding
     scores higher on the held-out samples; and the record.
 
     ``float_model``: the FP32 model ``qdq`` quantizes (same node names; its layer outputs are
-    the targets); ``batches``: calibration feeds (a share is held out)."""
+    the targets); ``batches``: calibration feeds (a share is held out). ``blocks``: None (every
+    layer on its own) or ``blocks(float_model, the QDQ copy, layers) -> {position of a block's
+    first layer: (position of its last, learn)}``, ``learn(xq, xf, n_train, config, generator,
+    index)`` learning the block on its cached inputs, writing its codes through ``index`` and
+    returning both layers' rows (:func:`onnxrep.training.brecq.learn_rounding`)."""
     cfg = config or AdaRoundConfig()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _learn_rounding(float_model, qdq, batches, cfg)
+        return _learn_rounding(float_model, qdq, batches, cfg, blocks)
     finally:
         torch.set_num_threads(threads)
 
 
-def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
+def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig, blocks):
     began = time.monotonic()
-    record = Rounding("block" if cfg.blocks else "learned", config=cfg)
+    record = Rounding("learned" if blocks is None else "block", config=cfg)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = onnx.ModelProto()
@@ -725,11 +728,7 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
     qsteps = _Stepper(out, [lay.qdq_index for lay in layers], train + held)
     fsteps = _Stepper(float_model, [lay.float_index for lay in layers], train + held)
     n_train = len(train)
-    blocks = {}
-    if cfg.blocks:
-        from onnxrep.training.brecq import find_blocks
-
-        blocks = find_blocks(float_model, out, layers)
+    plan = blocks(float_model, out, layers) if blocks is not None else {}
     by_block: dict[int, LayerRounding] = {}  # second layers of blocks, learned with the first
     with Progress(len(layers), "learned rounding") as bar:
         for j, lay in enumerate(layers):
@@ -737,9 +736,10 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
             xf = [np.asarray(a, np.float32) for a in fsteps.inputs(j)]
             if j in by_block:
                 rows = [by_block.pop(j)]
-            elif j in blocks:
-                rows = _learn_block(blocks[j], layers, xq, xf, n_train, cfg, gen, index)
-                by_block[blocks[j].second] = rows[1]
+            elif j in plan:
+                second, learn = plan[j]
+                rows = learn(xq, xf, n_train, cfg, gen, index)
+                by_block[second] = rows[1]
             else:
                 rows = [_learn_layer(lay, xq, xf, n_train, cfg, gen, index)[0]]
             record.layers.append(rows[0])
@@ -778,34 +778,6 @@ def _learn_layer(lay: _Layer, xq, xf, n_train: int, cfg: AdaRoundConfig, gen: to
                         "moments" if learn is _learn_moments else "minibatch", r.iterations,
                         time.monotonic() - began)
     return row, (codes if keep else r.nearest)
-
-
-def _learn_block(block, layers: list[_Layer], xq, xf, n_train: int, cfg: AdaRoundConfig,
-                 gen: torch.Generator, index: GraphIndex) -> list[LayerRounding]:
-    """Learn a block's two layers layer-wise (the second on its input as the first's codes
-    leave it, computed in torch) and together (BRECQ); write the block's codes when they beat
-    the layer-wise ones on the block output, else the layer-wise ones. Both layers' rows."""
-    from onnxrep.training.brecq import learn_block, second_inputs
-
-    two = (layers[block.first], layers[block.second])
-    row1, codes1 = _learn_layer(two[0], xq, xf, n_train, cfg, gen, None)
-    x2q, x2f = second_inputs(block, two[0], codes1, xq, xf)
-    row2, codes2 = _learn_layer(two[1], x2q, x2f, n_train, cfg, gen, None)
-    del x2q, x2f
-    began = time.monotonic()
-    result = learn_block(block, layers, xq[:n_train], xf[:n_train], xq[n_train:], xf[n_train:],
-                         cfg, gen, (codes1, codes2))
-    if not result.kept:
-        for lay, row, codes in ((two[0], row1, codes1), (two[1], row2, codes2)):
-            if row.kept:
-                _write(lay, codes, index)
-        return [row1, row2]
-    seconds = time.monotonic() - began + row1.seconds + row2.seconds
-    return [LayerRounding(lay.node, lay.op_type, int(lay.codes.size), result.fit[0],
-                          result.fit[2], result.held[0], result.held[2],
-                          _write(lay, codes, index), True, "block", result.iterations,
-                          seconds / 2, other.node)
-            for lay, codes, other in zip(two, result.codes, two[::-1])]
 
 
 def _onnx_codes(lay: _Layer, codes: torch.Tensor) -> np.ndarray:

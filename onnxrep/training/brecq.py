@@ -51,7 +51,9 @@ weight initializers.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
@@ -59,8 +61,10 @@ import torch
 
 from onnxrep.ir.graph import GraphIndex
 from onnxrep.ir.model import opset_version
-from onnxrep.training.adaround import (AdaRoundConfig, _adam, _beta, _dequant_value, _Layer,
-                                       _reg, _Rounder)
+from onnxrep.training import adaround
+from onnxrep.training.adaround import (AdaRoundConfig, LayerRounding, Rounding, _adam, _beta,
+                                       _dequant_value, _Layer, _learn_layer, _reg, _Rounder,
+                                       _write)
 from onnxrep.training.convert import _OPS, ConvTranspose, Linear
 
 # ops that may sit between the two layers of a block (each runs on its inputs elementwise or
@@ -96,6 +100,16 @@ class BlockResult:
     @property
     def kept(self) -> bool:
         return all(x[2] < min(x[:2]) for x in (self.fit, self.held))
+
+
+def learn_rounding(float_model: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[dict],
+                   config: AdaRoundConfig | None = None) -> tuple[onnx.ModelProto, Rounding]:
+    """:func:`onnxrep.training.adaround.learn_rounding` with the blocks of :func:`find_blocks`
+    learned together (record mode "block")."""
+    def plan(float_model, qdq, layers):
+        return {j: (b.second, partial(_learn, b, layers))
+                for j, b in find_blocks(float_model, qdq, layers).items()}
+    return adaround.learn_rounding(float_model, qdq, batches, config, plan)
 
 
 def find_blocks(float_model: onnx.ModelProto, qdq: onnx.ModelProto, layers: list[_Layer]
@@ -238,6 +252,33 @@ def _quantize(scale: float, zero: float, lo: int, hi: int):
 
 
 # ---- learning one block -------------------------------------------------------------------------
+
+def _learn(block: Block, layers: list[_Layer], xq, xf, n_train: int, cfg: AdaRoundConfig,
+           gen: torch.Generator, index: GraphIndex) -> list[LayerRounding]:
+    """Learn a block's two layers layer-wise (the second on its input as the first's codes
+    leave it, computed in torch) and together (BRECQ); write the block's codes when they beat
+    the layer-wise ones on the block output, else the layer-wise ones. Both layers' rows."""
+    two = (layers[block.first], layers[block.second])
+    row1, codes1 = _learn_layer(two[0], xq, xf, n_train, cfg, gen, None)
+    x2q, x2f = second_inputs(block, two[0], codes1, xq, xf)
+    row2, codes2 = _learn_layer(two[1], x2q, x2f, n_train, cfg, gen, None)
+    del x2q, x2f
+    began = time.monotonic()
+    result = learn_block(block, layers, xq[:n_train], xf[:n_train], xq[n_train:], xf[n_train:],
+                         cfg, gen, (codes1, codes2))
+    if not result.kept:
+        for lay, row, codes in ((two[0], row1, codes1), (two[1], row2, codes2)):
+            if row.kept:
+                _write(lay, codes, index)
+        return [row1, row2]
+    seconds = time.monotonic() - began + row1.seconds + row2.seconds
+    return [LayerRounding(lay.node, lay.op_type, int(lay.codes.size), result.fit[0],
+                          result.fit[2], result.held[0], result.held[2],
+                          _write(lay, codes, index), True, "block", result.iterations,
+                          seconds / 2, other.node)
+            for lay, codes, other in zip(two, result.codes, two[::-1])]
+
+
 
 def _spatial(layer: _Layer, ndim: int) -> list[int]:
     """The position axes of the first layer's input (cropped; channels and batch are not)."""
