@@ -110,7 +110,8 @@ class LayerRounding:
     method: str  # "moments" | "minibatch" | "block" (with the layer named in ``block``)
     iterations: int = 0
     seconds: float = 0.0  # gathering its data and learning (not the runs that feed it)
-    block: str = ""  # the other layer of its block (losses: the block output's MSE)
+    block: str = ""  # the other layer of the block it learned in (method "block": the block's
+    #                  codes beat the layer-wise ones; its losses are the block output's MSE)
 
 
 @dataclass

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -270,14 +270,13 @@ def _learn(block: Block, layers: list[_Layer], xq, xf, n_train: int, cfg: AdaRou
         for lay, row, codes in ((two[0], row1, codes1), (two[1], row2, codes2)):
             if row.kept:
                 _write(lay, codes, index)
-        return [row1, row2]
+        return [replace(row1, block=two[1].node), replace(row2, block=two[0].node)]
     seconds = time.monotonic() - began + row1.seconds + row2.seconds
     return [LayerRounding(lay.node, lay.op_type, int(lay.codes.size), result.fit[0],
                           result.fit[2], result.held[0], result.held[2],
                           _write(lay, codes, index), True, "block", result.iterations,
                           seconds / 2, other.node)
             for lay, codes, other in zip(two, result.codes, two[::-1])]
-
 
 
 def _spatial(layer: _Layer, ndim: int) -> list[int]:
