@@ -1,21 +1,25 @@
-"""Nearest vs learned rounding (AdaRound): task metric and quantize time, per model and granularity.
+"""Nearest vs learned rounding (AdaRound, BRECQ): task metric and quantize time, per model and
+granularity.
 
-For each model, per-tensor and per-channel, quantizes twice back to back in this process with
-onnxrep's defaults (MinMax, bias correction): ``rounding="nearest"`` then ``rounding="learned"``,
-and scores both with the model's task metric:
+For each model, per-tensor and per-channel, quantizes back to back in this process with
+onnxrep's defaults (MinMax, bias correction): ``rounding="nearest"``, then each learned mode of
+``--roundings`` ("learned": AdaRound layer by layer; "block": BRECQ's two-layer blocks), and
+scores each with the model's task metric:
   shipped models (models/repvgg_fmnist.onnx, models/mobileone_fmnist.onnx): top-1 on
       models/fmnist_eval.npz, calibrated on models/fmnist_calib.npz;
   zoo models (tools/zoo/models.harness): the harness's headline metric on its rendered test set
       (char_acc, hmean, top1, or sqnr for layout), calibrated on its rendered calibration set.
-The table shows the metric of FP32 and of both, the zoo models' output SQNR vs FP32 on the test
-set, whether learned rounding was kept (its held-out output SQNR vs nearest's), the quantize
-wall time (seconds, absolute: the 10-minute bound is on it) and the ratio learned / nearest
-(two runs back to back on the same machine), the learned run's process CPU seconds, and the
+The table shows, per learned mode, the metric of FP32, nearest and the mode, the zoo models'
+output SQNR vs FP32 on the test set, whether the learned model was kept (its held-out output
+SQNR vs nearest's), the layers (block mode: and two-layer blocks) that kept learned codes, the
+quantize wall time (seconds, absolute: the 10-minute bound is on it) and the ratio to nearest's
+(runs back to back on the same machine), the learned run's process CPU seconds, and the
 1-minute load average when the row finished (the CPU line says which machine; a load above its
 CPU count means another job shared the cores).
 
 usage: python tools/bench_rounding.py [--models repvgg,mobileone,ppocrv6_rec,...]
-           [--granularity per-tensor,per-channel] [--calib 64] [--test 64] [--save FILE]
+           [--granularity per-tensor,per-channel] [--roundings learned,block] [--calib 64]
+           [--test 64] [--save FILE]
        python tools/bench_rounding.py --from-json FILE
 """
 
@@ -55,13 +59,14 @@ def _scorer(name: str, calib: int, test: int):
     key = SPECS[name].primary
     scale = 1 if key == "sqnr" else 100
 
-    def score(path):
+    def score(path):  # the FP32 model's SQNR against itself is None (layout's metric)
         m = h.metric(str(path))
-        return scale * m[key], m["sqnr"]
+        return (None if m[key] is None else scale * m[key]), m["sqnr"]
     return h.model, h.calib, key, score
 
 
-def bench(name: str, granularity: str, calib: int, test: int) -> dict:
+def bench(name: str, granularity: str, calib: int, test: int,
+          roundings: tuple[str, ...] = ("learned",)) -> dict:
     import onnx
 
     from onnxrep.progress import quiet
@@ -72,7 +77,7 @@ def bench(name: str, granularity: str, calib: int, test: int) -> dict:
     row = {"model": name, "granularity": granularity, "metric": metric,
            "fp32": score(model_path)[0]}
     with tempfile.TemporaryDirectory() as tmp:
-        for rounding in ("nearest", "learned"):
+        for rounding in ("nearest", *roundings):
             config = QuantizeConfig(per_channel=granularity == "per-channel", rounding=rounding)
             wall, cpu = time.monotonic(), time.process_time()
             with quiet():
@@ -84,38 +89,50 @@ def bench(name: str, granularity: str, calib: int, test: int) -> dict:
             row[rounding], row[f"{rounding}_sqnr"] = score(out)
             if q.rounding is not None:
                 r = q.rounding
-                row.update(kept=r.kept, sqnr_nearest=r.sqnr_nearest, sqnr_learned=r.sqnr_learned,
-                           layers=len(r.layers), improved=sum(x.kept for x in r.layers),
-                           rounding_s=r.seconds, samples=r.samples, held_out=r.held_out)
+                pre = "" if rounding == "learned" else f"{rounding}_"
+                row.update({f"{pre}{k}": v for k, v in dict(
+                    kept=r.kept, sqnr_nearest=r.sqnr_nearest, sqnr_learned=r.sqnr_learned,
+                    layers=len(r.layers), improved=sum(x.kept for x in r.layers),
+                    blocks=sum(x.method == "block" for x in r.layers) // 2,
+                    rounding_s=r.seconds, samples=r.samples, held_out=r.held_out).items()})
     row["load"] = os.getloadavg()[0]
     return row
 
 
 def markdown(rows: list[dict], cpu: str) -> str:
+    """One line per model, granularity and learned mode present in the row."""
     lines = [f"CPU: {cpu}", "",
-             "| model | weights | metric | FP32 | nearest | learned | learned - nearest | "
+             "| model | weights | mode | metric | FP32 | nearest | learned | learned - nearest | "
              "test SQNR nearest -> learned, dB | kept (held-out SQNR nearest -> learned, dB) | "
-             "layers kept | quantize s nearest / learned | time ratio | learned CPU s | load |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "layers kept (blocks) | quantize s nearest / learned | time ratio | learned CPU s "
+             "| load |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['granularity']} | error: {r['error']} |"
+            lines.append(f"| {r['model']} | {r['granularity']} | | error: {r['error']} |"
                          " | | | | | | | | | | |")
             continue
-        kept = (f"{'learned' if r['kept'] else 'nearest'} ({r['sqnr_nearest']:.2f} -> "
-                f"{r['sqnr_learned']:.2f})" if r.get("sqnr_nearest") is not None else "-")
-        sqnr = (f"{r['nearest_sqnr']:.2f} -> {r['learned_sqnr']:.2f}"
-                if r.get("nearest_sqnr") is not None and r.get("learned_sqnr") is not None
-                else "-")
-        load = f"{r['load']:.1f}" if "load" in r else "-"
-        fp32 = f"{r['fp32']:.2f}" if r.get("fp32") is not None else "-"
-        lines.append(
-            f"| {r['model']} | {r['granularity']} | {r['metric']} | {fp32} | "
-            f"{r['nearest']:.2f} | {r['learned']:.2f} | {r['learned'] - r['nearest']:+.2f} | "
-            f"{sqnr} | {kept} | "
-            f"{r.get('improved', 0)}/{r.get('layers', 0)} | {r['nearest_s']:.0f} / "
-            f"{r['learned_s']:.0f} | {r['learned_s'] / r['nearest_s']:.1f}x | "
-            f"{r.get('learned_cpu_s', math.nan):.0f} | {load} |")
+        for mode in ("learned", "block"):
+            if mode not in r:
+                continue
+            pre = "" if mode == "learned" else f"{mode}_"
+            kept = (f"{'learned' if r[pre + 'kept'] else 'nearest'} "
+                    f"({r[pre + 'sqnr_nearest']:.2f} -> {r[pre + 'sqnr_learned']:.2f})"
+                    if r.get(pre + "sqnr_nearest") is not None else "-")
+            sqnr = (f"{r['nearest_sqnr']:.2f} -> {r[mode + '_sqnr']:.2f}"
+                    if r.get("nearest_sqnr") is not None and r.get(mode + "_sqnr") is not None
+                    else "-")
+            load = f"{r['load']:.1f}" if "load" in r else "-"
+            fp32 = f"{r['fp32']:.2f}" if r.get("fp32") is not None else "-"
+            blocks = f" ({r[pre + 'blocks']})" if mode == "block" else ""
+            lines.append(
+                f"| {r['model']} | {r['granularity']} | {mode} | {r['metric']} | {fp32} | "
+                f"{r['nearest']:.2f} | {r[mode]:.2f} | {r[mode] - r['nearest']:+.2f} | "
+                f"{sqnr} | {kept} | "
+                f"{r.get(pre + 'improved', 0)}/{r.get(pre + 'layers', 0)}{blocks} | "
+                f"{r['nearest_s']:.0f} / {r[mode + '_s']:.0f} | "
+                f"{r[mode + '_s'] / r['nearest_s']:.1f}x | "
+                f"{r.get(mode + '_cpu_s', math.nan):.0f} | {load} |")
     return "\n".join(lines)
 
 
@@ -133,6 +150,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(DEFAULT))
     p.add_argument("--granularity", default="per-tensor,per-channel")
+    p.add_argument("--roundings", default="learned",
+                   help="learned modes to compare with nearest: learned, block or both")
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--test", type=int, default=64)
     p.add_argument("--save", type=Path, help="write the rows as JSON after every model")
@@ -148,7 +167,8 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         for gran in args.granularity.split(","):
             try:
-                row = bench(name, gran, args.calib, args.test)
+                row = bench(name, gran, args.calib, args.test,
+                            tuple(args.roundings.split(",")))
             except Exception as exc:  # one model's failure must not lose the others
                 row = {"model": name, "granularity": gran,
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}

@@ -33,8 +33,9 @@ from onnxrep.ir.model import check_output_path, load, save
 from onnxrep.pipeline import OptimizeConfig
 from onnxrep.progress import log
 from onnxrep.ptq.targets import TARGETS
-from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, METHODS, ROUNDINGS, WEIGHT_TYPES,
-                                   QuantizeConfig, Quantized, has_torch, quantize_with_details)
+from onnxrep.ptq.quantizer import (ACTIVATION_TYPES, LEARNED_ROUNDINGS, METHODS, ROUNDINGS,
+                                   WEIGHT_TYPES, QuantizeConfig, Quantized, has_torch,
+                                   quantize_with_details)
 from onnxrep.analysis.qdq import quantized_nodes
 from onnxrep.ptq.mixed_precision import PRECISIONS
 from onnxrep.report import table
@@ -88,9 +89,11 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="empirical per-channel bias correction (default "
                         f"{'on' if _D.bias_correction else 'off'})")
     p.add_argument("--rounding", choices=ROUNDINGS, default=_D.rounding,
-                   help="weight rounding: onnxruntime's nearest, or learned (AdaRound, layer by "
+                   help="weight rounding: onnxruntime's nearest, learned (AdaRound, layer by "
                         "layer on the calibration samples; kept only when it raises the output "
-                        "SQNR on held-out ones; needs torch) (default %(default)s)")
+                        "SQNR on held-out ones; needs torch), or block (the same, with a layer, "
+                        "its activation and the next layer learned together: BRECQ) "
+                        "(default %(default)s)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=False,
                    help="print the per-layer SQNR report, worst first")
     p.add_argument("--eval", metavar="DATA", help="labelled data: print FP32 vs INT8 accuracy")
@@ -127,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         if args.save_float.resolve() == out.resolve():
             raise InputError("--save-float must differ from the output path")
     config = _config(args)
-    if config.rounding == "learned" and not has_torch():
-        raise InputError("--rounding learned needs torch: pip install 'onnxrep[qat]'")
+    if config.rounding in LEARNED_ROUNDINGS and not has_torch():
+        raise InputError(f"--rounding {config.rounding} needs torch: pip install 'onnxrep[qat]'")
     model = load(args.model)
     check_weights(model)
     if is_float16(model):

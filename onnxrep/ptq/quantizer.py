@@ -77,7 +77,8 @@ class QType(str, enum.Enum):
 METHODS = tuple(m.value for m in Method)
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8", "uint8")
-ROUNDINGS = ("nearest", "learned")
+ROUNDINGS = ("nearest", "learned", "block")
+LEARNED_ROUNDINGS = ("learned", "block")
 PER_CHANNEL_MIN_OPSET = 13
 # The FP32 passes before quantization may move outputs by this much relative to their largest
 # magnitude: a tenth of one uint8 step over the output's range (1/255), so the passes' error
@@ -111,7 +112,9 @@ class QuantizeConfig:
     many as hold 2^21 input values, 8 to 256; :func:`analysis_limit`).
     ``rounding``: "nearest" (onnxruntime's) or "learned" (AdaRound after bias correction,
     :mod:`onnxrep.training.adaround`; needs torch, kept only when it raises the output SQNR on
-    held-out calibration samples). ``rounding_samples``: calibration samples learned rounding
+    held-out calibration samples) or "block" (the same with two-layer blocks, a layer, its
+    activation and the next layer, learned together: BRECQ, :mod:`onnxrep.training.brecq`).
+    ``rounding_samples``: calibration samples learned rounding
     learns and chooses on (None: :func:`rounding_limit`; never fewer than the analysis
     samples, which bias correction keeps using). ``op_types``: op types onnxruntime quantizes.
     ``target``: the runtime the model is for
@@ -257,7 +260,7 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
     if is_float16(model):
         raise UnsupportedModelError("a float16 model: INT8 quantization needs float32; "
                                     "convert it first")
-    if config.rounding == "learned" and not has_torch():
+    if config.rounding in LEARNED_ROUNDINGS and not has_torch():
         raise InputError("learned rounding needs torch: pip install 'onnxrep[qat]'",
                          option="rounding")
     dataset = as_dataset(calib, model, batch_size=batch_size)
@@ -340,11 +343,12 @@ def quantize_with_details(model: onnx.ModelProto, calib, config: QuantizeConfig 
                 (final_float, qdq, bias))
             excluded += [n for n, p in chosen_precision.items() if p == "fp32"]
         rounding = None
-        if config.rounding == "learned":
-            from onnxrep.training.adaround import learn_rounding
+        if config.rounding in LEARNED_ROUNDINGS:
+            from onnxrep.training import adaround, brecq
 
+            learn = brecq if config.rounding == "block" else adaround
             with clock("learned rounding"):
-                qdq, rounding = learn_rounding(work, qdq, learning)
+                qdq, rounding = learn.learn_rounding(work, qdq, learning)
         if config.report:
             with clock("report"):
                 report = sensitivity.layer_report(final_float, qdq, kept)
@@ -572,7 +576,7 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
             for feeds in chunk:
                 rows = _rows(feeds)
                 limit = limit or analysis_limit(config, feeds)
-                more = more or (rounding_limit(config, feeds) if config.rounding == "learned"
+                more = more or (rounding_limit(config, feeds) if config.rounding in LEARNED_ROUNDINGS
                                 else 0)
                 if kept_rows < max(limit, more):
                     kept.append(feeds)

@@ -58,6 +58,7 @@ from onnxrep.training.convert import Conv, ConvTranspose, Linear, _weight_module
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ZETA, GAMMA = 1.1, -0.1
 LAYER_BUDGET = 1e11
+BLOCK_BUDGET = 5e10
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,10 @@ class AdaRoundConfig:
     layer whose iteration costs c = Cout (K+1)^2 learns for min(iterations, max(min_iterations,
     layer_budget / c)) iterations; None: no bound); ``batch``: samples per step for layers
     learned on mini-batches; ``held_out``: share of the calibration samples kept aside to choose
-    between nearest and learned; ``seed``."""
+    between nearest and learned; ``seed``. For block reconstruction
+    (:mod:`onnxrep.training.brecq`): ``block_budget``: multiply-adds per block (a step costs 3 x the block's on a mini-batch;
+    None: no bound); ``block_positions``: input positions per block mini-batch (the samples
+    are cropped to ``block_positions / batch`` each)."""
 
     iterations: int = 1000
     layer_budget: float | None = LAYER_BUDGET
@@ -83,6 +87,8 @@ class AdaRoundConfig:
     held_out: float = 0.25
     seed: int = 0
     threads: int = 1
+    block_budget: float | None = BLOCK_BUDGET
+    block_positions: int = 2048
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,11 @@ class LayerRounding:
     held_learned: float
     changed: int
     kept: bool
-    method: str  # "moments" | "minibatch"
+    method: str  # "moments" | "minibatch" | "block" (with the layer named in ``block``)
     iterations: int = 0
     seconds: float = 0.0  # gathering its data and learning (not the runs that feed it)
+    block: str = ""  # the other layer of the block it learned in (method "block": the block's
+    #                  codes beat the layer-wise ones; its losses are the block output's MSE)
 
 
 @dataclass
@@ -138,8 +146,10 @@ class Rounding:
         verdict = ("kept" if self.kept else
                    "discarded: nearest rounding scored higher on the held-out samples")
         learned = sum(r.kept for r in self.layers)
+        blocks = sum(r.method == "block" for r in self.layers) // 2
         return (f"learned rounding on {len(self.layers)} layers ({learned} kept, "
-                f"{self.samples} samples, {_span(r.iterations for r in self.layers)} "
+                + (f"{blocks} two-layer blocks kept, " if self.mode == "block" else "")
+                + f"{self.samples} samples, {_span(r.iterations for r in self.layers)} "
                 f"iterations) in "
                 f"{self.seconds:.1f} s: mean layer MSE {self.loss_nearest:.4g} -> "
                 f"{self.loss_learned:.4g}, held-out output SQNR ({self.held_out} samples) "
@@ -679,24 +689,29 @@ def _sqnr(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) ->
 
 
 def learn_rounding(float_model: onnx.ModelProto, qdq: onnx.ModelProto, batches: list[dict],
-                   config: AdaRoundConfig | None = None) -> tuple[onnx.ModelProto, Rounding]:
+                   config: AdaRoundConfig | None = None, blocks=None
+                   ) -> tuple[onnx.ModelProto, Rounding]:
     """``qdq`` (not mutated) with learned weight codes, or ``qdq`` itself when nearest rounding
     scores higher on the held-out samples; and the record.
 
     ``float_model``: the FP32 model ``qdq`` quantizes (same node names; its layer outputs are
-    the targets); ``batches``: calibration feeds (a share is held out)."""
+    the targets); ``batches``: calibration feeds (a share is held out). ``blocks``: None (every
+    layer on its own) or ``blocks(float_model, the QDQ copy, layers) -> {position of a block's
+    first layer: (position of its last, learn)}``, ``learn(xq, xf, n_train, config, generator,
+    index)`` learning the block on its cached inputs, writing its codes through ``index`` and
+    returning both layers' rows (:func:`onnxrep.training.brecq.learn_rounding`)."""
     cfg = config or AdaRoundConfig()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _learn_rounding(float_model, qdq, batches, cfg)
+        return _learn_rounding(float_model, qdq, batches, cfg, blocks)
     finally:
         torch.set_num_threads(threads)
 
 
-def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
+def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig, blocks):
     began = time.monotonic()
-    record = Rounding("learned", config=cfg)
+    record = Rounding("learned" if blocks is None else "block", config=cfg)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = onnx.ModelProto()
@@ -714,29 +729,24 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
     qsteps = _Stepper(out, [lay.qdq_index for lay in layers], train + held)
     fsteps = _Stepper(float_model, [lay.float_index for lay in layers], train + held)
     n_train = len(train)
+    plan = blocks(float_model, out, layers) if blocks is not None else {}
+    by_block: dict[int, LayerRounding] = {}  # second layers of blocks, learned with the first
     with Progress(len(layers), "learned rounding") as bar:
         for j, lay in enumerate(layers):
             xq = [np.asarray(a, np.float32) for a in qsteps.inputs(j)]
             xf = [np.asarray(a, np.float32) for a in fsteps.inputs(j)]
-            learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
-            began_layer = time.monotonic()
-            codes, fit, check, r = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:],
-                                         xf[n_train:], cfg, gen)
-            # kept when it also lowers the error on the held-out samples: a layer that sees
-            # few positions (an SE block's 1x1 convs on pooled features) can overfit
-            keep = check[1] < check[0] and fit[1] < fit[0]
-            new = _torch_layout(lay, codes.numpy())  # torch layout -> ONNX (a transpose)
-            new = np.ascontiguousarray(new).astype(lay.codes.dtype)
-            changed = int(np.sum(new != lay.codes))
-            if keep:
-                index.set_const(lay.codes_name, new)
-            record.layers.append(LayerRounding(
-                lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0], check[1],
-                changed, keep, "moments" if learn is _learn_moments else "minibatch",
-                r.iterations, time.monotonic() - began_layer))
+            if j in by_block:
+                rows = [by_block.pop(j)]
+            elif j in plan:
+                second, learn = plan[j]
+                rows = learn(xq, xf, n_train, cfg, gen, index)
+                by_block[second] = rows[1]
+            else:
+                rows = [_learn_layer(lay, xq, xf, n_train, cfg, gen, index)[0]]
+            record.layers.append(rows[0])
             qsteps.layer(j)
             fsteps.layer(j)
-            bar.update(1, mse=fit[1])
+            bar.update(1, mse=rows[0].loss_learned)
     learned_out = qsteps.finish()[n_train:]
     reference = fsteps.finish()[n_train:]
     del qsteps, fsteps
@@ -749,3 +759,38 @@ def _learn_rounding(float_model, qdq, batches, cfg: AdaRoundConfig):
     record.seconds = time.monotonic() - began
     log(record.summary())
     return (out if record.kept else qdq), record
+
+
+def _learn_layer(lay: _Layer, xq, xf, n_train: int, cfg: AdaRoundConfig, gen: torch.Generator,
+                 index: GraphIndex | None) -> tuple[LayerRounding, torch.Tensor]:
+    """Learn one layer (AdaRound); its row and the codes it keeps (learned or nearest), written
+    into ``index``'s model when learned (None: not written)."""
+    learn = _learn_moments if _moment_form(lay, xq[0]) else _learn_minibatch
+    began = time.monotonic()
+    codes, fit, check, r = learn(lay, xq[:n_train], xf[:n_train], xq[n_train:], xf[n_train:],
+                                 cfg, gen)
+    # kept when it also lowers the error on the held-out samples: a layer that sees few
+    # positions (an SE block's 1x1 convs on pooled features) can overfit
+    keep = check[1] < check[0] and fit[1] < fit[0]
+    if keep and index is not None:
+        _write(lay, codes, index)
+    row = LayerRounding(lay.node, lay.op_type, int(lay.codes.size), fit[0], fit[1], check[0],
+                        check[1], _changed(lay, codes), keep,
+                        "moments" if learn is _learn_moments else "minibatch", r.iterations,
+                        time.monotonic() - began)
+    return row, (codes if keep else r.nearest)
+
+
+def _onnx_codes(lay: _Layer, codes: torch.Tensor) -> np.ndarray:
+    """Learned codes (torch layout) as the layer's ONNX initializer (layout and dtype)."""
+    return np.ascontiguousarray(_torch_layout(lay, codes.numpy())).astype(lay.codes.dtype)
+
+
+def _changed(lay: _Layer, codes: torch.Tensor) -> int:
+    return int(np.sum(_onnx_codes(lay, codes) != lay.codes))
+
+
+def _write(lay: _Layer, codes: torch.Tensor, index: GraphIndex) -> int:
+    """Write the codes into the model; the number that differ from nearest."""
+    index.set_const(lay.codes_name, _onnx_codes(lay, codes))
+    return _changed(lay, codes)
