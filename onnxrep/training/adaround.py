@@ -71,9 +71,9 @@ class AdaRoundConfig:
     layer_budget / c)) iterations; None: no bound); ``batch``: samples per step for layers
     learned on mini-batches; ``held_out``: share of the calibration samples kept aside to choose
     between nearest and learned; ``seed``. For block reconstruction
-    (:mod:`onnxrep.training.brecq`): ``block_budget``: multiply-adds per block (a step costs 3 x the block's on a mini-batch;
-    None: no bound); ``block_positions``: input positions per block mini-batch (the samples
-    are cropped to ``block_positions / batch`` each)."""
+    (:mod:`onnxrep.training.brecq`): ``block_budget``: multiply-adds per block (a step costs
+    3 x the block's on a mini-batch; None: no bound); ``block_positions``: input positions per
+    block mini-batch (the samples are cropped to ``block_positions / batch`` each)."""
 
     iterations: int = 1000
     layer_budget: float | None = LAYER_BUDGET
@@ -418,20 +418,20 @@ class _Rounder:
         return (codes - self.z) * self.s
 
 
-def _adam(v: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+def _adam(vs: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     try:
-        return torch.optim.Adam([v], lr=lr, fused=True)
+        return torch.optim.Adam(vs, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam([v], lr=lr)
+        return torch.optim.Adam(vs, lr=lr)
 
 
-def _iterations(cfg: AdaRoundConfig, cost: int) -> int:
-    """Iterations of a moment-form layer whose iteration costs ``cost`` multiply-adds:
+def _iterations(cfg: AdaRoundConfig, cost: int, budget: float | None) -> int:
+    """Iterations of a layer (or block) whose iteration costs ``cost`` multiply-adds:
     ``cfg.iterations``, fewer (down to ``cfg.min_iterations``) when they would cost more than
-    ``cfg.layer_budget``."""
-    if cfg.layer_budget is None:
+    ``budget`` (None: no bound)."""
+    if budget is None:
         return cfg.iterations
-    return int(min(cfg.iterations, max(cfg.min_iterations, cfg.layer_budget // max(cost, 1))))
+    return int(min(cfg.iterations, max(cfg.min_iterations, budget // max(cost, 1))))
 
 
 def _beta(cfg: AdaRoundConfig, it: int, iterations: int) -> float | None:
@@ -581,8 +581,8 @@ def _learn_moments(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
             return [float(x.loss(d, db)[0]) / cout for x in (mom, held)]
 
     near = losses(r.nearest)
-    opt = _adam(r.v, cfg.lr)
-    r.iterations = _iterations(cfg, g * cout_g * (k + 1) ** 2)
+    opt = _adam([r.v], cfg.lr)
+    r.iterations = _iterations(cfg, g * cout_g * (k + 1) ** 2, cfg.layer_budget)
     with torch.no_grad():
         for it in range(r.iterations):
             # gradients by hand (one batched product per step; autograd tripled the cost)
@@ -638,7 +638,7 @@ def _learn_minibatch(layer: _Layer, xq: list[np.ndarray], xf: list[np.ndarray],
             return total / max(count, 1) / qb.numel()
 
     near = [loss_of(r.nearest, xq, xf), loss_of(r.nearest, hq, hf)]
-    opt = _adam(r.v, cfg.lr)
+    opt = _adam([r.v], cfg.lr)
     r.iterations = cfg.iterations
     for it in range(r.iterations):
         idx = [rows[int(i)] for i in torch.randperm(len(rows), generator=gen)[:cfg.batch]]

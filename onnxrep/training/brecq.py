@@ -63,8 +63,8 @@ from onnxrep.ir.graph import GraphIndex
 from onnxrep.ir.model import opset_version
 from onnxrep.training import adaround
 from onnxrep.training.adaround import (AdaRoundConfig, LayerRounding, Rounding, _adam, _beta,
-                                       _dequant_value, _Layer, _learn_layer, _reg, _Rounder,
-                                       _write)
+                                       _dequant_value, _iterations, _Layer, _learn_layer, _reg,
+                                       _Rounder, _write)
 from onnxrep.training.convert import _OPS, ConvTranspose, Linear
 
 # ops that may sit between the two layers of a block (each runs on its inputs elementwise or
@@ -367,7 +367,7 @@ def learn_block(block: Block, layers: list[_Layer], xq: list[np.ndarray], xf: li
     nearest = [r.nearest for r in rounders]
     near = [(measure(c, xq, xf, rows, fit_windows), measure(c, hq, hf, held, held_windows))
             for c in (nearest, list(layerwise))]
-    opt = _adam_all([r.v for r in rounders], cfg.lr)
+    opt = _adam([r.v for r in rounders], cfg.lr)
     iterations, it = None, 0
     while iterations is None or it < iterations:
         picks = [rows[int(i)] for i in torch.randperm(len(rows), generator=gen)[:cfg.batch]]
@@ -375,7 +375,7 @@ def learn_block(block: Block, layers: list[_Layer], xq: list[np.ndarray], xf: li
         t, y, macs = outputs(*sample(xq, xf, picks, windows_of(xq, picks)),
                              [r.soft() for r in rounders])
         if iterations is None:
-            iterations = _iterations(cfg, 3 * macs)
+            iterations = _iterations(cfg, 3 * macs, cfg.block_budget)
         loss = error(y, t)
         beta = _beta(cfg, it, iterations)
         if beta is not None:
@@ -388,17 +388,3 @@ def learn_block(block: Block, layers: list[_Layer], xq: list[np.ndarray], xf: li
                        (near[0][0], near[1][0], measure(codes, xq, xf, rows, fit_windows)),
                        (near[0][1], near[1][1], measure(codes, hq, hf, held, held_windows)),
                        iterations)
-
-
-def _adam_all(vs: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    opt = _adam(vs[0], lr)
-    for v in vs[1:]:
-        opt.add_param_group({"params": [v]})
-    return opt
-
-
-def _iterations(cfg: AdaRoundConfig, cost: int) -> int:
-    """min(iterations, max(min_iterations, block_budget / cost)); all without a budget."""
-    if cfg.block_budget is None:
-        return cfg.iterations
-    return int(min(cfg.iterations, max(cfg.min_iterations, cfg.block_budget // max(cost, 1))))
