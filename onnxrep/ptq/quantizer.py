@@ -576,8 +576,8 @@ def calibrate(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, 
             for feeds in chunk:
                 rows = _rows(feeds)
                 limit = limit or analysis_limit(config, feeds)
-                more = more or (rounding_limit(config, feeds) if config.rounding in LEARNED_ROUNDINGS
-                                else 0)
+                learns = config.rounding in LEARNED_ROUNDINGS
+                more = more or (rounding_limit(config, feeds) if learns else 0)
                 if kept_rows < max(limit, more):
                     kept.append(feeds)
                     kept_rows += rows

@@ -9,7 +9,8 @@
    per-channel;
 2. BN restore on the calibration data (:func:`onnxrep.pipeline.restore_bn`):
    a BN after each Conv with gamma = sqrt(var + eps), beta = mean, so the function is unchanged
-   and training has batch statistics to normalize with;
+   and training has a per-channel scale and shift per conv (running statistics from the first
+   step by default; batch statistics for ``freeze_bn_after`` steps);
 3. ONNX -> torch (:mod:`.convert`); torch and onnxruntime must agree on the first
    calibration batch within ``rtol`` (relative to the largest output), else
    :class:`VerificationError`; without labels the input model itself, converted and checked
@@ -91,8 +92,9 @@ class QATResult:
     """The QDQ model and how it was made. ``float_model``: the FP32 model that was trained from
     (after the passes, bias correction with ``from_ptq``, and BN restore); ``net``: the
     trained torch fake-quant model (eval mode); ``calibration``: the calibration data used;
-    ``conversion``: torch vs onnxruntime on the float model before training; ``deployment``: the exported model in onnxruntime (int8
-    kernels) vs the torch fake-quant model, both on the first calibration batch; ``choice``:
+    ``conversion``: torch vs onnxruntime on the float model before training; ``deployment``:
+    the exported model in onnxruntime (int8 kernels) vs the torch fake-quant model, both on the
+    first calibration batch; ``choice``:
     with ``keep_better``, whether ``model`` is the export or the PTQ model training started
     from (``net`` and ``deployment`` describe the export either way)."""
 
