@@ -243,7 +243,7 @@ def test_cli_rounding_json_and_missing_torch(tmp_path, capsys, monkeypatch):
                  "--analysis-samples", "8", "--rounding-samples", "32", "-o",
                  str(tmp_path / "q.onnx"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    rounding = doc.get("rounding") or doc["result"]["rounding"]
+    rounding = doc["rounding"]
     assert rounding["mode"] == "learned" and rounding["layers"]
     assert rounding["samples"] + rounding["held_out"] == 32
     assert all(r["iterations"] > 0 for r in rounding["layers"])

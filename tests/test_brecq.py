@@ -204,7 +204,7 @@ def test_cli_rounding_block(tmp_path, capsys):
     assert main(["quantize", str(src), "--calib", str(calib), "--rounding", "block",
                  "--rounding-samples", "32", "-o", str(tmp_path / "q.onnx"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    rounding = doc.get("rounding") or doc["result"]["rounding"]
+    rounding = doc["rounding"]
     assert rounding["mode"] == "block"
     assert {r["method"] for r in rounding["layers"]} >= {"block"}
     q = quantize_with_details(model, batch_for(model, 64, seed=1),
